@@ -1,0 +1,41 @@
+"""hiermeta: hierarchical-Bayes meta-learning (Chen et al., "Modular Meta-Learning with Shrinkage").
+
+The model (Eq. 1): theta_{m,t} ~ N(phi_m, sigma_m^2 I) per module m, D_t ~ p(D | theta_t), written
+once as a NumPyro model (:class:`HierarchicalModel`); meta-learners (:mod:`hiermeta.learners`)
+share one interface (``init``, ``step``, ``inner_problem``, ``adapt``) and read every density
+from that model.
+"""
+
+from .evaluate import LossCurve, evaluate, loss_curve
+from .hierarchy import HierarchicalModel
+from .inner import InnerProblem, InnerResult, run_inner
+from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage
+from .partition import ModulePartition
+from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
+from .train import MetaTrainingError, fit, sample_from
+from .utils import enable_compilation_cache
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "HierarchicalModel",
+    "ModulePartition",
+    "TaskBatch",
+    "TaskLikelihood",
+    "GaussianData",
+    "GaussianLikelihood",
+    "InnerProblem",
+    "InnerResult",
+    "run_inner",
+    "MetaLearner",
+    "MetaState",
+    "shrinkage",
+    "m_shrinkage",
+    "fit",
+    "sample_from",
+    "MetaTrainingError",
+    "evaluate",
+    "loss_curve",
+    "LossCurve",
+    "enable_compilation_cache",
+]

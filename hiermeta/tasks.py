@@ -1,0 +1,200 @@
+"""Task data: the support/query split of a batch of tasks, and the Gaussian observation model.
+
+Every data leaf carries a leading task axis ``T``.  A task likelihood is a NumPyro function
+``likelihood(theta, data)`` called inside ``plate("tasks", T)`` with the task parameters
+``theta`` (a pytree whose leaves have a leading task axis) and that task data; it declares the
+observed sites.  For evaluation it also says how many observations each task holds and the
+constant part of its log density (so losses are reported "up to a constant", as in the paper).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro
+import numpyro.distributions as dist
+
+__all__ = [
+    "TaskBatch",
+    "TaskLikelihood",
+    "GaussianData",
+    "GaussianLikelihood",
+    "num_tasks",
+    "check_task_batch",
+]
+
+
+class TaskBatch(NamedTuple):
+    """A batch of tasks split into support (``train``, fits theta) and query (``val``) data."""
+
+    train: Any
+    val: Any
+
+
+@runtime_checkable
+class TaskLikelihood(Protocol):
+    """What a domain supplies: the NumPyro likelihood of a batch of tasks and its bookkeeping."""
+
+    def __call__(self, theta: Any, data: Any) -> None: ...
+
+    def num_observations(self, data: Any) -> jax.Array:
+        """``(T,)`` number of observations in each task."""
+
+    def log_normaliser(self, data: Any) -> jax.Array:
+        """``(T,)`` part of ``log p(data | theta)`` that does not depend on theta."""
+
+    def check(self, data: Any, where: str) -> None:
+        """Raise ``ValueError`` naming the problem if concrete ``data`` is malformed."""
+
+
+def num_tasks(data) -> int:
+    """Length of the leading task axis shared by every leaf of ``data``."""
+    leaves = [leaf for leaf in jax.tree_util.tree_leaves(data)]
+    if not leaves:
+        raise ValueError("task data has no arrays")
+    sizes = {int(np.shape(leaf)[0]) if np.ndim(leaf) else -1 for leaf in leaves}
+    if len(sizes) != 1 or -1 in sizes:
+        raise ValueError(
+            f"every task-data array needs the same leading task axis; got leading sizes {sorted(sizes)}"
+        )
+    return sizes.pop()
+
+
+def check_task_batch(likelihood: TaskLikelihood, batch: TaskBatch) -> int:
+    """Validate a concrete batch (both splits, same tasks); return the number of tasks."""
+    if not isinstance(batch, TaskBatch):
+        raise ValueError(f"expected a TaskBatch(train, val), got {type(batch).__name__}")
+    likelihood.check(batch.train, "train split")
+    likelihood.check(batch.val, "val split")
+    t_train, t_val = num_tasks(batch.train), num_tasks(batch.val)
+    if t_train != t_val:
+        raise ValueError(f"train split has {t_train} tasks but val split has {t_val}")
+    return t_train
+
+
+# ---------------------------------------------------------------------------- Gaussian data
+
+
+class GaussianData(NamedTuple):
+    """Observations of a batch of tasks with known Gaussian noise.
+
+    Attributes:
+      obs: ``(T, N, D)`` observations (zero where ``mask`` is False).
+      noise_sd: ``(T, N, D)`` known observation noise standard deviations (> 0).
+      mask: ``(T, N)`` booleans; False marks padding, so tasks may hold unequal numbers of
+        observations.
+      inputs: optional pytree with leaves of leading shape ``(T, N, ...)`` (covariates, design
+        rows) passed to the mean function.
+    """
+
+    obs: jax.Array
+    noise_sd: jax.Array
+    mask: jax.Array
+    inputs: Any = None
+
+    @classmethod
+    def create(cls, obs, noise_sd, inputs=None, mask=None) -> "GaussianData":
+        """Validate and broadcast user data (NumPy in, checked before anything is compiled).
+
+        ``noise_sd`` broadcasts against ``obs`` ``(T, N, D)`` (e.g. ``(D,)`` shared, ``(T, 1, D)``
+        per task).  Padded entries (``mask`` False) may hold anything, NaN included.
+        """
+        obs = np.asarray(obs, dtype=float)
+        if obs.ndim != 3:
+            raise ValueError(f"obs must have shape (tasks, observations, dims), got {obs.shape}")
+        if mask is None:
+            mask = np.ones(obs.shape[:2], dtype=bool)
+        mask = np.asarray(mask, dtype=bool)
+        if mask.shape != obs.shape[:2]:
+            raise ValueError(f"mask must have shape {obs.shape[:2]}, got {mask.shape}")
+        try:
+            noise = np.broadcast_to(np.asarray(noise_sd, dtype=float), obs.shape)
+        except ValueError:
+            raise ValueError(
+                f"noise_sd of shape {np.shape(noise_sd)} does not broadcast to obs {obs.shape}"
+            ) from None
+        # padding never reaches a density, but keep it finite so no NaN leaks into gradients
+        obs = np.where(mask[..., None], obs, 0.0)
+        noise = np.where(mask[..., None], noise, 1.0)
+        data = cls(obs=obs, noise_sd=noise, mask=mask, inputs=inputs)
+        _check_gaussian(data, "data")
+        return cls(
+            obs=jnp.asarray(obs),
+            noise_sd=jnp.asarray(noise),
+            mask=jnp.asarray(mask),
+            inputs=jax.tree_util.tree_map(jnp.asarray, inputs),
+        )
+
+
+def _check_gaussian(data: GaussianData, where: str) -> None:
+    if not isinstance(data, GaussianData):
+        raise ValueError(f"{where}: expected GaussianData, got {type(data).__name__}")
+    obs = np.asarray(data.obs)
+    if obs.ndim != 3:
+        raise ValueError(f"{where}: obs must have shape (tasks, observations, dims), got {obs.shape}")
+    T, N, D = obs.shape
+    if T == 0:
+        raise ValueError(f"{where} is empty: it holds no tasks")
+    if N == 0 or D == 0:
+        raise ValueError(f"{where} is empty: obs has shape {obs.shape}")
+    noise = np.asarray(data.noise_sd)
+    mask = np.asarray(data.mask)
+    if noise.shape != obs.shape:
+        raise ValueError(f"{where}: noise_sd has shape {noise.shape}, obs has {obs.shape}")
+    if mask.shape != (T, N):
+        raise ValueError(f"{where}: mask has shape {mask.shape}, expected {(T, N)}")
+    observed = np.broadcast_to(mask[..., None], obs.shape)
+    if not np.all(np.isfinite(obs[observed])):
+        bad = int(np.sum(~np.isfinite(obs) & observed))
+        raise ValueError(f"{where}: obs holds {bad} NaN or infinite value(s)")
+    if not np.all(np.isfinite(noise[observed])) or np.any(noise[observed] <= 0):
+        raise ValueError(f"{where}: noise_sd must be finite and > 0 (min {np.min(noise):g})")
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(
+            f"{where}: task(s) {empty[:10].tolist()} hold no observations (every task needs one)"
+        )
+    for leaf in jax.tree_util.tree_leaves(data.inputs):
+        shape = np.shape(leaf)
+        if shape[:2] != (T, N):
+            raise ValueError(f"{where}: inputs leaves must have leading shape {(T, N)}, got {shape}")
+        if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf)):
+            raise ValueError(f"{where}: inputs hold NaN or infinite values")
+
+
+class GaussianLikelihood:
+    """``x_{t,n} ~ N(mean_fn(theta_t, inputs_t)_n, diag(noise_sd_{t,n}^2))`` with known noise.
+
+    ``mean_fn(theta_t, inputs_t)`` sees one task: ``theta_t`` the parameter pytree of that task
+    and ``inputs_t`` its inputs (leading axis ``N``, or None); it returns the mean ``(N, D)`` or a
+    mean ``(D,)`` shared by the task's observations.  It is vmapped over tasks here.
+    """
+
+    def __init__(self, mean_fn: Callable[[Any, Any], jax.Array], site: str = "obs"):
+        self.mean_fn = mean_fn
+        self.site = site
+
+    def mean(self, theta, data: GaussianData) -> jax.Array:
+        mu = jax.vmap(self.mean_fn)(theta, data.inputs)
+        if mu.ndim == 2:
+            mu = mu[:, None, :]
+        return jnp.broadcast_to(mu, data.obs.shape)
+
+    def __call__(self, theta, data: GaussianData) -> None:
+        mu = self.mean(theta, data)
+        fn = dist.Normal(mu, data.noise_sd).mask(data.mask[..., None]).to_event(2)
+        numpyro.sample(self.site, fn, obs=data.obs)
+
+    def num_observations(self, data: GaussianData) -> jax.Array:
+        return jnp.sum(data.mask, axis=-1)
+
+    def log_normaliser(self, data: GaussianData) -> jax.Array:
+        """``-sum_{n,d} (log noise_sd + log(2 pi) / 2)``: loss = 1/2 sum (x - mu)^2 / xi^2."""
+        per_obs = jnp.log(data.noise_sd) + 0.5 * jnp.log(2 * jnp.pi)
+        return -jnp.sum(jnp.where(data.mask[..., None], per_obs, 0.0), axis=(-2, -1))
+
+    def check(self, data: GaussianData, where: str) -> None:
+        _check_gaussian(data, where)

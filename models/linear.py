@@ -1,0 +1,245 @@
+"""The linear-Gaussian domain (Experiment 1 of Chen et al., Appendix D) and its closed forms.
+
+Observation n of task t, with a design matrix A_{t,n} (D x P) and known noise xi_{t,n} (D,):
+
+    theta_t ~ N(phi, S),  S = diag(s^2)          (s: prior sd per coordinate, sigma[module])
+    x_{t,n} ~ N(A_{t,n} theta_t, diag(xi_{t,n}^2))
+
+The paper's instance: P = 8, D = 9, phi = 1, sigma = [8]*4 + [2]*4, xi = [8]*4 + [5]*4 + [1],
+A = [I_8; 1^T / sqrt(8)] for every observation, 4 support + 4 query observations per task.
+
+Everything is Gaussian, so with F_t = sum_n A^T Xi^-1 A and b_t = sum_n A^T Xi^-1 x_n:
+
+    posterior       theta_t | D_t ~ N(m_t, Lambda_t^-1),  Lambda_t = S^-1 + F_t,
+                                      m_t = Lambda_t^-1 (S^-1 phi + b_t)   (= the MAP)
+    marginal        log p(D_t | phi, S) by Woodbury / the determinant lemma (P x P work)
+    predictive      x* | D_t ~ N(A* m_t, A* Lambda_t^-1 A*^T + Xi*)
+
+User data: :func:`make_data` takes any design (shared ``(D, P)``, per task or per observation),
+noise that may differ per task or observation, and a mask for unequal observation counts.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from hiermeta import GaussianData, GaussianLikelihood, HierarchicalModel, ModulePartition, TaskBatch
+from hiermeta.empirical_bayes import type2_maximum_likelihood
+
+__all__ = [
+    "LinearDomain",
+    "paper_domain",
+    "linear_mean",
+    "likelihood",
+    "make_model",
+    "make_data",
+    "sample_tasks",
+    "posterior",
+    "log_marginal_likelihood",
+    "posterior_predictive",
+    "expected_loss",
+    "fit_type2_ml",
+    "merge_splits",
+]
+
+
+def linear_mean(theta, design):
+    """Mean of one task's observations: ``A_n theta`` for each design ``A_n`` ``(N, D, P)``."""
+    return jnp.einsum("ndp,p->nd", design, theta)
+
+
+likelihood = GaussianLikelihood(linear_mean)
+
+
+class LinearDomain(NamedTuple):
+    """A linear-Gaussian task distribution with a shared design and noise."""
+
+    phi: np.ndarray  # (P,)
+    sigma: np.ndarray  # (P,) prior sd per coordinate
+    design: np.ndarray  # (D, P)
+    noise_sd: np.ndarray  # (D,)
+    n_train: int
+    n_val: int
+
+    @property
+    def num_params(self) -> int:
+        return self.design.shape[1]
+
+
+def paper_domain(n_train: int = 4, n_val: int = 4) -> LinearDomain:
+    """Experiment 1 of the paper."""
+    design = np.vstack([np.eye(8), np.ones((1, 8)) / np.sqrt(8.0)])
+    return LinearDomain(
+        phi=np.ones(8),
+        sigma=np.array([8.0] * 4 + [2.0] * 4),
+        design=design,
+        noise_sd=np.array([8.0] * 4 + [5.0] * 4 + [1.0]),
+        n_train=n_train,
+        n_val=n_val,
+    )
+
+
+def make_model(num_params: int, partition: ModulePartition | None = None, **priors) -> HierarchicalModel:
+    """Eq. 1 over ``theta`` in R^P; by default every coordinate is its own module (as the paper)."""
+    if partition is None:
+        partition = ModulePartition.per_coordinate(jnp.zeros(num_params))
+    return HierarchicalModel(likelihood, partition, **priors)
+
+
+def make_data(obs, design, noise_sd, mask=None) -> GaussianData:
+    """Validate user data and broadcast it to the likelihood's layout.
+
+    Args:
+      obs: ``(T, N, D)`` observations.
+      design: ``(D, P)`` shared, ``(T, 1, D, P)`` per task, or ``(T, N, D, P)`` per observation.
+      noise_sd: known noise sd broadcasting to ``(T, N, D)`` (e.g. ``(D,)`` or ``(T, 1, D)``).
+      mask: ``(T, N)`` booleans, False for padding (unequal numbers of observations per task).
+    """
+    obs = np.asarray(obs, dtype=float)
+    if obs.ndim != 3:
+        raise ValueError(f"obs must have shape (tasks, observations, dims), got {obs.shape}")
+    design = np.asarray(design, dtype=float)
+    if design.ndim < 2 or design.shape[-2] != obs.shape[2]:
+        raise ValueError(
+            f"design must end in (D, P) with D = {obs.shape[2]} observation dims, got {design.shape}"
+        )
+    if not np.all(np.isfinite(design)):
+        raise ValueError("design holds NaN or infinite values")
+    try:
+        design = np.broadcast_to(design, obs.shape[:2] + design.shape[-2:])
+    except ValueError:
+        raise ValueError(f"design of shape {design.shape} does not broadcast to tasks x observations {obs.shape[:2]}") from None
+    return GaussianData.create(obs, noise_sd, inputs=np.array(design), mask=mask)
+
+
+def merge_splits(batch: TaskBatch) -> GaussianData:
+    """All observations of each task (support and query together), for the marginal likelihood."""
+    cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+    return jax.tree_util.tree_map(cat, batch.train, batch.val)
+
+
+def _gaussian_split(domain: LinearDomain, key, theta, n) -> GaussianData:
+    T = theta.shape[0]
+    D = domain.design.shape[0]
+    mean = theta @ jnp.asarray(domain.design).T  # (T, D)
+    noise = jnp.broadcast_to(jnp.asarray(domain.noise_sd, theta.dtype), (T, n, D))
+    obs = mean[:, None, :] + noise * jax.random.normal(key, (T, n, D), theta.dtype)
+    design = jnp.broadcast_to(jnp.asarray(domain.design, theta.dtype), (T, n) + domain.design.shape)
+    return GaussianData(obs=obs, noise_sd=noise, mask=jnp.ones((T, n), bool), inputs=design)
+
+
+def sample_tasks(domain: LinearDomain, key, num_tasks: int) -> tuple[jax.Array, TaskBatch]:
+    """Draw ``num_tasks`` tasks from the model: ``theta_t ~ N(phi, diag(sigma^2))`` then data.
+
+    Jittable (``num_tasks`` static).  Returns the true ``theta`` ``(T, P)`` and the TaskBatch.
+    """
+    k_theta, k_train, k_val = jax.random.split(key, 3)
+    dtype = jnp.zeros(()).dtype
+    phi = jnp.asarray(domain.phi, dtype)
+    theta = phi + jnp.asarray(domain.sigma, dtype) * jax.random.normal(k_theta, (num_tasks, phi.shape[0]), dtype)
+    batch = TaskBatch(
+        train=_gaussian_split(domain, k_train, theta, domain.n_train),
+        val=_gaussian_split(domain, k_val, theta, domain.n_val),
+    )
+    return theta, batch
+
+
+# ---------------------------------------------------------------------------- closed forms
+
+
+def _natural_params(data: GaussianData, phi):
+    """``F_t = sum_n A^T Xi^-1 A``, ``b_t = sum_n A^T Xi^-1 (x_n - A phi)``, and the residual term."""
+    A = data.inputs  # (T, N, D, P)
+    w = jnp.where(data.mask[..., None], data.noise_sd**-2, 0.0)  # (T, N, D)
+    resid = data.obs - jnp.einsum("tndp,p->tnd", A, phi)
+    F = jnp.einsum("tndp,tnd,tndq->tpq", A, w, A)
+    b = jnp.einsum("tndp,tnd,tnd->tp", A, w, resid)
+    quad = jnp.sum(w * resid**2, axis=(1, 2))
+    return F, b, quad
+
+
+def posterior(data: GaussianData, phi, prior_sd):
+    """Posterior of each task's theta: mean (= MAP) ``(T, P)`` and covariance ``(T, P, P)``."""
+    phi = jnp.asarray(phi)
+    F, b, _ = _natural_params(data, phi)
+    precision = F + jnp.diag(jnp.asarray(prior_sd) ** -2.0)
+    cov = jnp.linalg.inv(precision)
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    mean = phi + jnp.einsum("tpq,tq->tp", cov, b)
+    return mean, cov
+
+
+def log_marginal_likelihood(data: GaussianData, phi, prior_sd) -> jax.Array:
+    """``log p(D_t | phi, S)`` per task ``(T,)``, theta integrated out exactly.
+
+    -1/2 [ r^T Xi^-1 r - b^T Lambda^-1 b + log|Xi| + log|S| + log|Lambda| + n D log(2 pi) ],
+    with r = x - A phi stacked over the task's observations and b = A^T Xi^-1 r.
+    """
+    phi, prior_sd = jnp.asarray(phi), jnp.asarray(prior_sd)
+    F, b, quad = _natural_params(data, phi)
+    precision = F + jnp.diag(prior_sd**-2.0)
+    chol = jnp.linalg.cholesky(precision)
+    z = jax.scipy.linalg.solve_triangular(chol, b[..., None], lower=True)[..., 0]
+    log_det_precision = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
+    observed = data.mask[..., None] & jnp.ones(data.obs.shape, bool)
+    log_det_noise = jnp.sum(jnp.where(observed, 2.0 * jnp.log(data.noise_sd), 0.0), axis=(1, 2))
+    n_scalar = jnp.sum(observed, axis=(1, 2))
+    log_det_prior = 2.0 * jnp.sum(jnp.log(prior_sd))
+    return -0.5 * (
+        quad - jnp.sum(z**2, -1) + log_det_noise + log_det_prior + log_det_precision
+        + n_scalar * jnp.log(2.0 * jnp.pi)
+    )
+
+
+def posterior_predictive(data: GaussianData, phi, prior_sd, design_new, noise_new):
+    """Predictive of a new observation of each task: mean ``(T, D*)``, covariance ``(T, D*, D*)``.
+
+    ``design_new`` ``(D*, P)`` and ``noise_new`` ``(D*,)`` describe the new observation.
+    """
+    mean, cov = posterior(data, phi, prior_sd)
+    A = jnp.asarray(design_new)
+    pred_cov = jnp.einsum("dp,tpq,eq->tde", A, cov, A) + jnp.diag(jnp.asarray(noise_new) ** 2)
+    return mean @ A.T, pred_cov
+
+
+def expected_loss(domain: LinearDomain, phi_hat, sigma_hat) -> float:
+    """Expected generalisation loss of the exact MAP under ``(phi_hat, sigma_hat)``.
+
+    Expectation over new tasks from ``domain`` (its true phi, sigma), their ``n_train`` support
+    observations, and a query observation; loss = 1/2 (x - A theta_hat)^T Xi^-1 (x - A theta_hat).
+    With Lambda = S_hat^-1 + F, F = n_train A^T Xi^-1 A, and the estimation error
+    e = Lambda^-1 (S_hat^-1 (phi_hat - theta) + noise term):
+
+        E loss = 1/2 [ D + tr(A^T Xi^-1 A  E[e e^T]) ],
+        E[e e^T] = Lambda^-1 [ S_hat^-1 (S + d d^T) S_hat^-1 + F ] Lambda^-1,  d = phi_hat - phi.
+
+    ``sigma_hat = inf`` gives the unregularised MLE (1/2 (D + P / n_train)); the true values give
+    the Bayes oracle (1/2 (D + tr(A^T Xi^-1 A Lambda^-1))).
+    """
+    A = np.asarray(domain.design, float)
+    W = A.T @ np.diag(np.asarray(domain.noise_sd, float) ** -2) @ A
+    F = domain.n_train * W
+    prior_prec = np.broadcast_to(np.asarray(sigma_hat, float) ** -2.0, (A.shape[1],))
+    Lam_inv = np.linalg.inv(np.diag(prior_prec) + F)
+    d = np.asarray(phi_hat, float) - np.asarray(domain.phi, float)
+    S_true = np.diag(np.asarray(domain.sigma, float) ** 2)
+    middle = np.diag(prior_prec) @ (S_true + np.outer(d, d)) @ np.diag(prior_prec) + F
+    err = Lam_inv @ middle @ Lam_inv
+    return float(0.5 * (A.shape[0] + np.trace(W @ err)))
+
+
+def fit_type2_ml(data: GaussianData, model: HierarchicalModel, phi0=None, sigma0=None, **kwargs):
+    """Exact empirical Bayes: maximise ``sum_t log p(D_t | phi, sigma)`` over phi and per-module sigma."""
+    part = model.partition
+    phi0 = jnp.zeros(part.num_params) if phi0 is None else jnp.asarray(phi0)
+    sigma0 = part.check_per_module(1.0 if sigma0 is None else sigma0, "sigma0")
+    T = int(data.obs.shape[0])
+
+    def log_marginal(phi, sigma, data):
+        return jnp.sum(log_marginal_likelihood(data, phi, part.expand(sigma)))
+
+    return type2_maximum_likelihood(log_marginal, phi0, sigma0, data, num_tasks=T, **kwargs)
