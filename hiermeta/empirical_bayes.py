@@ -31,7 +31,8 @@ class Type2MLResult(NamedTuple):
     log_marginal: float  # sum_t log p(D_t | phi_hat, sigma_hat)
     num_iterations: int
     grad_norm: float  # max |gradient| of the mean log marginal per task, in (phi, log sigma)
-    converged: bool
+    converged: bool  # max |gradient| <= tol
+    message: str  # SciPy's reason for stopping
 
 
 def type2_maximum_likelihood(
@@ -42,7 +43,7 @@ def type2_maximum_likelihood(
     *,
     num_tasks: int,
     max_iter: int = 500,
-    tol: float = 1e-8,
+    tol: float = 1e-6,
 ) -> Type2MLResult:
     """Maximise ``log_marginal(phi, sigma, data) = sum_t log p(D_t | phi, sigma)``.
 
@@ -87,4 +88,5 @@ def type2_maximum_likelihood(
         num_iterations=int(result.nit),
         grad_norm=gnorm,
         converged=bool(gnorm <= tol) and bool(np.isfinite(value)),
+        message=str(result.message),
     )

@@ -181,7 +181,7 @@ class GaussianLikelihood:
         mu = jax.vmap(self.mean_fn)(theta, data.inputs)
         if mu.ndim == 2:
             mu = mu[:, None, :]
-        return jnp.broadcast_to(mu, data.obs.shape)
+        return jnp.broadcast_to(mu, data.noise_sd.shape)  # obs may be None (prior predictive)
 
     def __call__(self, theta, data: GaussianData) -> None:
         mu = self.mean(theta, data)

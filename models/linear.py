@@ -42,6 +42,7 @@ __all__ = [
     "log_marginal_likelihood",
     "posterior_predictive",
     "expected_loss",
+    "expected_eq4_gradient",
     "fit_type2_ml",
     "merge_splits",
 ]
@@ -230,6 +231,26 @@ def expected_loss(domain: LinearDomain, phi_hat, sigma_hat) -> float:
     middle = np.diag(prior_prec) @ (S_true + np.outer(d, d)) @ np.diag(prior_prec) + F
     err = Lam_inv @ middle @ Lam_inv
     return float(0.5 * (A.shape[0] + np.trace(W @ err)))
+
+
+def expected_eq4_gradient(domain: LinearDomain, sigma_hat) -> np.ndarray:
+    """Expectation of the Eq. 4 sigma-gradient per coordinate, E[(theta_hat - phi) * g], at phi_hat = phi.
+
+    With u = theta - phi ~ N(0, S), b = F u + e (e ~ N(0, F)) so that theta_hat - phi = Lambda^-1 b,
+    and g = F_val (theta - theta_hat) + (query noise), F_val = n_val A^T Xi^-1 A:
+
+        E[(theta_hat - phi) * g] = diag( Lambda^-1 F S F_val - Lambda^-1 (F S F + F) Lambda^-1 F_val ).
+
+    Its root in sigma_hat is the fixed point Algorithm 1 converges to (for M-Shrinkage on the
+    paper's domain: the true sigma).  Summing over coordinates gives the shared-sigma gradient.
+    """
+    A = np.asarray(domain.design, float)
+    W = A.T @ np.diag(np.asarray(domain.noise_sd, float) ** -2) @ A
+    F, F_val = domain.n_train * W, domain.n_val * W
+    S = np.diag(np.asarray(domain.sigma, float) ** 2)
+    prior_prec = np.broadcast_to(np.asarray(sigma_hat, float) ** -2.0, (A.shape[1],))
+    Lam_inv = np.linalg.inv(np.diag(prior_prec) + F)
+    return np.diag(Lam_inv @ F @ S @ F_val - Lam_inv @ (F @ S @ F + F) @ Lam_inv @ F_val)
 
 
 def fit_type2_ml(data: GaussianData, model: HierarchicalModel, phi0=None, sigma0=None, **kwargs):

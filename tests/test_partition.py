@@ -1,0 +1,68 @@
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from hiermeta import ModulePartition
+
+PARAMS = {"layer1": {"w": jnp.zeros((2, 3)), "b": jnp.zeros(3)}, "out": jnp.zeros(2)}
+
+
+def test_per_leaf_per_coordinate_shared_sizes():
+    assert ModulePartition.per_leaf(PARAMS).num_modules == 3
+    assert ModulePartition.shared(PARAMS).num_modules == 1
+    per_coord = ModulePartition.per_coordinate(PARAMS)
+    assert per_coord.num_modules == per_coord.num_params == 11
+    assert sorted(per_coord.index.tolist()) == list(range(11))
+
+
+def test_group_of_leaves_is_one_module():
+    part = ModulePartition.from_labels(PARAMS, {"layer1": {"w": "hidden", "b": "hidden"}, "out": "head"})
+    assert part.names == ("hidden", "head")
+    np.testing.assert_array_equal(part.module_sizes, [9, 2])
+    # the flat vector follows ravel_pytree order; every coordinate of layer1 maps to module 0
+    flat = part.ravel({"layer1": {"w": jnp.ones((2, 3)), "b": jnp.ones(3)}, "out": jnp.full(2, 2.0)})
+    np.testing.assert_array_equal(np.asarray(flat)[part.index == 1], [2.0, 2.0])
+
+
+def test_expand_and_module_sum_are_adjoint():
+    part = ModulePartition.from_labels(PARAMS, {"layer1": {"w": "a", "b": "b"}, "out": "a"})
+    rng = np.random.default_rng(0)
+    per_module, per_coord = rng.normal(size=2), rng.normal(size=part.num_params)
+    # <expand(u), v> = <u, module_sum(v)>
+    lhs = float(jnp.dot(part.expand(jnp.asarray(per_module)), per_coord))
+    rhs = float(jnp.dot(per_module, part.module_sum(jnp.asarray(per_coord))))
+    assert lhs == pytest.approx(rhs, rel=1e-12)
+    # batched module_sum
+    batch = jnp.asarray(rng.normal(size=(4, part.num_params)))
+    np.testing.assert_allclose(part.module_sum(batch)[2], part.module_sum(batch[2]), rtol=1e-12)
+
+
+def test_integer_label_arrays_give_coordinate_modules():
+    labels = {"layer1": {"w": np.array([[0, 0, 1], [1, 1, 1]]), "b": "bias"}, "out": "bias"}
+    part = ModulePartition.from_labels(PARAMS, labels)
+    # leaves in ravel order: layer1/b, layer1/w, out; modules numbered by first appearance
+    assert part.names == ("bias", "['layer1']['w'][0]", "['layer1']['w'][1]")
+    np.testing.assert_array_equal(part.module_sizes, [5, 2, 4])
+
+
+@pytest.mark.parametrize(
+    "labels, match",
+    [
+        ({"layer1": {"w": "a"}, "out": "b"}, "same structure"),  # layer1/b has no module
+        ({"layer1": {"w": "a", "b": None}, "out": "b"}, "same structure|no module"),
+        ({"layer1": {"w": np.zeros((3, 2), int), "b": "a"}, "out": "b"}, "shape"),
+        ({"layer1": {"w": np.zeros((2, 3)), "b": "a"}, "out": "b"}, "integers"),
+    ],
+)
+def test_partition_that_does_not_cover_the_parameters_is_rejected(labels, match):
+    with pytest.raises(ValueError, match=match):
+        ModulePartition.from_labels(PARAMS, labels)
+
+
+def test_ravel_checks_shapes():
+    part = ModulePartition.per_leaf(PARAMS)
+    bad = {"layer1": {"w": jnp.zeros((3, 2)), "b": jnp.zeros(3)}, "out": jnp.zeros(2)}
+    with pytest.raises(ValueError, match="shape"):
+        part.ravel(bad)
+    with pytest.raises(ValueError, match="structure"):
+        part.ravel({"layer1": jnp.zeros(9), "out": jnp.zeros(2)})
