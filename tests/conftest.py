@@ -3,7 +3,12 @@
 import os
 from pathlib import Path
 
-import jax
+# jaxlib's CPU runtime can deadlock its multi-threaded Eigen pool (all threads idle, the main
+# thread waiting on a result; see PyAutoFit#1528).  Single-threaded Eigen makes it much rarer,
+# and costs nothing measurable on this suite's small arrays.  Must be set before JAX's backend starts.
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
