@@ -2,18 +2,26 @@
 
 The task batch for meta-step ``s`` is ``sample_tasks(fold_in(data_key, s))``: the data stream is
 a function of the step count alone, so a run resumed from a saved :class:`MetaState` sees the
-same tasks as an uninterrupted one.
+same tasks as an uninterrupted one.  ``fit`` builds checkpoint-and-resume on that (the whole
+state and the history so far, :mod:`hiermeta.checkpoint`), and splits each batch's tasks over a
+device mesh when given one (:mod:`hiermeta.sharding`).  The compiled chunk is cached per
+(learner, task sampler, mesh): calling ``fit`` again does not retrace.
 """
 
 from __future__ import annotations
 
+import functools
+import os
+from pathlib import Path
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh
 
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .learners.base import MetaLearner, MetaState, all_finite
+from .sharding import replicate, replicated, shard_tasks
 from .tasks import TaskBatch, check_task_batch, num_tasks
 
 __all__ = ["fit", "MetaTrainingError", "sample_from"]
@@ -47,6 +55,52 @@ def _trailing_true(flags: np.ndarray) -> int:
     return int(flags.size if false.size == 0 else flags.size - 1 - false[-1])
 
 
+@functools.lru_cache(maxsize=64)
+def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[Mesh]):
+    """The compiled chunk of meta-steps, cached so repeated ``fit`` calls never retrace.
+
+    ``run(state, data_key, length)``: ``length`` meta-steps under ``lax.scan``; the batch of step
+    ``s`` is ``sample_tasks(fold_in(data_key, s))``, its tasks sharded over ``mesh`` if given.
+    """
+
+    def run(state, data_key, length):
+        def body(state, _):
+            batch = sample_tasks(jax.random.fold_in(data_key, state.step))
+            if mesh is not None:
+                batch = shard_tasks(batch, mesh)
+            return learner.step(state, batch)
+
+        return jax.lax.scan(body, state, None, length=length)
+
+    if mesh is None:
+        return jax.jit(run, static_argnums=2)
+    rep = replicated(mesh)
+    return jax.jit(run, static_argnums=2, out_shardings=(rep, rep))
+
+
+def _key_data(key) -> list:
+    key = jax.random.key_data(key) if jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key) else key
+    return np.asarray(key).tolist()
+
+
+def _resume(path, state, learner, data_key, target) -> tuple[MetaState, list, dict]:
+    """State, history chunks and metadata from the checkpoint at ``path``, checked against this run."""
+    loaded, meta, extra = load_checkpoint(path, state)
+    expected = {"learner": learner.name, "data_key": _key_data(data_key), "start_step": int(state.step)}
+    for name, value in expected.items():
+        if meta.get(name) != value:
+            raise CheckpointError(
+                f"checkpoint {path} belongs to a different run: its {name} is {meta.get(name)!r}, "
+                f"this run's is {value!r}"
+            )
+    if int(loaded.step) > target:
+        raise CheckpointError(f"checkpoint {path} is at step {int(loaded.step)}, past this run's end {target}")
+    history = {name[len("history/"):]: arr for name, arr in extra.items() if name.startswith("history/")}
+    if history and any(len(a) != int(loaded.step) - int(state.step) for a in history.values()):
+        raise CheckpointError(f"checkpoint {path}: its history does not match its step count")
+    return loaded, [history] if history else [], meta
+
+
 def fit(
     learner: MetaLearner,
     state: MetaState,
@@ -58,6 +112,10 @@ def fit(
     max_consecutive_skips: int = 20,
     progress: bool = True,
     description: Optional[str] = None,
+    checkpoint: Optional[str | os.PathLike] = None,
+    checkpoint_every: Optional[int] = None,
+    resume: bool = False,
+    mesh: Optional[Mesh] = None,
 ) -> tuple[MetaState, dict]:
     """Run ``num_steps`` meta-steps of ``learner`` from ``state``.
 
@@ -68,6 +126,16 @@ def fit(
       chunk_size: meta-steps per compiled chunk (the progress bar moves once per chunk).
       max_consecutive_skips: stop with :class:`MetaTrainingError` when this many meta-steps in a
         row were skipped because their update was not finite (or an inner loop diverged).
+      checkpoint: file for checkpoints (:mod:`hiermeta.checkpoint`): the whole state and the
+        history so far, written atomically every ``checkpoint_every`` steps and at the end.
+      checkpoint_every: steps between checkpoints (default: only at the end).
+      resume: continue from ``checkpoint`` if it exists (else start from ``state``).  The run is
+        still the one started from ``state`` for ``num_steps`` steps: the result, history
+        included, is bit-identical to an uninterrupted run.  A checkpoint of another run
+        (learner, data key, start step, structure, shapes, dtypes) or a corrupt one raises
+        :class:`~hiermeta.checkpoint.CheckpointError`.
+      mesh: a device mesh (:func:`hiermeta.sharding.task_mesh`): each batch's tasks are split
+        over its devices and the state is replicated.
     Returns:
       The final state and the history: each metric stacked over the steps run, as NumPy arrays.
     """
@@ -75,36 +143,53 @@ def fit(
         raise ValueError(f"num_steps must be >= 0, got {num_steps}")
     if int(chunk_size) < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    if checkpoint_every is not None and int(checkpoint_every) < 1:
+        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    if (checkpoint_every is not None or resume) and checkpoint is None:
+        raise ValueError("checkpoint_every and resume need a checkpoint path")
     if not bool(all_finite(state.params)):
         raise ValueError("the initial meta-parameters hold NaN or infinite values")
+    start, target = int(state.step), int(state.step) + int(num_steps)
+    chunks: list[dict] = []
+    if resume and Path(checkpoint).exists():
+        state, chunks, _ = _resume(checkpoint, state, learner, data_key, target)
     # check one batch eagerly, so malformed data fails here with a clear message, not in XLA
     check_task_batch(learner.model.likelihood, sample_tasks(jax.random.fold_in(data_key, state.step)))
+    if mesh is not None:
+        state = replicate(state, mesh)
+    run_chunk = _chunk_runner(learner, sample_tasks, mesh)
+    every = int(checkpoint_every) if checkpoint_every is not None else None
+    metadata = {"learner": learner.name, "data_key": _key_data(data_key), "start_step": start,
+                "target_step": target}
 
-    def run_chunk(state, length):
-        def body(state, _):
-            batch = sample_tasks(jax.random.fold_in(data_key, state.step))
-            return learner.step(state, batch)
+    def save(state):
+        history = _concat(chunks)
+        save_checkpoint(checkpoint, state, {**metadata, "step": int(state.step)},
+                        extra={f"history/{name}": arr for name, arr in history.items()})
 
-        return jax.lax.scan(body, state, None, length=length)
-
-    run_chunk = jax.jit(run_chunk, static_argnums=1)
-    chunks: list[dict] = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
-        bar = tqdm(total=int(num_steps), desc=description or learner.name, leave=False)
-    done = 0
+        bar = tqdm(total=target - start, initial=int(state.step) - start,
+                   desc=description or learner.name, leave=False)
     skip_streak = 0
     try:
-        while done < num_steps:
-            length = min(int(chunk_size), int(num_steps) - done)
-            state, metrics = run_chunk(state, length)
+        while int(state.step) < target:
+            # chunk ends fall on multiples of chunk_size and checkpoint_every counted from the
+            # start of the run, so a resumed run compiles and runs the very same chunks
+            done = int(state.step) - start
+            end = min(target - start, (done // int(chunk_size) + 1) * int(chunk_size))
+            if every is not None:
+                end = min(end, (done // every + 1) * every)
+            length = end - done
+            state, metrics = run_chunk(state, data_key, length)
             metrics = jax.tree_util.tree_map(np.asarray, metrics)
             chunks.append(metrics)
-            done += length
             skipped = np.asarray(metrics["skipped"], bool)
             skip_streak = skip_streak + length if skipped.all() else _trailing_true(skipped)
+            if checkpoint is not None and (int(state.step) == target or (every and end % every == 0)):
+                save(state)
             if bar is not None:
                 postfix = {"skipped": int(state.num_skipped)}
                 if "val_log_lik" in metrics:
@@ -123,6 +208,8 @@ def fit(
     finally:
         if bar is not None:
             bar.close()
+    if checkpoint is not None and not chunks:  # nothing to run: still leave a checkpoint
+        save(state)
     return state, _concat(chunks)
 
 
