@@ -14,6 +14,9 @@ from .partition import ModulePartition
 from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
 from .train import MetaTrainingError, fit, sample_from
 from .utils import enable_compilation_cache
+from . import checkpoint, sharding  # noqa: E402  (issue 6: checkpoints, task sharding)
+from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .sharding import task_mesh
 
 __version__ = "0.1.0"
 
@@ -38,4 +41,10 @@ __all__ = [
     "loss_curve",
     "LossCurve",
     "enable_compilation_cache",
+    "checkpoint",
+    "sharding",
+    "CheckpointError",
+    "save_checkpoint",
+    "load_checkpoint",
+    "task_mesh",
 ]

@@ -79,14 +79,21 @@ def maml_domain(**overrides) -> SinusoidDomain:
 
 
 def init_mlp(key, hidden=HIDDEN, dtype=None) -> dict:
-    """He-normal weights and zero biases for an MLP 1-hidden-...-1: ``{"layer_i": {"w", "b"}}``."""
+    """An MLP 1-hidden-...-1 as ``{"layer_i": {"w": (fan_in, fan_out), "b": (fan_out,)}}``.
+
+    PyTorch's ``nn.Linear`` default (the peers' initialisation): weights and biases
+    ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``.
+    """
     dtype = dtype or jnp.zeros(()).dtype
     sizes = (1, *hidden, 1)
     params = {}
     for i, (fan_in, fan_out) in enumerate(zip(sizes[:-1], sizes[1:])):
-        key, sub = jax.random.split(key)
-        w = jax.random.normal(sub, (fan_in, fan_out), dtype) * jnp.sqrt(2.0 / fan_in).astype(dtype)
-        params[f"layer_{i}"] = {"w": w, "b": jnp.zeros((fan_out,), dtype)}
+        key, k_w, k_b = jax.random.split(key, 3)
+        bound = 1.0 / np.sqrt(fan_in)
+        params[f"layer_{i}"] = {
+            "w": jax.random.uniform(k_w, (fan_in, fan_out), dtype, -bound, bound),
+            "b": jax.random.uniform(k_b, (fan_out,), dtype, -bound, bound),
+        }
     return params
 
 
