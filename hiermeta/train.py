@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
@@ -56,26 +57,39 @@ def _trailing_true(flags: np.ndarray) -> int:
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[Mesh]):
-    """The compiled chunk of meta-steps, cached so repeated ``fit`` calls never retrace.
+def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[Mesh], chunk_size: int):
+    """The compiled chunk of meta-steps, cached so that repeated ``fit`` calls never retrace.
 
-    ``run(state, data_key, length)``: ``length`` meta-steps under ``lax.scan``; the batch of step
-    ``s`` is ``sample_tasks(fold_in(data_key, s))``, its tasks sharded over ``mesh`` if given.
+    ``run(state, data_key, length)`` scans over ``chunk_size`` slots and takes a meta-step in the
+    first ``length`` of them (``length`` is traced): one program serves every chunk, the short
+    last one and the ones cut at checkpoints included.  The batch of step ``s`` is
+    ``sample_tasks(fold_in(data_key, s))``, its tasks sharded over ``mesh`` if given.
     """
 
-    def run(state, data_key, length):
-        def body(state, _):
-            batch = sample_tasks(jax.random.fold_in(data_key, state.step))
-            if mesh is not None:
-                batch = shard_tasks(batch, mesh)
-            return learner.step(state, batch)
+    def meta_step(state, data_key):
+        batch = sample_tasks(jax.random.fold_in(data_key, state.step))
+        if mesh is not None:
+            batch = shard_tasks(batch, mesh)
+        return learner.step(state, batch)
 
-        return jax.lax.scan(body, state, None, length=length)
+    meta_step = jax.jit(meta_step)  # traced once: eval_shape below and the scan share its trace
+
+    def run(state, data_key, length):
+        metrics_shape = jax.eval_shape(meta_step, state, data_key)[1]
+
+        def idle(state, data_key):
+            zeros = lambda s: jnp.zeros(s.shape, s.dtype)
+            return state, jax.tree_util.tree_map(zeros, metrics_shape)
+
+        def body(state, i):
+            return jax.lax.cond(i < length, meta_step, idle, state, data_key)
+
+        return jax.lax.scan(body, state, jnp.arange(chunk_size))
 
     if mesh is None:
-        return jax.jit(run, static_argnums=2)
+        return jax.jit(run)
     rep = replicated(mesh)
-    return jax.jit(run, static_argnums=2, out_shardings=(rep, rep))
+    return jax.jit(run, out_shardings=(rep, rep))
 
 
 def _key_data(key) -> list:
@@ -123,7 +137,8 @@ def fit(
       sample_tasks: ``key -> TaskBatch`` drawing a fresh batch (jittable), e.g. a domain's task
         generator or :func:`sample_from` over a fixed data set.
       data_key: PRNG key of the task stream.
-      chunk_size: meta-steps per compiled chunk (the progress bar moves once per chunk).
+      chunk_size: meta-steps per compiled chunk (the progress bar moves once per chunk); one
+        program runs every chunk, shorter ones included.
       max_consecutive_skips: stop with :class:`MetaTrainingError` when this many meta-steps in a
         row were skipped because their update was not finite (or an inner loop diverged).
       checkpoint: file for checkpoints (:mod:`hiermeta.checkpoint`): the whole state and the
@@ -157,7 +172,7 @@ def fit(
     check_task_batch(learner.model.likelihood, sample_tasks(jax.random.fold_in(data_key, state.step)))
     if mesh is not None:
         state = replicate(state, mesh)
-    run_chunk = _chunk_runner(learner, sample_tasks, mesh)
+    run_chunk = _chunk_runner(learner, sample_tasks, mesh, int(chunk_size))
     every = int(checkpoint_every) if checkpoint_every is not None else None
     metadata = {"learner": learner.name, "data_key": _key_data(data_key), "start_step": start,
                 "target_step": target}
@@ -177,14 +192,14 @@ def fit(
     try:
         while int(state.step) < target:
             # chunk ends fall on multiples of chunk_size and checkpoint_every counted from the
-            # start of the run, so a resumed run compiles and runs the very same chunks
+            # start of the run, so a resumed run runs the very same chunks
             done = int(state.step) - start
             end = min(target - start, (done // int(chunk_size) + 1) * int(chunk_size))
             if every is not None:
                 end = min(end, (done // every + 1) * every)
             length = end - done
             state, metrics = run_chunk(state, data_key, length)
-            metrics = jax.tree_util.tree_map(np.asarray, metrics)
+            metrics = jax.tree_util.tree_map(lambda a: np.asarray(a)[:length], metrics)
             chunks.append(metrics)
             skipped = np.asarray(metrics["skipped"], bool)
             skip_streak = skip_streak + length if skipped.all() else _trailing_true(skipped)
