@@ -388,3 +388,36 @@ def test_bad_learner_configuration(paper_model):
     learner = hm.imaml(paper_model, lam=1.0, inner_optimizer=sgd, inner_steps=5)
     with pytest.raises(ValueError, match="fixed sigma"):
         learner.init(jax.random.PRNGKey(0), jnp.zeros(8), sigma=2.0)
+
+
+def test_imaml_and_sigma_imaml_run_through_fit_and_evaluate(paper, paper_model, paper_tasks):
+    _, batch = paper_tasks
+    sample = hm.sample_from(batch, 10)
+    for learner in (hm.imaml(paper_model, lam=0.05, inner_optimizer=optax.sgd(0.3), inner_steps=50),
+                    hm.m_sigma_imaml(paper_model, inner_optimizer=optax.sgd(0.3), inner_steps=50)):
+        state = learner.init(jax.random.PRNGKey(0), jnp.zeros(8))
+        state, history = hm.fit(learner, state, sample, 20, data_key=jax.random.PRNGKey(1), chunk_size=10,
+                                progress=False)
+        assert int(state.num_skipped) == 0 and history["cg_iterations"].shape == (20,)
+        assert np.all(history["cg_residual"] < 1e-8)
+        curve = hm.evaluate(learner, state, batch, 5)
+        at_phi = jax.vmap(paper_model.generalisation_loss)(jnp.broadcast_to(state.params["phi"], (25, 8)), batch.val)
+        np.testing.assert_allclose(curve.per_task[:, 0], at_phi, rtol=1e-12)
+
+
+@pytest.mark.slow
+def test_m_sigma_imaml_recovers_the_sigma_groups_and_the_oracle_loss(paper, paper_model):
+    steps = 1500
+    learner = hm.m_sigma_imaml(paper_model, inner_optimizer=optax.sgd(0.3), inner_steps=200,
+                               outer_optimizer=optax.adam(optax.cosine_decay_schedule(0.03, steps, alpha=0.1)))
+    state = learner.init(jax.random.PRNGKey(0), jnp.zeros(8))
+    sample = lambda key: linear.sample_tasks(paper, key, 25)[1]
+    state, _ = hm.fit(learner, state, sample, steps, data_key=jax.random.PRNGKey(1), progress=False)
+    sigma = np.exp(0.5 * np.asarray(state.params["log_sigma2"]))
+    assert np.all((sigma[:4] > 6.5) & (sigma[:4] < 9.5)), sigma
+    assert np.all((sigma[4:] > 1.6) & (sigma[4:] < 2.5)), sigma
+    _, test = linear.sample_tasks(paper, jax.random.PRNGKey(2), 1000)
+    curve = hm.evaluate(learner, state, test, 200)
+    oracle_theta, _ = linear.posterior(test.train, paper.phi, paper.sigma)
+    oracle = np.asarray(jax.vmap(paper_model.generalisation_loss)(oracle_theta, test.val))
+    assert abs(np.mean(curve.per_task[:, 200] - oracle)) < 0.05
