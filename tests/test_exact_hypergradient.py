@@ -390,19 +390,19 @@ def test_bad_learner_configuration(paper_model):
         learner.init(jax.random.PRNGKey(0), jnp.zeros(8), sigma=2.0)
 
 
-def test_imaml_and_sigma_imaml_run_through_fit_and_evaluate(paper, paper_model, paper_tasks):
+def test_imaml_runs_through_fit_and_evaluate(paper, paper_model, paper_tasks):
+    """iMAML's meta-parameters are {"phi"} alone (sigma fixed): the shared training and evaluation code takes them."""
     _, batch = paper_tasks
-    sample = hm.sample_from(batch, 10)
-    for learner in (hm.imaml(paper_model, lam=0.05, inner_optimizer=optax.sgd(0.3), inner_steps=50),
-                    hm.m_sigma_imaml(paper_model, inner_optimizer=optax.sgd(0.3), inner_steps=50)):
-        state = learner.init(jax.random.PRNGKey(0), jnp.zeros(8))
-        state, history = hm.fit(learner, state, sample, 20, data_key=jax.random.PRNGKey(1), chunk_size=10,
-                                progress=False)
-        assert int(state.num_skipped) == 0 and history["cg_iterations"].shape == (20,)
-        assert np.all(history["cg_residual"] < 1e-8)
-        curve = hm.evaluate(learner, state, batch, 5)
-        at_phi = jax.vmap(paper_model.generalisation_loss)(jnp.broadcast_to(state.params["phi"], (25, 8)), batch.val)
-        np.testing.assert_allclose(curve.per_task[:, 0], at_phi, rtol=1e-12)
+    learner = hm.imaml(paper_model, lam=0.05, inner_optimizer=optax.sgd(0.3), inner_steps=50)
+    state = learner.init(jax.random.PRNGKey(0), jnp.zeros(8))
+    state, history = hm.fit(learner, state, hm.sample_from(batch, 10), 20, data_key=jax.random.PRNGKey(1),
+                            chunk_size=10, progress=False)
+    assert int(state.num_skipped) == 0 and history["cg_iterations"].shape == (20,)
+    assert np.all(history["cg_residual"] < 1e-8)
+    assert float(jnp.max(jnp.abs(state.params["phi"]))) > 0  # phi moved from 0
+    curve = hm.evaluate(learner, state, batch, 5)
+    at_phi = jax.vmap(paper_model.generalisation_loss)(jnp.broadcast_to(state.params["phi"], (25, 8)), batch.val)
+    np.testing.assert_allclose(curve.per_task[:, 0], at_phi, rtol=1e-12)
 
 
 @pytest.mark.slow
