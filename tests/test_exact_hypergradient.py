@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from scipy.optimize import brentq
+from scipy.optimize import brentq, minimize_scalar
 
 import hiermeta as hm
 from hiermeta.implicit import (
@@ -357,8 +357,6 @@ def test_shrinkage_with_the_exact_hypergradient_reaches_the_pll_optimum(paper, p
     assert int(state.num_skipped) == 0
     assert np.all(history["cg_iterations"] < 20) and np.max(history["cg_residual"]) < 1e-6
     learned = float(np.exp(0.5 * state.params["log_sigma2"][0]))
-    from scipy.optimize import minimize_scalar
-
     optimum = np.exp(minimize_scalar(lambda ls: linear.expected_loss(paper, paper.phi, np.exp(ls)),
                                      bounds=(0.0, 4.0), method="bounded").x)
     eq4_root = np.exp(brentq(lambda ls: linear.expected_eq4_gradient(paper, np.exp(ls)).sum(), 0.0, 4.0))
