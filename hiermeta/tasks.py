@@ -178,7 +178,11 @@ class GaussianLikelihood:
         self.site = site
 
     def mean(self, theta, data: GaussianData) -> jax.Array:
-        mu = jax.vmap(self.mean_fn)(theta, data.inputs)
+        if data.noise_sd.shape[0] == 1:  # one task (the per-task densities): no size-1 batch axis in XLA
+            one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
+            mu = self.mean_fn(one(theta), one(data.inputs))[None]
+        else:
+            mu = jax.vmap(self.mean_fn)(theta, data.inputs)
         if mu.ndim == 2:
             mu = mu[:, None, :]
         return jnp.broadcast_to(mu, data.noise_sd.shape)  # obs may be None (prior predictive)
