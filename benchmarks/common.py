@@ -179,7 +179,9 @@ def write_results(args, name: str, payload: dict) -> Path:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     path = out / f"{name}.json"
-    payload = {"benchmark": name, "command": " ".join([Path(sys.executable).name] + sys.argv),
+    script = Path(sys.argv[0]).resolve()
+    script = script.relative_to(ROOT) if script.is_relative_to(ROOT) else script
+    payload = {"benchmark": name, "command": " ".join(["python", str(script)] + sys.argv[1:]),
                "quick": bool(getattr(args, "quick", False)), "machine": machine(), **payload}
     path.write_text(json.dumps(to_jsonable(payload), indent=1) + "\n")
     print(f"wrote {path}")
