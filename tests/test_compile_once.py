@@ -8,12 +8,10 @@ import textwrap
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import optax
-import pytest
 
 import hiermeta as hm
-from models import linear, sinusoid
+from models import sinusoid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -30,18 +28,11 @@ class Counter:
         return counted
 
 
-@pytest.mark.parametrize("domain", ["linear", "sinusoid"])
-def test_meta_steps_fits_and_evaluations_trace_once(domain, tmp_path):
-    if domain == "linear":
-        paper = linear.paper_domain()
-        model, params, lr = linear.make_model(8), jnp.zeros(8), 0.3
-        sample = lambda key: linear.sample_tasks(paper, key, 25)[1]
-        _, test = linear.sample_tasks(paper, jax.random.PRNGKey(9), 50)
-    else:
-        sine = sinusoid.maml_domain()
-        model, params, lr = sinusoid.make_model(), sinusoid.init_mlp(jax.random.PRNGKey(0)), sinusoid.MAML_INNER_LR
-        sample = lambda key: sinusoid.sample_tasks(sine, key, 25)[1]
-        _, test = sinusoid.sample_tasks(sine, jax.random.PRNGKey(9), 50)
+def test_meta_steps_fits_and_evaluations_trace_once(tmp_path):
+    sine = sinusoid.maml_domain()
+    model, params, lr = sinusoid.make_model(), sinusoid.init_mlp(jax.random.PRNGKey(0)), sinusoid.MAML_INNER_LR
+    sample = lambda key: sinusoid.sample_tasks(sine, key, 25)[1]
+    _, test = sinusoid.sample_tasks(sine, jax.random.PRNGKey(9), 50)
     base = hm.m_shrinkage(model, inner_optimizer=optax.sgd(lr), inner_steps=5, outer_optimizer=optax.adam(1e-3))
     steps, problems = Counter(), Counter()
     learner = base._replace(step=steps.wrap(base.step), inner_problem=problems.wrap(base.inner_problem))
