@@ -85,3 +85,20 @@ def test_m_shrinkage_meta_learns_the_sinusoids(domain):
     assert int(state.num_skipped) == 0
     assert before.mean[5] > 1.5 and after.mean[5] < 0.5 * before.mean[5], (before.mean, after.mean)
     assert after.mean[5] < after.mean[0]  # five adaptation steps help on new tasks
+
+
+@pytest.mark.slow
+def test_headline_benchmark_runs_and_its_implementations_agree(tmp_path):
+    """benchmarks/sinusoid_maml.py --quick: every implementation's meta-gradient matches (else it exits 1)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parent.parent
+    env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
+    out = subprocess.run([sys.executable, str(root / "benchmarks" / "sinusoid_maml.py"), "--quick", "--repeats", "1",
+                          "--min-block", "0.05", "--inner-steps", "2", "--out", str(tmp_path)],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert "meta-gradient max relative error" in out.stdout and (tmp_path / "sinusoid_maml.json").exists()
