@@ -5,7 +5,9 @@ and, in the same run, on the same model written by hand in NumPyro: the ratio is
 hiermeta's generality.  float64.  Per run: one chain, warm-up then samples; ESS is NumPyro's
 ``effective_sample_size`` per coordinate; "min ESS/s" divides the smallest ESS over every latent
 coordinate by the wall time of the whole run (warm-up included) after compilation (the first
-run of each model compiles and is timed apart).  Medians over ``--repeats`` runs with
+run of each model compiles and is timed apart).  "grad us": microseconds per gradient of the
+potential energy (the cost of one leapfrog step), timed round-robin: the clean overhead figure,
+since ESS also depends on each chain's luck.  Medians over ``--repeats`` runs with
 different seeds, alternating the two implementations.
 
     eight schools   theta_j ~ N(mu, tau^2), y_j ~ N(theta_j, s_j^2); mu ~ N(0, 5^2),
@@ -22,7 +24,7 @@ from __future__ import annotations
 import statistics
 import time
 
-from common import format_table, parser, write_results  # noqa: I001
+from common import Timer, format_table, parser, ratio, round_robin, settle, write_results  # noqa: I001
 
 import jax  # noqa: E402
 
@@ -34,11 +36,13 @@ import numpyro  # noqa: E402
 import numpyro.distributions as dist  # noqa: E402
 from numpyro.diagnostics import effective_sample_size  # noqa: E402
 from numpyro.infer import MCMC, NUTS  # noqa: E402
+from numpyro.infer.util import initialize_model  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from models import linear  # noqa: E402
 
-HEADERS = ["problem", "model", "min ESS/s", "min ESS", "run s", "leapfrog/s", "first run s", "divergences"]
+HEADERS = ["problem", "model", "min ESS/s", "min ESS", "run s", "leapfrog/s", "grad us", "first run s",
+           "divergences"]
 Y = np.array([28.0, 8.0, -3.0, 7.0, -1.0, 1.0, 18.0, 12.0])
 S = np.array([15.0, 10.0, 16.0, 11.0, 9.0, 11.0, 10.0, 18.0])
 
@@ -106,11 +110,28 @@ def run(mcmc, args_, key):
     return mcmc, seconds, (int(np.sum(extra["diverging"])), int(np.sum(extra["num_steps"])))
 
 
+def gradient_timer(name, model, model_args):
+    """Microseconds per gradient of the potential energy (what each leapfrog step costs)."""
+    info = initialize_model(jax.random.PRNGKey(0), model, model_args=model_args)
+    grad = jax.jit(jax.grad(info.potential_fn))
+    z = info.param_info.z
+    jax.block_until_ready(grad(z))
+
+    def run(n):
+        out = None
+        for _ in range(n):
+            out = grad(z)
+        jax.block_until_ready(out)
+
+    return Timer(name, run)
+
+
 def main(argv=None):
     p = parser(__doc__)
     p.add_argument("--warmup", type=int)
     p.add_argument("--samples", type=int)
     args = p.parse_args(argv)
+    timing = settle(p.parse_args(argv))
     warmup = args.warmup or (300 if args.quick else 1000)
     samples = args.samples or (300 if args.quick else 1000)
     repeats = args.repeats or (2 if args.quick else 5)
@@ -119,6 +140,10 @@ def main(argv=None):
     rows, results = [], {}
     for problem, builders in problems.items():
         chains = {}
+        timers = [gradient_timer(impl, *builder()) for impl, builder in
+                  zip(("hiermeta.HierarchicalModel", "hand-written NumPyro"), builders)]
+        round_robin(timers, timing.repeats, timing.min_block, verbose=False)
+        grad_ratio = ratio(timers[0], timers[1])
         for impl, builder in zip(("hiermeta.HierarchicalModel", "hand-written NumPyro"), builders):
             model, model_args = builder()
             # one MCMC object per model, jit_model_args: later runs reuse the compiled sampler
@@ -126,14 +151,19 @@ def main(argv=None):
                         jit_model_args=True)
             chains[impl] = (mcmc, model_args)
             _, first, _ = run(mcmc, model_args, jax.random.PRNGKey(100))
-            results.setdefault(problem, {})[impl] = {"first_run_seconds": first, "runs": []}
+            t = timers[0] if impl.startswith("hiermeta") else timers[1]
+            results.setdefault(problem, {})[impl] = {"first_run_seconds": first, "runs": [],
+                                                     "gradient_us": t.median * 1e6,
+                                                     "gradient_blocks_us": [b * 1e6 for b in t.blocks]}
+        results[problem]["gradient_ratio_hiermeta_to_hand_written"] = grad_ratio
         for r in range(repeats):
             for impl, (mcmc, model_args) in chains.items():
                 mcmc, seconds, (div, leapfrogs) = run(mcmc, model_args, jax.random.PRNGKey(r))
                 lo, med = min_ess(mcmc.get_samples())
                 results[problem][impl]["runs"].append({"seconds": seconds, "min_ess": lo, "median_ess": med,
                                                         "divergences": div, "sampling_leapfrog_steps": leapfrogs})
-        for impl, entry in results[problem].items():
+        for impl in chains:
+            entry = results[problem][impl]
             runs = entry["runs"]
             sec = statistics.median(r["seconds"] for r in runs)
             ess_s = statistics.median(r["min_ess"] / r["seconds"] for r in runs)
@@ -143,11 +173,14 @@ def main(argv=None):
             entry.update(median_seconds=sec, min_ess_per_second=ess_s,
                          median_min_ess=statistics.median(r["min_ess"] for r in runs),
                          divergences=[r["divergences"] for r in runs], sampling_leapfrog_steps_per_second=lf_s)
-            rows.append([problem, impl, ess_s, entry["median_min_ess"], sec, lf_s, entry["first_run_seconds"],
-                         statistics.median(r["divergences"] for r in runs)])
+            rows.append([problem, impl, ess_s, entry["median_min_ess"], sec, lf_s, entry["gradient_us"],
+                         entry["first_run_seconds"], statistics.median(r["divergences"] for r in runs)])
         print(format_table(HEADERS, rows[-2:], 2), flush=True)
     print(f"\nNUTS, one chain, {warmup} warm-up + {samples} samples, median of {repeats} runs (float64)")
     print(format_table(HEADERS, rows, 2))
+    for problem in problems:
+        print(f"gradient of the potential, hiermeta / hand-written ({problem}): "
+              f"{results[problem]['gradient_ratio_hiermeta_to_hand_written']:.2f} (median over rounds)")
     write_results(args, "nuts", {"results": results, "warmup": warmup, "samples": samples, "repeats": repeats})
 
 
