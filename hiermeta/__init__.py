@@ -14,6 +14,7 @@ from .partition import ModulePartition
 from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
 from .train import MetaTrainingError, fit, sample_from
 from .utils import enable_compilation_cache
+from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
 
 __version__ = "0.1.0"
 
@@ -38,4 +39,11 @@ __all__ = [
     "loss_curve",
     "LossCurve",
     "enable_compilation_cache",
+    "maml",
+    "m_maml",
+    "fomaml",
+    "fo_m_maml",
+    "reptile",
+    "shrinkage_map",
+    "m_shrinkage_map",
 ]

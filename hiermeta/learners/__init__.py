@@ -4,3 +4,9 @@ from .base import MetaLearner, MetaState
 from .shrinkage import m_shrinkage, shrinkage, shrinkage_params, sigma_of
 
 __all__ = ["MetaLearner", "MetaState", "shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of"]
+from .maml import fo_m_maml, fomaml, m_maml, maml, maml_params, rates_of
+from .reptile import reptile
+from .shrinkage_map import m_shrinkage_map, shrinkage_map
+
+__all__ += ["maml", "m_maml", "fomaml", "fo_m_maml", "maml_params", "rates_of", "reptile",
+            "shrinkage_map", "m_shrinkage_map"]
