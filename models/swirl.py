@@ -40,6 +40,7 @@ __all__ = [
     "mle_expected_loss",
     "oracle",
     "Oracle",
+    "reference_losses",
 ]
 
 OMEGA = np.pi / 5
@@ -248,3 +249,26 @@ def oracle(model: HierarchicalModel, data: GaussianData, phi, sigma, *, omega: f
         local_map=thetas[1],
         local_objective=values[1],
     )
+
+
+def reference_losses(model: HierarchicalModel, domain: SwirlDomain, tasks: TaskBatch, **oracle_kwargs) -> dict:
+    """Per-task generalisation losses ``(T,)`` of the reference estimators on ``tasks``.
+
+    ``"oracle_map"``: the global MAP under the true prior (the Bayes oracle of the paper);
+    ``"local_map"``: the MAP that descent from the true phi reaches (an inner loop's limit at the
+    true phi, sigma); ``"posterior_mean"``: the posterior mean of mu, the Bayes-optimal prediction;
+    ``"mle"``: the maximum-likelihood estimate.  Losses come from ``model.generalisation_loss``
+    (the posterior mean of mu as the parameter ``unswirl(mu)``, the swirl being a bijection).
+    """
+    result = jax.jit(lambda d: oracle(model, d, domain.phi, domain.sigma, omega=domain.omega, **oracle_kwargs))(
+        tasks.train)
+    loss = jax.jit(jax.vmap(model.generalisation_loss))
+    thetas = {
+        "oracle_map": result.theta_map,
+        "local_map": result.local_map,
+        "posterior_mean": unswirl(result.mu_mean, domain.omega),
+        "mle": mle(tasks.train, domain.omega),
+    }
+    out = {name: np.asarray(loss(theta, tasks.val)) for name, theta in thetas.items()}
+    out["oracle_grad_norm"] = float(jnp.max(result.grad_norm))
+    return out
