@@ -174,7 +174,7 @@ def run_domain(name, args, log):
     meta_steps = args.meta_steps or (60 if quick else {"linear": 3000, "swirl": 2000}[name])
     eval_steps = args.eval_steps or ((50 if name == "linear" else 100) if quick else {"linear": 200, "swirl": 1000}[name])
     n_test = args.test_tasks or (100 if quick else 1000)
-    n_val = args.val_tasks or (50 if quick else 500)
+    n_val = args.val_tasks or (100 if quick else 500)  # quick: same shape as the test set, one compilation
     grid = (QUICK_GRIDS if quick else GRIDS)[name]
 
     keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), list(DOMAINS).index(name)), 4)

@@ -193,34 +193,43 @@ def test_bad_configuration_raises(paper_model):
         hm.reptile(paper_model, inner_optimizer=optax.sgd(0.1), inner_steps=0)
 
 
-LEARNERS = {
-    "MAML": lambda m: hm.maml(m, inner_steps=10, init_lr=0.1, outer_optimizer=optax.adam(0.03)),
-    "M-MAML": lambda m: hm.m_maml(m, inner_steps=10, init_lr=0.1, outer_optimizer=optax.adam(0.03)),
-    "FOMAML": lambda m: hm.fomaml(m, inner_steps=10, init_lr=0.1, outer_optimizer=optax.adam(0.03)),
-    "FO-M-MAML": lambda m: hm.fo_m_maml(m, inner_steps=10, init_lr=0.1, outer_optimizer=optax.adam(0.03)),
-    "Reptile": lambda m: hm.reptile(m, inner_optimizer=optax.sgd(0.1), inner_steps=10, outer_optimizer=optax.sgd(0.5)),
-    "M-Shrinkage MAP": lambda m: hm.m_shrinkage_map(m, inner_optimizer=optax.sgd(0.3), inner_steps=200,
-                                                    outer_optimizer=optax.adam(0.05), init_sigma=4.0),
-}
-STEPS = {"M-Shrinkage MAP": 150}
-
-
-@pytest.mark.parametrize("name", list(LEARNERS))
-def test_every_baseline_runs_end_to_end(name, paper, paper_model):
-    learner = LEARNERS[name](paper_model)
-    assert learner.name == name
-    state = learner.init(jax.random.PRNGKey(0), jnp.asarray(paper.phi) if name == "M-Shrinkage MAP" else jnp.zeros(8))
+def test_m_shrinkage_map_biases_sigma_low(paper, paper_model):
+    """The joint MAP pulls sigma below the truth (8, 8, 8, 8, 2, 2, 2, 2), toward 0 for the second group."""
+    learner = hm.m_shrinkage_map(paper_model, inner_optimizer=optax.sgd(0.3), inner_steps=200,
+                                 outer_optimizer=optax.adam(0.05), init_sigma=4.0)
+    state = learner.init(jax.random.PRNGKey(0), jnp.asarray(paper.phi))
     sample = lambda key: linear.sample_tasks(paper, key, 25)[1]
-    steps = STEPS.get(name, 40)
-    trained, history = hm.fit(learner, state, sample, steps, data_key=jax.random.PRNGKey(1), progress=False,
-                              chunk_size=steps)
-    assert int(trained.num_skipped) == 0 and history["skipped"].shape == (steps,)
-    assert np.all(np.isfinite(history["val_log_lik"]))
-    assert not np.allclose(trained.params["phi"], state.params["phi"])
-    _, test = linear.sample_tasks(paper, jax.random.PRNGKey(2), 100)
-    curve = hm.evaluate(learner, trained, test, 30)
-    assert np.all(np.isfinite(curve.mean)) and curve.mean[10] < curve.mean[0]
-    if name == "M-Shrinkage MAP":
-        # the joint MAP pulls sigma below the truth (8, 8, 8, 8, 2, 2, 2, 2), toward 0 for the second group
-        sigma = np.asarray(history["sigma"][-1])
-        assert np.all(sigma[4:] < 1.0) and np.all(sigma[:4] < 8.0), sigma
+    state, history = hm.fit(learner, state, sample, 150, data_key=jax.random.PRNGKey(1), progress=False,
+                            chunk_size=150)
+    sigma = np.asarray(history["sigma"][-1])
+    assert int(state.num_skipped) == 0
+    assert np.all(sigma[4:] < 1.0) and np.all(sigma[:4] < 8.0), sigma
+
+
+def test_compare_quick_runs_every_learner_end_to_end(tmp_path):
+    """examples/compare.py --quick on the linear domain: every method is searched, meta-trained,
+    evaluated on validation and held-out tasks, and written to JSON."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "compare.py"
+    spec = importlib.util.spec_from_file_location("compare_example", path)
+    compare = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(compare)
+    compare.main(["--quick", "--domain", "linear", "--meta-steps", "40", "--eval-steps", "30", "--val-tasks", "50",
+                  "--test-tasks", "50", "--no-plot", "--no-progress", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "compare.json").read_text())
+    assert result["schema"] == "hiermeta/compare/v1"
+    methods = result["domains"]["linear"]["methods"]
+    expected = {"Shrinkage", "M-Shrinkage", "MAML", "M-MAML", "FOMAML", "FO-M-MAML", "Reptile", "M-Shrinkage MAP"}
+    assert expected <= set(methods)
+    for name, entry in methods.items():
+        mean = np.asarray(entry["curve"]["mean"], dtype=float)
+        assert mean.shape == (31,) and np.all(np.isfinite(mean)), name
+        assert mean[10] < mean[0], name  # adaptation helps
+        assert entry["status"] == "ok" and entry["num_skipped"] == 0, name
+        assert entry["summary"]["best"] == pytest.approx(mean.min())
+        assert len(result["domains"]["linear"]["search"][name]) == 1
+    refs = result["domains"]["linear"]["references"]
+    assert refs["MLE"]["expected"] == pytest.approx(5.5)

@@ -103,3 +103,26 @@ def test_oracle_finds_the_global_map_and_the_posterior_mean(swirl_domain, swirl_
         want = w @ mu_draws
         spread = np.sqrt(w @ (mu_draws - want) ** 2 / ess)  # Monte-Carlo standard error
         np.testing.assert_allclose(oracle.mu_mean[t], want, atol=5 * spread.max() + 1e-3)
+
+
+def test_nonlinear_toy_quick(tmp_path):
+    """examples/nonlinear_toy.py end to end with tiny settings: JSON written, curves and references finite."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "examples" / "nonlinear_toy.py"
+    spec = importlib.util.spec_from_file_location("nonlinear_toy_example", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--quick", "--meta-steps", "20", "--inner-steps", "10", "--test-tasks", "40", "--test-steps", "30",
+                  "--no-plot", "--out", str(tmp_path)])
+    result = json.loads((tmp_path / "nonlinear_toy.json").read_text())
+    assert result["schema"] == "hiermeta/nonlinear_toy/v1"
+    assert set(result["methods"]) == {"Shrinkage", "M-Shrinkage", "Oracle (MAP)"}
+    for entry in result["methods"].values():
+        assert np.all(np.isfinite(np.asarray(entry["curve"]["mean"], float)))
+    refs = result["references"]
+    assert refs["MLE"]["expected"] == 6.0
+    assert refs["Bayes oracle (global MAP)"]["max_grad_norm"] < 1e-6
+    assert refs["posterior mean of mu"]["held_out"] < refs["MLE"]["held_out"]
