@@ -124,6 +124,14 @@ def test_rematerialised_inner_loop_gives_the_same_step(swirl_domain, swirl_model
     plain, remat = one_step(make(False), state, batch), one_step(make(True), state, batch)
     for key in ("phi", "log_lr"):
         np.testing.assert_allclose(remat[key], plain[key], rtol=1e-12)
+    # ... and the compiled step's scratch memory at K = 1000 (backprop through 1000 steps) drops
+    # (measured: 4.3 MB -> 0.33 MB; both grow linearly in K since the carries are stored)
+    temp = {}
+    for flag in (False, True):
+        learner = hm.m_maml(swirl_model, inner_steps=1000, init_lr=0.1, remat=flag)
+        compiled = jax.jit(learner.step).lower(learner.init(jax.random.PRNGKey(0), jnp.zeros(10)), batch).compile()
+        temp[flag] = compiled.memory_analysis().temp_size_in_bytes
+    assert temp[True] < temp[False] / 5, temp
 
 
 @pytest.mark.parametrize("sigma, close", [(1e6, True), (3.0, False)])
