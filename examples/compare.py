@@ -209,33 +209,62 @@ def run_domain(name, args, log):
         results[method] = {"config": best.config, "status": best.status if status == "ok" else status,
                            "num_skipped": int(best.state.num_skipped), "curve": curve,
                            "summary": curve_summary(curve, best.step), **learned_values(best.state)}
+    paired_differences(results, curves)
+    oracle_name = next(iter(refs))  # the Bayes oracle: first reference
+    for method, r in results.items():
+        if method in curves:
+            d = curves[method].per_task[:, r["summary"]["chosen_step"]] - refs[oracle_name]["per_task"]
+            r["paired_vs_oracle_at_val_step"] = {"reference": oracle_name, "mean": float(d.mean()),
+                                                 "sem": float(d.std(ddof=1) / np.sqrt(len(d)))}
     log(f"[{time.perf_counter() - t_start:6.1f}s] {name}: search and held-out evaluation done")
     return {"meta_steps": meta_steps, "eval_steps": eval_steps, "test_tasks": n_test, "val_tasks": n_val,
             "grid": grid, "truth": truth, "references": refs, "methods": results, "search": search_log,
             "curves": curves, "seconds": time.perf_counter() - t_start}
 
 
+def paired_differences(results, curves, base="M-Shrinkage"):
+    """Per method, its held-out loss minus ``base``'s over the same tasks (mean and SEM), at each
+    one's validation-chosen step and at the last step."""
+    if base not in curves:
+        return
+    sem = lambda d: float(d.std(ddof=1) / np.sqrt(len(d)))
+    b_step = results[base]["summary"]["chosen_step"]
+    for method, r in results.items():
+        if method == base or method not in curves:
+            continue
+        per_task, base_tasks = curves[method].per_task, curves[base].per_task
+        at_val = per_task[:, r["summary"]["chosen_step"]] - base_tasks[:, b_step]
+        last = per_task[:, -1] - base_tasks[:, -1]
+        r["paired_vs_" + base] = {"at_val_step": {"mean": float(at_val.mean()), "sem": sem(at_val)},
+                                  "last": {"mean": float(last.mean()), "sem": sem(last)}}
+
+
 def report_domain(name, res, log):
     refs, methods = res["references"], res["methods"]
     last = res["eval_steps"]
-    base = "M-Shrinkage" if "M-Shrinkage" in res["curves"] else None
     rows = []
     for method, r in methods.items():
         s = r["summary"]
-        diff = ""
-        if base and method != base and method in res["curves"]:
-            d = res["curves"][method].per_task[:, -1] - res["curves"][base].per_task[:, -1]
-            diff = f"{d.mean():+.3f}+-{d.std(ddof=1) / np.sqrt(len(d)):.3f}"
+        paired = r.get("paired_vs_M-Shrinkage")
+        fmt = lambda d: f"{d['mean']:+.3f}+-{d['sem']:.3f}"
+        diffs = [fmt(paired["at_val_step"]), fmt(paired["last"])] if paired else ["", ""]
         rows.append([method, s["best"], s["best_step"], s.get("at_chosen", float("nan")), s.get("chosen_step", -1),
-                     s["last"], f"+-{s.get('last_sem', float('nan')):.3f}", diff, r["num_skipped"],
+                     s["last"], f"+-{s.get('last_sem', float('nan')):.3f}", *diffs, r["num_skipped"],
                      " ".join(f"{k}={v}" for k, v in r["config"].items())])
     for ref, v in refs.items():
-        rows.append([ref, "", "", "", "", v["held_out"], f"+-{v['held_out_sem']:.3f}", "", "",
+        rows.append([ref, "", "", "", "", v["held_out"], f"+-{v['held_out_sem']:.3f}", "", "", "",
                      f"expected {v['expected']:.3f}" if "expected" in v else ""])
     log(f"\n{name}: generalisation loss on {res['test_tasks']} held-out tasks (best over 0..{last} steps and its "
         f"step; at the step chosen on validation tasks; at step {last})")
     log(format_table(["method", "best", "step", "at val step", "val step", f"k={last}", "sem",
-                      f"vs M-Shr. k={last}", "skipped", "chosen config"], rows))
+                      "vs M-Shr. val step", f"vs M-Shr. k={last}", "skipped", "chosen config"], rows))
+    log("(vs M-Shr.: paired difference to M-Shrinkage over the same tasks, each at its validation-chosen step, "
+        f"and both at step {last}; mean +- SEM)")
+    oracle_rows = [[m, r["summary"]["chosen_step"], r["paired_vs_oracle_at_val_step"]["mean"],
+                    r["paired_vs_oracle_at_val_step"]["sem"]] for m, r in methods.items() if "paired_vs_oracle_at_val_step" in r]
+    if oracle_rows:
+        log(f"paired difference to the {next(iter(refs))} over the same tasks, at the validation-chosen step")
+        log(format_table(["method", "val step", "minus oracle", "sem"], oracle_rows, 4))
     sig_rows = [[m, *np.round(np.broadcast_to(r["sigma"], np.shape(res["truth"]["sigma"])), 2)]
                 for m, r in methods.items() if "sigma" in r]
     if sig_rows:
