@@ -287,11 +287,16 @@ def plot(path, results):
     fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
         refs = {k: v["held_out"] for k, v in res["references"].items()}
-        plot_loss_curves(ax, res["curves"], refs)
-        lo = min(refs.values())
-        ax.set_ylim(lo - 0.2, max(refs.values()) + 0.8)
+        top = max(refs.values()) + 0.8
+        curves = {(m if c.mean.min() < top else f"{m} (off scale, min {c.mean.min():.2f})"): c
+                  for m, c in res["curves"].items()}
+        plot_loss_curves(ax, curves)
+        for (ref, value), style in zip(refs.items(), ["--", ":", "-.", (0, (1, 4))]):
+            ax.axhline(value, color="k", linestyle=style, linewidth=1, label=f"{ref} (held-out)")
+        ax.set_ylim(min(refs.values()) - 0.2, top)
         if name == "swirl":
             ax.set_xscale("symlog", linthresh=10)
+        ax.set_xlim(0, res["eval_steps"])
         ax.legend(fontsize=7, loc="upper right", ncol=2)
         ax.set_title(f"{name} domain: held-out loss (band: 68% CI of the mean)")
     fig.tight_layout()
