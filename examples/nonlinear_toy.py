@@ -125,6 +125,11 @@ def main(argv=None):
     print(f"\nPaired differences at step {last} over the same tasks:")
     for label, g in gaps.items():
         print(f"  {label:55s} {g['mean']:+.4f} +- {g['sem']:.4f}")
+    offsets = per_task["map_phi_offset"]
+    print("\nAlgorithm 1's phi step at the true (phi, sigma), mean over the held-out tasks of theta_hat - phi "
+          "(zero if the true phi were its fixed point):")
+    print(format_table(["MAP", *[f"d{m + 1}" for m in range(M)]],
+                       [[REF_NAMES[k], *v] for k, v in offsets.items()], 2))
     print(f"total {time.perf_counter() - t_start:.1f}s")
 
     # ---------------------------------------------------------------- JSON + figure
@@ -138,6 +143,7 @@ def main(argv=None):
                   "n_train": domain.n_train, "n_val": domain.n_val},
         "references": references,
         "paired_gaps_last_step": gaps,
+        "map_phi_offset_at_truth": per_task["map_phi_offset"],
         "methods": {},
         "timings_seconds": {"train": train_seconds, "total": time.perf_counter() - t_start},
     }

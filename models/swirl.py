@@ -257,7 +257,9 @@ def reference_losses(model: HierarchicalModel, domain: SwirlDomain, tasks: TaskB
     ``"oracle_map"``: the global MAP under the true prior (the Bayes oracle of the paper);
     ``"local_map"``: the MAP that descent from the true phi reaches (an inner loop's limit at the
     true phi, sigma); ``"posterior_mean"``: the posterior mean of mu, the Bayes-optimal prediction;
-    ``"mle"``: the maximum-likelihood estimate.  Losses come from ``model.generalisation_loss``
+    ``"mle"``: the maximum-likelihood estimate; ``"map_phi_offset"``: ``mean_t (theta_hat_t - phi)``
+    for the global and the local MAP (the MAP phi-step at the truth, zero iff the true phi is its
+    fixed point; the oracle's ``grad_norm`` max is ``"oracle_grad_norm"``).  Losses come from ``model.generalisation_loss``
     (the posterior mean of mu as the parameter ``unswirl(mu)``, the swirl being a bijection).
     """
     result = jax.jit(lambda d: oracle(model, d, domain.phi, domain.sigma, omega=domain.omega, **oracle_kwargs))(
@@ -271,4 +273,7 @@ def reference_losses(model: HierarchicalModel, domain: SwirlDomain, tasks: TaskB
     }
     out = {name: np.asarray(loss(theta, tasks.val)) for name, theta in thetas.items()}
     out["oracle_grad_norm"] = float(jnp.max(result.grad_norm))
+    # the MAP phi-step of Algorithm 1 at the truth, mean_t (theta_hat_t - phi): zero iff phi is its fixed point
+    out["map_phi_offset"] = {"oracle_map": np.asarray(jnp.mean(result.theta_map - domain.phi, axis=0)),
+                             "local_map": np.asarray(jnp.mean(result.local_map - domain.phi, axis=0))}
     return out
