@@ -169,8 +169,12 @@ def plot(path, curves, references, learned, domain):
     import matplotlib.pyplot as plt
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
-    plot_loss_curves(ax0, curves, {k: v["held_out"] for k, v in references.items()})
+    plot_loss_curves(ax0, curves)
+    for (ref, value), style in zip(references.items(), ["--", ":", "-.", (0, (1, 4))]):
+        ax0.axhline(value["held_out"], color="k", linestyle=style, linewidth=1, label=ref)
+    ax0.legend(fontsize=8)
     ax0.set_xscale("symlog", linthresh=10)
+    ax0.set_xlim(0, max(c.steps[-1] for c in curves.values()))
     ax0.set_ylim(references["posterior mean of mu"]["held_out"] - 0.2, references["MLE"]["held_out"] + 0.8)
     ax0.set_title("Swirl domain: held-out loss (band: 68% CI of the mean)")
     modules = np.arange(1, domain.num_params + 1)
