@@ -33,7 +33,6 @@ def measure_here(num_devices: int, tasks: int, steps: int, repeats: int) -> dict
 
     import hiermeta as hm
     from models import sinusoid
-    from provisional import get_maml
 
     assert jax.device_count() >= num_devices, jax.devices()
     mesh = hm.task_mesh(num_devices=num_devices)
@@ -41,12 +40,10 @@ def measure_here(num_devices: int, tasks: int, steps: int, repeats: int) -> dict
     params = sinusoid.init_mlp(jax.random.PRNGKey(0))
     model = sinusoid.make_model(params)
     sample = lambda key: sinusoid.sample_tasks(domain, key, tasks)[1]
-    maml, provisional = get_maml()
     learners = {
         "M-Shrinkage": hm.m_shrinkage(model, inner_optimizer=optax.sgd(sinusoid.MAML_INNER_LR), inner_steps=5,
                                       outer_optimizer=optax.adam(1e-3)),
-        "MAML" + (" (provisional)" if provisional else ""): maml(model, inner_steps=5, init_lr=sinusoid.MAML_INNER_LR,
-                                                                 outer_optimizer=optax.adam(1e-3)),
+        "MAML": hm.maml(model, inner_steps=5, init_lr=sinusoid.MAML_INNER_LR, outer_optimizer=optax.adam(1e-3)),
     }
     out = {}
     for name, learner in learners.items():

@@ -32,7 +32,6 @@ from common import format_table, note, parser, settle, write_results  # noqa: I0
 import jax  # noqa: E402
 import optax  # noqa: E402
 
-import provisional  # noqa: E402
 import registry  # noqa: E402
 
 KS = (5, 50, 500)
@@ -42,10 +41,7 @@ MB = 2**20
 def build(name, K):
     domain = registry.domains(only=["sinusoid"])[0][0]
     learner, why = registry.build(registry.MEMORY_LEARNERS, name, domain.model, K, domain.inner_lr, optax.adam(1e-3))
-    if learner is None and name.startswith("MAML"):
-        learner = provisional.maml(domain.model, inner_steps=K, init_lr=domain.inner_lr, remat="remat" in name)
-        why = "provisional MAML (hiermeta.maml not in this checkout)"
-    elif learner is not None:
+    if learner is not None:
         why = None
     return domain, learner, why
 

@@ -1,13 +1,11 @@
 """Which learners and domains the benchmarks run, built through hiermeta's public API.
 
-A learner or domain that this checkout of hiermeta does not have yet (e.g. MAML before it lands
-on main) is skipped with a printed note, never faked: only the sinusoid headline falls back to
-the provisional MAML of ``benchmarks/provisional.py``, and says so.
+A learner whose factory is missing or rejects the arguments (an older or a trimmed checkout) is
+skipped with a printed note, never faked.
 """
 
 from __future__ import annotations
 
-import importlib
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -28,20 +26,16 @@ class Domain(NamedTuple):
 def domains(meta_batch: int = 25, only: Optional[list[str]] = None) -> tuple[list[Domain], list[str]]:
     """The benchmark domains present in this checkout, and notes on the missing ones."""
     out, notes = [], []
-    from models import linear, sinusoid
+    from models import linear, sinusoid, swirl
 
     if not only or "linear" in only:
         paper = linear.paper_domain()
         out.append(Domain("linear", linear.make_model(8), jnp.zeros(8),
                           lambda key: linear.sample_tasks(paper, key, meta_batch)[1], 0.3))
     if not only or "swirl" in only:
-        try:
-            swirl = importlib.import_module("models.swirl")
-            dom = swirl.paper_domain()
-            out.append(Domain("swirl", swirl.make_model(dom), jnp.zeros(len(dom.phi)),
-                              lambda key: swirl.sample_tasks(dom, key, meta_batch)[1], 0.1))
-        except ImportError:
-            notes.append("swirl domain (models/swirl.py) not in this checkout: skipped")
+        dom = swirl.paper_domain()
+        out.append(Domain("swirl", swirl.make_model(dom), jnp.zeros(len(dom.phi)),
+                          lambda key: swirl.sample_tasks(dom, key, meta_batch)[1], 0.1))
     if not only or "sinusoid" in only:
         sine = sinusoid.maml_domain()
         params = sinusoid.init_mlp(jax.random.PRNGKey(0))

@@ -34,7 +34,6 @@ import hiermeta as hm  # noqa: E402
 import peers_jax  # noqa: E402
 import peers_torch  # noqa: E402
 from models import sinusoid  # noqa: E402
-from provisional import get_maml  # noqa: E402
 
 META_BATCH = 25
 OUTER_LR = 1e-3
@@ -42,9 +41,7 @@ NUM_BATCHES = 8
 
 
 def build_hiermeta(model, K, outer):
-    factory, provisional = get_maml()
-    learner = factory(model, inner_steps=K, init_lr=sinusoid.MAML_INNER_LR, outer_optimizer=outer, learn_lr=False)
-    return learner, provisional
+    return hm.maml(model, inner_steps=K, init_lr=sinusoid.MAML_INNER_LR, outer_optimizer=outer, learn_lr=False)
 
 
 def check_gradients(model, params, K, batch, data_np, peers) -> dict:
@@ -81,7 +78,7 @@ def run_k(args, K, peers) -> dict:
         raise SystemExit(f"implementations disagree on the meta-gradient: {bad}")
 
     outer = optax.adam(OUTER_LR)
-    learner, provisional = build_hiermeta(model, K, outer)
+    learner = build_hiermeta(model, K, outer)
     state0 = learner.init(jax.random.PRNGKey(0), params)
     compile_s, hm_step = {}, None
     compile_s["hiermeta MAML step"], hm_step = compile_seconds(learner.step, state0, batches[0])
@@ -149,7 +146,7 @@ def run_k(args, K, peers) -> dict:
         fit_timer.cpu_blocks.append((time.process_time() - c0) / fit_run.last_steps)
 
     hand_t = timers[1]
-    rows, result = [], {"K": K, "meta_batch": META_BATCH, "hiermeta_maml_provisional": provisional,
+    rows, result = [], {"K": K, "meta_batch": META_BATCH,
                         "gradient_check_max_rel_error": errors, "rows": {}}
     for t in timers[:3] + [fit_timer] + timers[3:]:
         if t is fit_timer:  # timed apart: ratio of medians
@@ -178,8 +175,6 @@ def run_k(args, K, peers) -> dict:
     print("ratios, median over rounds (wall / CPU time):")
     for k, (w, c) in headline.items():
         print(f"  {k:40s} {w:9.2f} {c:9.2f}")
-    if provisional:
-        print("  [hiermeta MAML: the provisional benchmark learner, hiermeta.maml is not on main yet]")
     return result
 
 

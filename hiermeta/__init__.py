@@ -15,6 +15,7 @@ from .partition import ModulePartition
 from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
 from .train import MetaTrainingError, fit, sample_from
 from .utils import enable_compilation_cache
+from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
 from . import checkpoint, sharding  # noqa: E402  (issue 6: checkpoints, task sharding)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .sharding import task_mesh
@@ -42,6 +43,13 @@ __all__ = [
     "loss_curve",
     "LossCurve",
     "enable_compilation_cache",
+    "maml",
+    "m_maml",
+    "fomaml",
+    "fo_m_maml",
+    "reptile",
+    "shrinkage_map",
+    "m_shrinkage_map",
     "imaml",
     "sigma_imaml",
     "m_sigma_imaml",
