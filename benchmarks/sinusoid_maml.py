@@ -51,7 +51,7 @@ def check_gradients(model, params, K, batch, data_np, peers) -> dict:
     ref = ravel_pytree(meta_grad(params, xs, ys, xq, yq)[1])[0]
     rel = lambda g: float(jnp.max(jnp.abs(g - ref)) / jnp.max(jnp.abs(ref)))
     errors = {}
-    learner, _ = build_hiermeta(model, K, optax.sgd(1.0))  # one SGD(1) step: new phi = phi - grad
+    learner = build_hiermeta(model, K, optax.sgd(1.0))  # one SGD(1) step: new phi = phi - grad
     state = learner.init(jax.random.PRNGKey(0), params)
     new, _ = jax.jit(learner.step)(state, batch)
     errors["hiermeta"] = rel(state.params["phi"] - new.params["phi"])
