@@ -13,7 +13,7 @@ predictive log-likelihood are sums of site log-densities from a NumPyro ``trace`
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -89,8 +89,11 @@ class HierarchicalModel:
     def __call__(self, data=None, num_tasks: Optional[int] = None):
         T = self._num_tasks(data, num_tasks)
         P, M = self.partition.num_params, self.partition.num_modules
-        phi_prior = self.phi_prior or dist.ImproperUniform(constraints.real, (), (P,))
-        sigma_prior = self.sigma_prior or dist.ImproperUniform(constraints.positive, (), (M,))
+        phi_prior, sigma_prior = self.phi_prior, self.sigma_prior
+        if phi_prior is None:
+            phi_prior = dist.ImproperUniform(constraints.real, (), (P,))
+        if sigma_prior is None:
+            sigma_prior = dist.ImproperUniform(constraints.positive, (), (M,))
         phi = numpyro.sample("phi", phi_prior.to_event())
         sigma = numpyro.sample("sigma", sigma_prior.to_event())
         with numpyro.plate("tasks", T):

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from .learners.base import MetaLearner, MetaState, all_finite

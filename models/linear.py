@@ -116,14 +116,15 @@ def make_data(obs, design, noise_sd, mask=None) -> GaussianData:
     try:
         design = np.broadcast_to(design, obs.shape[:2] + design.shape[-2:])
     except ValueError:
-        raise ValueError(f"design of shape {design.shape} does not broadcast to tasks x observations {obs.shape[:2]}") from None
+        raise ValueError(
+            f"design of shape {design.shape} does not broadcast to tasks x observations {obs.shape[:2]}"
+        ) from None
     return GaussianData.create(obs, noise_sd, inputs=np.array(design), mask=mask)
 
 
 def merge_splits(batch: TaskBatch) -> GaussianData:
     """All observations of each task (support and query together), for the marginal likelihood."""
-    cat = lambda a, b: jnp.concatenate([a, b], axis=1)
-    return jax.tree_util.tree_map(cat, batch.train, batch.val)
+    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=1), batch.train, batch.val)
 
 
 def _gaussian_split(domain: LinearDomain, key, theta, n) -> GaussianData:

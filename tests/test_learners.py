@@ -8,7 +8,7 @@ import pytest
 from scipy.optimize import brentq
 
 import hiermeta as hm
-from hiermeta.learners import shrinkage_params, sigma_of
+from hiermeta.learners import sigma_of
 from models import linear
 
 STEPS = 1500
