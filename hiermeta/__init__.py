@@ -14,6 +14,9 @@ from .partition import ModulePartition
 from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
 from .train import MetaTrainingError, fit, sample_from
 from .utils import enable_compilation_cache
+from .posterior import NUTSResult, run_nuts, with_priors
+from .laplace import LaplaceResult
+from .predictive import PredictiveScores, score_draws
 
 __version__ = "0.1.0"
 
@@ -38,4 +41,10 @@ __all__ = [
     "loss_curve",
     "LossCurve",
     "enable_compilation_cache",
+    "run_nuts",
+    "with_priors",
+    "NUTSResult",
+    "LaplaceResult",
+    "PredictiveScores",
+    "score_draws",
 ]
