@@ -105,11 +105,11 @@ def swirl_arm():
     return {
         "name": "swirl",
         "exact": False,
-        "model": swirl.make_model(domain.num_params) if hasattr(swirl, "make_model") else None,
-        "truth": (np.asarray(domain.phi), np.asarray(domain.sigma)),
+        "model": swirl.make_model(domain),
+        "truth": (np.asarray(domain.phi, float), np.asarray(domain.sigma, float)),
         "sample": lambda key, T: swirl.sample_tasks(domain, key, T)[1],
         "merge": linear.merge_splits,  # concatenates support and query of any GaussianData
-        "learner": dict(inner_optimizer=optax.sgd(getattr(swirl, "INNER_LR", 0.1)), inner_steps=200, init_sigma=1.0),
+        "learner": dict(inner_optimizer=optax.sgd(0.3), inner_steps=200, init_sigma=1.0),
         "outer_lr": 0.03,
     }
 
@@ -262,7 +262,7 @@ def main(argv=None):
     arms = []
     for name in args.domains.split(","):
         arm = {"linear": linear_arm, "swirl": swirl_arm}[name.strip()]()
-        if arm is None or arm["model"] is None:
+        if arm is None:
             print(f"NOTE: the {name} domain (models/{name}.py) is not available on this branch; its arm is skipped.")
             continue
         arms.append(arm)
