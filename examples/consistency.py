@@ -123,29 +123,38 @@ def pooled_phi(train):
     return jnp.linalg.solve(jnp.sum(F, 0), jnp.sum(g, 0))
 
 
-def make_ascent(field, steps=2000):
-    """Projected Adam ascent along ``field(rho, phi, data)`` (cosine-decayed rate), jitted once.
+def make_ascent(field, chunk=200):
+    """Projected Adam ascent along ``field(rho, phi, data)``, ``chunk`` steps per compiled call.
 
     This is Algorithm 1's rho-iteration with the full batch and the exact inner MAP: it stops at a
     stationary point, or at a bound when the field keeps pushing there (reported as 0 or inf)."""
-    opt = optax.adam(optax.cosine_decay_schedule(0.1, steps, alpha=0.01))
+    opt = optax.adam(0.05)
 
     @jax.jit
-    def run(rho, phi, data):
+    def run(carry, phi, data):
         def body(carry, _):
             r, s = carry
             upd, s = opt.update(-field(r, phi, data), s, r)
             return (jnp.clip(optax.apply_updates(r, upd), *RHO_BOUNDS), s), None
 
-        return jax.lax.scan(body, (rho, opt.init(rho)), None, length=steps)[0][0]
+        return jax.lax.scan(body, carry, None, length=chunk)[0]
 
-    return field, run
+    return field, run, opt
 
 
-def ascend(ascent, phi, data, x0):
-    """Run the ascent from ``x0``, then polish the interior coordinates' root by Newton (SciPy hybr)."""
-    field, run = ascent
-    rho = np.array(run(jnp.asarray(x0, float), phi, data))
+def ascend(ascent, phi, data, x0, max_chunks=30, settled=0.25):
+    """Run the ascent from ``x0`` until no coordinate moves more than ``settled`` over a chunk
+    (Adam then hovers within ~its rate of a stationary point, or sits at a bound), then polish the
+    interior coordinates' root by Newton (SciPy ``hybr``)."""
+    field, run, opt = ascent
+    carry = (jnp.asarray(x0, float), opt.init(jnp.asarray(x0, float)))
+    rho = np.array(x0, float)
+    for _ in range(max_chunks):
+        carry = run(carry, phi, data)
+        new = np.array(carry[0])
+        moved, rho = np.max(np.abs(new - rho)), new
+        if moved < settled:
+            break
     inside = (rho > RHO_BOUNDS[0] + 1.0) & (rho < RHO_BOUNDS[1] - 1.0)
     if inside.any():
         def f(r_in):
