@@ -68,7 +68,7 @@ def parse_args(argv=None):
     p.add_argument("--chains", type=int, default=4)
     p.add_argument("--warmup", type=int, help="NUTS warm-up per chain (default 1000, quick 400)")
     p.add_argument("--samples", type=int, help="NUTS draws per chain (default 1000, quick 400)")
-    p.add_argument("--hyper-draws", type=int, default=400, help="posterior draws of (phi, sigma) used for (c)")
+    p.add_argument("--hyper-draws", type=int, default=1000, help="posterior draws of (phi, sigma) used for (c)")
     p.add_argument("--parametrisation", choices=["auto", "centred", "noncentred"], default="auto",
                    help="NUTS parametrisation of theta (auto: non-centred for T <= 32)")
     p.add_argument("--phi-scale", type=float, default=10.0, help="prior phi ~ N(0, scale^2) for NUTS")
@@ -176,7 +176,7 @@ def exact_full_bayes(model, phis, sigmas, test):
     score = score_gaussian_mixture(move(log_pred), move(m), move(s), test.val, log_weights=move(log_ev))
     w = jax.nn.softmax(move(log_ev), axis=-1)
     ess = 1.0 / jnp.sum(w**2, axis=-1)
-    return score, float(jnp.min(ess))
+    return score, (float(jnp.min(ess)), float(jnp.median(ess)))
 
 
 def generic_levels(model, phi, sigma, test, key, args, progress):
@@ -218,7 +218,8 @@ def run_one(arm, T, seed, args, progress):
             scores[(name, level)] = score
     phis, sigmas, info = nuts_hyper_draws(arm, train, k_nuts, args, progress)
     if arm["exact"]:
-        scores[("NUTS", "(c) full posterior")], info["min_importance_ess"] = exact_full_bayes(model, phis, sigmas, test)
+        scores[("NUTS", "(c) full posterior")], ess = exact_full_bayes(model, phis, sigmas, test)
+        info["min_importance_ess"], info["median_importance_ess"] = ess
     else:
         draws, log_w, conv = full_bayes_laplace_draws(model, phis, sigmas, test.train, k_score, draws_per_hyper=4)
         scores[("NUTS", "(c) full posterior")] = score_draws(model, draws, test.val, log_weights=log_w)
@@ -282,9 +283,12 @@ def main(argv=None):
                 estimates, scores, notes = run_one(arm, T, seed, args, progress)
                 runs[T].append((estimates, scores, notes))
                 nuts = estimates["NUTS"]["nuts"]
+                ess = (f", importance ESS min {nuts['min_importance_ess']:.0f} median {nuts['median_importance_ess']:.0f}"
+                       f" of {args.hyper_draws}" if "min_importance_ess" in nuts else "")
                 print(f"[{time.perf_counter() - t_start:7.1f}s] {arm['name']} T={T} seed={seed}: NUTS "
                       f"{nuts['parametrisation']}, {nuts['divergences']} divergences, max r_hat "
-                      f"{nuts['max_r_hat']:.3f}, {nuts['seconds']:.0f}s")
+                      f"{nuts['max_r_hat']:.3f}, {nuts['seconds']:.0f}s{ess}; M-Shrinkage skipped "
+                      f"{estimates['M-Shrinkage']['skipped']} meta-steps")
         reference = ("Oracle", "(b) exact posterior" if arm["exact"] else "(b) NUTS")
         rows, table = summarise(arm["name"], T_values, runs, reference)
         print(f"\n{arm['name']} domain: {args.test_tasks} held-out tasks x {args.seeds} seed(s). regret = "
