@@ -10,6 +10,7 @@ from .evaluate import LossCurve, evaluate, loss_curve
 from .hierarchy import HierarchicalModel
 from .inner import InnerProblem, InnerResult, run_inner
 from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage
+from .learners import imaml, m_sigma_imaml, sigma_imaml
 from .partition import ModulePartition
 from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
 from .train import MetaTrainingError, fit, sample_from
@@ -41,6 +42,9 @@ __all__ = [
     "loss_curve",
     "LossCurve",
     "enable_compilation_cache",
+    "imaml",
+    "sigma_imaml",
+    "m_sigma_imaml",
     "run_nuts",
     "with_priors",
     "NUTSResult",

@@ -1,0 +1,156 @@
+"""The meta-step shared by the Gaussian-prior learners: Shrinkage, sigma-iMAML and iMAML.
+
+All three solve the same bilevel problem and differ only in which meta-parameters move and
+along which gradient:
+
+    inner   theta_hat_t = argmin_theta L_t(theta; phi, rho),
+            L_t = -log N(theta | phi, diag(exp(rho))) - log p(D_t^tr | theta)      (Eq. 2),
+            approximated by K optimiser steps from phi (``run_inner``, vmapped over tasks);
+    outer   phi: along the MAP gradient  -mean_t dL_t/dphi          (Shrinkage, Algorithm 1)
+                 or the PLL hypergradient mean_t dPLL_t/dphi         (sigma-iMAML, iMAML);
+            rho: along the PLL hypergradient mean_t dPLL_t/drho     (learned sigma)
+                 or not at all                                      (iMAML: fixed lambda = 1/sigma^2).
+
+PLL hypergradients come from :func:`hiermeta.implicit.implicit_hypergradient` at the K-step
+iterate, with the configured solver (Eq. 4 or conjugate gradient); nothing is differentiated
+through the inner steps.  This module is the machinery; each learner's file states its algorithm.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..hierarchy import HierarchicalModel
+from ..implicit import Solver, as_solver, implicit_hypergradient
+from ..inner import InnerProblem, run_inner
+from .base import MetaLearner, MetaState, make_adapt, new_state, outer_update
+
+__all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner"]
+
+
+def sigma_of(params, num_modules: int) -> jax.Array:
+    """Per-module sigma ``(M,)`` from ``params["log_sigma2"]`` (``(M,)`` or shared ``(1,)``)."""
+    return jnp.broadcast_to(jnp.exp(0.5 * params["log_sigma2"]), (num_modules,))
+
+
+def shrinkage_params(model: HierarchicalModel, phi, sigma, modular: bool = True) -> dict:
+    """Meta-parameters for given phi (pytree or flat ``(P,)``) and sigma (scalar or ``(M,)``)."""
+    part = model.partition
+    phi = jnp.asarray(phi) if np.ndim(phi) == 1 and np.shape(phi)[0] == part.num_params else part.ravel(phi)
+    sigma = part.check_per_module(sigma, "sigma")
+    if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
+        raise ValueError(f"sigma must be finite and > 0, got {sigma}")
+    if not modular:
+        if np.ptp(sigma) > 0:
+            raise ValueError("a shared-sigma (non-modular) learner needs one sigma for all modules")
+        sigma = sigma[:1]
+    return {"phi": phi, "log_sigma2": jnp.asarray(2.0 * np.log(sigma), dtype=phi.dtype)}
+
+
+def gaussian_prior_learner(
+    model: HierarchicalModel,
+    *,
+    name: str,
+    inner_optimizer: optax.GradientTransformation,
+    inner_steps: int,
+    outer_optimizer: Optional[optax.GradientTransformation],
+    hypergradient: Union[str, Solver],
+    phi_gradient: str,
+    modular: bool = False,
+    init_sigma: float = 1.0,
+    fixed_sigma: Optional[float] = None,
+) -> MetaLearner:
+    """Build a learner on the bilevel problem above (see the module docstring).
+
+    Args:
+      phi_gradient: ``"map"`` (Algorithm 1's MAP step) or ``"pll"`` (the PLL hypergradient).
+      hypergradient: ``"eq4"``, ``"exact"`` (conjugate gradient) or a solver of ``H v = g``.
+      modular: learned sigma per module (True) or shared by all modules (False).
+      init_sigma: initial learned sigma (> 0).
+      fixed_sigma: if given (> 0), sigma is fixed at this shared value and the meta-parameters
+        are ``{"phi"}`` only (iMAML); otherwise ``{"phi", "log_sigma2"}``.
+    """
+    if int(inner_steps) != inner_steps or int(inner_steps) < 0:
+        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps}")
+    if phi_gradient not in ("map", "pll"):
+        raise ValueError(f"phi_gradient must be 'map' or 'pll', got {phi_gradient!r}")
+    if not np.isfinite(init_sigma) or init_sigma <= 0:
+        raise ValueError(f"init_sigma must be finite and > 0, got {init_sigma}")
+    if fixed_sigma is not None and (not np.isfinite(fixed_sigma) or fixed_sigma <= 0):
+        raise ValueError(f"the fixed sigma must be finite and > 0, got {fixed_sigma}")
+    solver = as_solver(hypergradient)
+    outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-2)
+    M = model.partition.num_modules
+    learn_sigma = fixed_sigma is None
+
+    def sigma_from(params):
+        if learn_sigma:
+            return sigma_of(params, M)
+        return jnp.full((M,), fixed_sigma, dtype=params["phi"].dtype)
+
+    def inner_loss(theta, params, data_t):
+        return model.inner_objective(theta, params["phi"], sigma_from(params), data_t)
+
+    def inner_problem(params) -> InnerProblem:
+        return InnerProblem(
+            init=params["phi"],
+            loss=lambda theta, data_t: inner_loss(theta, params, data_t),
+            optimizer=inner_optimizer,
+        )
+
+    def init(key, params, sigma: Optional[float] = None) -> MetaState:
+        phi = model.partition.ravel(params)
+        if not learn_sigma:
+            if sigma is not None:
+                raise ValueError(f"{name} has a fixed sigma (lambda); init takes no sigma")
+            return new_state({"phi": phi}, outer, key)
+        meta = shrinkage_params(model, phi, init_sigma if sigma is None else sigma, modular=modular)
+        return new_state(meta, outer, key)
+
+    def task_terms(params, theta_hat, train_t, val_t):
+        """Per task: dL/d(meta) at theta_hat (MAP step), the PLL hypergradient, diagnostics."""
+        inner_grad = jax.grad(lambda th, p: inner_loss(th, p, train_t))
+        map_grad = jax.grad(lambda p: inner_loss(theta_hat, p, train_t))(params)
+        val_log_lik, g = jax.value_and_grad(model.log_likelihood)(theta_hat, val_t)
+        prior_var = model.partition.expand(sigma_from(params) ** 2)
+        pll_grad, info = implicit_hypergradient(inner_grad, theta_hat, params, g, prior_var, solver)
+        return map_grad, pll_grad, val_log_lik, info
+
+    def step(state: MetaState, batch):
+        problem = inner_problem(state.params)
+        inner = jax.vmap(lambda d: run_inner(problem, d, inner_steps))(batch.train)
+        map_grad, pll_grad, val_log_lik, info = jax.vmap(task_terms, in_axes=(None, 0, 0, 0))(
+            state.params, inner.theta, batch.train, batch.val
+        )
+        mean = lambda tree: jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), tree)
+        map_grad, pll_grad = mean(map_grad), mean(pll_grad)
+        # minimise: phi along the MAP objective or -PLL, log sigma^2 along -PLL
+        grads = {"phi": map_grad["phi"] if phi_gradient == "map" else -pll_grad["phi"]}
+        if learn_sigma:
+            grads["log_sigma2"] = -pll_grad["log_sigma2"]
+        num_diverged = jnp.sum(inner.diverged)
+        state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
+        metrics = {
+            "val_log_lik": jnp.mean(val_log_lik),
+            "inner_loss": jnp.mean(inner.final_loss),
+            "sigma": sigma_from(state.params),
+            "num_diverged": num_diverged,
+            "skipped": skipped,
+            "cg_iterations": jnp.max(info.iterations),  # the most any task took
+            "cg_residual": jnp.max(info.residual),  # worst relative residual of H v = g
+        }
+        return state, metrics
+
+    return MetaLearner(
+        name=name,
+        model=model,
+        init=init,
+        step=step,
+        inner_problem=inner_problem,
+        adapt=make_adapt(inner_problem),
+    )
