@@ -55,11 +55,11 @@ def toy_domain(s2: float, n: int = 5, k: int = 5) -> linear.LinearDomain:
 
 
 def exact_solver():
-    """hiermeta's exact hypergradient solver (issue 3), if this version has one."""
-    for name in ("cg_solve", "exact_solve", "cg"):
-        solver = getattr(implicit, name, None)
-        if callable(solver):
-            return name, solver
+    """hiermeta's exact hypergradient solver (conjugate gradient on Hessian-vector products), if present."""
+    if hasattr(implicit, "as_solver"):
+        return "cg_solve (as_solver('exact'))", implicit.as_solver("exact")
+    if hasattr(implicit, "cg_solve"):
+        return "cg_solve()", implicit.cg_solve()
     return None, None
 
 

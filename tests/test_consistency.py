@@ -30,9 +30,13 @@ def test_expected_joint_map_gradient_root_is_eq10_in_one_dimension():
 def test_estimators_match_closed_forms_on_the_toy():
     model = linear.make_model(1)
     objectives = consistency.make_objectives(model)
+    name, solver = consistency.exact_solver()
+    exact = objectives["hypergradient"](solver) if solver is not None else None
     for s2, seed in ((2.25, 0), (0.4, 1)):
         _, batch = linear.sample_tasks(consistency.toy_domain(s2), jax.random.PRNGKey(seed), 2000)
-        est, checks = consistency.estimate(model, objectives, batch)
+        est, checks = consistency.estimate(model, objectives, batch, exact)
+        if exact is not None:  # the library's exact implicit hypergradient is the gradient of the PLL
+            assert checks["exact_hypergradient_max_abs_diff"] < 1e-8
         ml, joint = consistency.toy_closed_forms(batch, 5)
         assert est["(iii) type-II ML"][0] == pytest.approx(ml, rel=1e-5)
         assert est["(iv) joint MAP"][0] == pytest.approx(joint, rel=1e-6, abs=1e-12)
