@@ -89,7 +89,7 @@ def main(argv=None):
             if name == "non-centred" or label in ("mu", "tau"):
                 rows.append([f"{label} ({name})", want_mean[i], r["mean"], r["mcse_mean"], z_mean,
                              want_sd[i], r["sd"], z_sd, int(r["ess_bulk"]), f"{r['r_hat']:.3f}"])
-    print(f"\nNUTS against the exact posterior (z = (NUTS - exact) / MCSE; divergences: "
+    print("\nNUTS against the exact posterior (z = (NUTS - exact) / MCSE; divergences: "
           + ", ".join(f"{k} {v.num_divergences}" for k, v in runs.items()) + ")")
     print(format_table(["quantity", "exact mean", "NUTS mean", "mcse", "z", "exact sd", "NUTS sd", "z(sd)",
                         "ess_bulk", "r_hat"], rows, 3))

@@ -43,7 +43,7 @@ import optax  # noqa: E402
 import hiermeta as hm  # noqa: E402
 from hiermeta import posterior as hp  # noqa: E402
 from hiermeta.laplace import laplace  # noqa: E402
-from hiermeta.learners import shrinkage_params, sigma_of  # noqa: E402
+from hiermeta.learners import sigma_of  # noqa: E402
 from hiermeta.predictive import (  # noqa: E402
     full_bayes_laplace_draws,
     gaussian_draws,

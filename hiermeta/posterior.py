@@ -29,7 +29,7 @@ from numpyro.handlers import condition, reparam, trace
 from numpyro.infer import MCMC, NUTS
 from numpyro.infer.reparam import LocScaleReparam
 
-from .hierarchy import HYPER_SITES, HierarchicalModel
+from .hierarchy import HierarchicalModel
 from .tasks import GaussianData, num_tasks
 
 __all__ = [
@@ -246,13 +246,12 @@ def run_nuts(
 # ---------------------------------------------------------------------------- ArviZ
 
 
-def _site_dims(model: HierarchicalModel) -> dict:
-    return {
-        "phi": ("param",),
-        "sigma": ("module",),
-        "theta": ("task", "param"),
-        "theta_decentered": ("task", "param"),
-    }
+_SITE_DIMS = {
+    "phi": ("param",),
+    "sigma": ("module",),
+    "theta": ("task", "param"),
+    "theta_decentered": ("task", "param"),
+}
 
 
 def _use_datatree() -> bool:
@@ -305,7 +304,7 @@ def to_arviz(
     }
     if T is not None:
         coords["task"] = list(task_names) if task_names is not None else np.arange(T)
-    dims = _site_dims(model)
+    dims = _SITE_DIMS
 
     def dataset(arrays: Mapping[str, np.ndarray], sample_dims=("chain", "draw"), extra_dims=None):
         variables = {}

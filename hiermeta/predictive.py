@@ -20,7 +20,7 @@ level ``q`` covers ``x`` iff ``|F(x) - 1/2| <= q/2``, so calibration is the frac
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
