@@ -255,11 +255,18 @@ def parse_args(argv=None):
     p.add_argument("--seeds", type=int, help="repetitions per T (default 20 toy / 8 linear; quick 5 / 3)")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--replot", metavar="JSON", help="only redraw the figure from a consistency.json")
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        import json
+
+        payload = json.loads(Path(args.replot).read_text())
+        print(f"wrote {plot(Path(args.out) / 'consistency.png', payload, payload['config']['tasks'])}")
+        return payload
     hm.enable_compilation_cache()
     T_values = [int(t) for t in (args.tasks or ("10,30,100,300,1000" if args.quick else
                                                 "10,30,100,300,1000,3000,10000")).split(",")]
@@ -347,8 +354,14 @@ def plot(path, payload, T_values):
         else:
             panels.append((study + ": s1-4 (true 8)", d, slice(0, 4), "sigma", 1))
             panels.append((study + ": s5-8 (true 2)", d, slice(4, 8), "sigma", 1))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.6 * len(panels), 4.2), squeeze=False)
-    for ax, (title, d, sl, ylabel, power) in zip(axes[0], panels):
+    cols = 2
+    rows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(6.2 * cols, 4.3 * rows), squeeze=False)
+    for ax in axes.ravel()[len(panels):]:
+        ax.set_visible(False)
+    for ax, (title, d, sl, ylabel, power) in zip(axes.ravel(), panels):
+        if np.asarray(d["truth_sigma"]).size == 1:
+            title += " ((i) = (ii) in 1-D)"
         for name, arr in d["estimates"].items():
             arr = np.asarray(arr, float)  # JSON null (inf) became nan: put it back
             q16, q50, q84 = pooled_quantiles(np.where(np.isnan(arr), np.inf, arr)[:, :, sl] ** power)
