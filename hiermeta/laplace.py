@@ -37,6 +37,7 @@ class LaplaceResult(NamedTuple):
 
 def _one_task(model: HierarchicalModel, phi, sigma, data_t, theta0, num_steps: int, tol: float):
     loss = lambda th: model.inner_objective(th, phi, sigma, data_t)
+    prior_var = model.partition.expand(sigma) ** 2
     grad, hess = jax.grad(loss), jax.hessian(loss)
     eye = jnp.eye(theta0.shape[0], dtype=theta0.dtype)
 
@@ -55,14 +56,19 @@ def _one_task(model: HierarchicalModel, phi, sigma, data_t, theta0, num_steps: i
     (theta, value, _), _ = jax.lax.scan(step, init, None, length=num_steps)
     H = hess(theta)
     H = 0.5 * (H + H.T)
-    chol = jnp.linalg.cholesky(H)
-    log_det = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol)))
-    cov = jax.scipy.linalg.cho_solve((chol, True), eye)
+    # a Hessian that is not positive definite (a saddle, or Newton stopped short on a multimodal
+    # posterior) gets its eigenvalues floored at the smallest prior precision; flagged not converged
+    eigval, eigvec = jnp.linalg.eigh(H)
+    floor = jnp.min(1.0 / prior_var)
+    positive = eigval[0] > 0
+    eigval = jnp.where(positive, eigval, jnp.maximum(eigval, floor))
+    cov = (eigvec / eigval) @ eigvec.T
+    log_det = jnp.sum(jnp.log(eigval))
     P = theta.shape[0]
     log_evidence = -value + 0.5 * P * jnp.log(2.0 * jnp.pi) - 0.5 * log_det
     grad_norm = jnp.max(jnp.abs(grad(theta)))
-    converged = (grad_norm <= tol) & jnp.isfinite(log_det)
-    return theta, cov, log_evidence, grad_norm, converged
+    converged = (grad_norm <= tol) & positive
+    return theta, 0.5 * (cov + cov.T), log_evidence, grad_norm, converged
 
 
 def laplace(
@@ -72,14 +78,16 @@ def laplace(
     data,
     *,
     init: Optional[jax.Array] = None,
-    num_steps: int = 50,
+    num_steps: int = 500,
     tol: float = 1e-6,
 ) -> LaplaceResult:
     """Laplace approximation of every task's posterior at ``phi`` ``(P,)``, ``sigma`` ``(M,)``.
 
     ``data`` holds the tasks' (support) data with a leading task axis; ``init`` ``(T, P)`` starts
     the Newton iterations (default phi).  Jittable and vmappable (e.g. over posterior draws of
-    phi and sigma); check ``converged`` when the likelihood is not log-concave.
+    phi and sigma); check ``converged`` when the likelihood is not log-concave: where the Hessian
+    at the end point is not positive definite, its eigenvalues are floored at the smallest prior
+    precision ``min 1/sigma^2`` (a usable but flagged Gaussian).
     """
     part = model.partition
     phi = jnp.asarray(phi)

@@ -118,8 +118,8 @@ def score_gaussian_mixture(log_pred_components, mean, sd, query: GaussianData, l
 def score_draws(model: HierarchicalModel, draws, query, log_weights=None) -> PredictiveScores:
     """Scores of the predictive ``sum_s w_ts p(. | theta_ts)`` from draws ``(T, S, P)``.
 
-    ``log p(D^val_t | .) = logsumexp_s(log w_ts + log p(D^val_t | theta_ts))`` (normalised weights)
-    for any task likelihood; the PIT needs a :class:`~hiermeta.GaussianLikelihood` (the predictive
+    ``log p(D^val_t | .) = logsumexp_s(log w_ts + log p(D^val_t | theta_ts))`` (normalised weights;
+    draws or log-weights that are not finite get weight 0) for any task likelihood; the PIT needs a :class:`~hiermeta.GaussianLikelihood` (the predictive
     CDF of a scalar is then ``sum_s w_ts Phi((x - mu_ts) / xi)``).
     """
     draws = jnp.asarray(draws)
@@ -127,7 +127,11 @@ def score_draws(model: HierarchicalModel, draws, query, log_weights=None) -> Pre
         raise ValueError(f"draws must have shape (tasks, draws, {model.partition.num_params}), got {draws.shape}")
     T, S, _ = draws.shape
     model.likelihood.check(query, "query data")
-    lw = _normalise(log_weights, (T, S))
+    lw = jnp.zeros((T, S)) if log_weights is None else jnp.asarray(log_weights)
+    # a draw that is not finite (e.g. from a failed approximation) gets weight 0
+    ok = jnp.all(jnp.isfinite(draws), axis=-1) & jnp.isfinite(lw)
+    draws = jnp.where(ok[..., None], draws, 0.0)
+    lw = _normalise(jnp.where(ok, lw, -jnp.inf), (T, S))
     log_lik = task_log_likelihood(model, jnp.swapaxes(draws, 0, 1), query).T  # (T, S)
     log_pred = logsumexp(lw + log_lik, axis=-1)
     lik = model.likelihood
@@ -160,7 +164,7 @@ def full_bayes_laplace_draws(
     key,
     *,
     draws_per_hyper: int = 4,
-    num_steps: int = 50,
+    num_steps: int = 500,
 ):
     """Level (c) for any domain: hyperposterior draws ``(H, P)``, ``(H, M)`` (e.g. from NUTS on the
     training tasks), a Laplace posterior of each new task's theta per draw, and the new support's
