@@ -15,7 +15,13 @@ from scipy import stats
 import hiermeta as hm
 from hiermeta import posterior as hp
 from hiermeta.laplace import laplace
-from hiermeta.predictive import full_bayes_laplace_draws, gaussian_draws, score_draws, score_gaussian_mixture
+from hiermeta.predictive import (
+    full_bayes_importance_draws,
+    full_bayes_laplace_draws,
+    gaussian_draws,
+    score_draws,
+    score_gaussian_mixture,
+)
 from models import linear
 
 FAMILY_ALPHA = 0.01
@@ -213,3 +219,41 @@ def test_run_nuts_rejects_bad_input():
         hp.with_priors(model, sigma="gamma")
     with pytest.raises(ValueError, match="phi_scale"):
         hp.with_priors(model, phi_scale=[1.0, 2.0])
+
+
+def test_full_bayes_importance_draws_are_consistent_on_the_linear_domain(paper, paper_model, paper_tasks):
+    """Level (c) by importance sampling (Laplace proposal, widened): its log-weights average to the
+    exact evidence, and its predictive matches the exact evidence-weighted mixture within MC error."""
+    _, batch = paper_tasks
+    rng = np.random.default_rng(1)
+    phis = paper.phi + 0.5 * rng.normal(size=(3, 8))
+    sigmas = paper.sigma * np.exp(0.2 * rng.normal(size=(3, 8)))
+    R = 2000
+    draws, log_w, ess = full_bayes_importance_draws(paper_model, phis, sigmas, batch.train, jax.random.PRNGKey(2),
+                                                    draws_per_hyper=R, inflate=1.3)
+    lw = np.asarray(log_w).reshape(25, 3, R)
+    ev = np.stack([linear.log_marginal_likelihood(batch.train, p, s) for p, s in zip(phis, sigmas)], 1)
+    # mean_r w = evidence: the 75 standardised errors z = (mean_r w / evidence - 1) / se behave as
+    # N(0, 1) draws.  (The weights are right-skewed, so the largest of 75 |z| has a heavier tail
+    # than a normal one; test their mean and spread instead of the maximum.)
+    ratio = np.exp(lw - ev[..., None])
+    z = (ratio.mean(-1) - 1) / (ratio.std(-1) / np.sqrt(R))
+    assert abs(z.mean()) * np.sqrt(z.size) < 3.0
+    assert 0.7 < z.std() < 1.3
+    assert np.all(np.asarray(ess) > 500)
+    comps = [linear.query_predictive(batch.train, batch.val, p, s) for p, s in zip(phis, sigmas)]
+    exact = score_gaussian_mixture(np.stack([c[0] for c in comps], 1), np.stack([c[2] for c in comps], 1),
+                                   np.stack([c[3] for c in comps], 1), batch.val, log_weights=ev)
+    mc = score_draws(paper_model, draws, batch.val, log_weights=log_w)
+    # self-normalised importance sampling: the delta-method standard error of sum w f / sum w is
+    # sd(w (f - estimate)) / (sqrt(n) mean(w)); for the log predictive, divide by the estimate
+    w = np.exp(np.asarray(log_w) - np.asarray(log_w).max(1, keepdims=True))
+    n = w.shape[1]
+    ll = np.asarray(hp.task_log_likelihood(paper_model, jnp.swapaxes(draws, 0, 1), batch.val)).T  # (T, S)
+    lik = np.exp(ll - mc.log_pred[:, None])  # p(val | theta) / estimate
+    se_log = (w * (lik - 1)).std(1) / (np.sqrt(n) * w.mean(1))
+    assert np.max(np.abs(mc.log_pred - exact.log_pred) / se_log) < z_threshold(25)
+    mu = np.einsum("tndp,tsp->tsnd", np.asarray(batch.val.inputs), np.asarray(draws))
+    cdf = stats.norm.cdf((np.asarray(batch.val.obs)[:, None] - mu) / np.asarray(batch.val.noise_sd)[:, None])
+    se_pit = (w[..., None, None] * (cdf - mc.pit[:, None])).std(1) / (np.sqrt(n) * w.mean(1)[:, None, None])
+    assert np.max(np.abs(mc.pit - exact.pit) / se_pit) < z_threshold(mc.pit.size)
