@@ -18,6 +18,7 @@ from .utils import enable_compilation_cache
 from .posterior import NUTSResult, run_nuts, with_priors
 from .laplace import LaplaceResult
 from .predictive import PredictiveScores, score_draws
+from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
 
 __version__ = "0.1.0"
 
@@ -42,6 +43,13 @@ __all__ = [
     "loss_curve",
     "LossCurve",
     "enable_compilation_cache",
+    "maml",
+    "m_maml",
+    "fomaml",
+    "fo_m_maml",
+    "reptile",
+    "shrinkage_map",
+    "m_shrinkage_map",
     "imaml",
     "sigma_imaml",
     "m_sigma_imaml",

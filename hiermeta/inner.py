@@ -58,12 +58,16 @@ def run_inner(
     num_steps: int,
     observe: Optional[Callable[[jax.Array], Any]] = None,
     unroll: int = 1,
+    remat: bool = False,
 ) -> InnerResult:
     """Take ``num_steps`` optimiser steps on ``problem.loss(., data_t)`` from ``problem.init``.
 
     The loop is a ``lax.scan`` (compiled once, whatever ``num_steps``), and ``observe`` (if given)
     is evaluated at every iterate ``theta_0 .. theta_K``.  This function is differentiable
     (MAML backpropagates through it); implicit methods differentiate its fixed point instead.
+    ``remat=True`` wraps each step in ``jax.checkpoint``: reverse-mode differentiation then stores
+    only the ``(theta, optimiser state)`` carries and recomputes each step's internals, which cuts
+    the memory of backpropagating through long unrolled loops (same values and gradients).
     """
     value_and_grad = jax.value_and_grad(problem.loss)
 
@@ -74,6 +78,8 @@ def run_inner(
         theta = optax.apply_updates(theta, updates)
         return (theta, opt_state), (observe(theta) if observe is not None else None)
 
+    if remat:
+        body = jax.checkpoint(body)
     theta0 = problem.init
     carry = (theta0, problem.optimizer.init(theta0))
     (theta, _), records = jax.lax.scan(body, carry, None, length=num_steps, unroll=unroll)

@@ -36,3 +36,25 @@ def paper_model(paper):
 def paper_tasks(paper):
     """25 tasks of the paper's linear domain: (true theta, TaskBatch)."""
     return linear.sample_tasks(paper, jax.random.PRNGKey(0), 25)
+
+
+@pytest.fixture(scope="session")
+def swirl_domain():
+    from models import swirl
+
+    return swirl.paper_domain()
+
+
+@pytest.fixture(scope="session")
+def swirl_model(swirl_domain):
+    from models import swirl
+
+    return swirl.make_model(swirl_domain)
+
+
+@pytest.fixture(scope="session")
+def swirl_tasks(swirl_domain):
+    """4 tasks of the paper's swirl domain: (true theta, TaskBatch)."""
+    from models import swirl
+
+    return swirl.sample_tasks(swirl_domain, jax.random.PRNGKey(0), 4)

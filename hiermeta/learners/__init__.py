@@ -10,3 +10,11 @@ from .imaml import imaml  # noqa: E402
 from .sigma_imaml import m_sigma_imaml, sigma_imaml  # noqa: E402
 
 __all__ += ["imaml", "sigma_imaml", "m_sigma_imaml"]
+
+# baselines (issue 4)
+from .maml import fo_m_maml, fomaml, m_maml, maml, maml_params, rates_of  # noqa: E402
+from .reptile import reptile  # noqa: E402
+from .shrinkage_map import m_shrinkage_map, shrinkage_map  # noqa: E402
+
+__all__ += ["maml", "m_maml", "fomaml", "fo_m_maml", "maml_params", "rates_of", "reptile",
+            "shrinkage_map", "m_shrinkage_map"]

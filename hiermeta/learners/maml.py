@@ -1,0 +1,175 @@
+"""MAML and M-MAML (Finn et al. 2017; learned inner rates as in Antoniou et al. 2019), and their
+first-order versions FOMAML and FO-M-MAML.
+
+Meta-parameters: phi (flat ``(P,)``) and ``log_lr``, the log inner learning rate: ``(1,)`` shared
+by all coordinates (MAML) or ``(M,)`` one per module of ``model.partition`` (M-MAML).  There is no
+prior: the inner loop descends the task's negative log-likelihood from phi,
+
+    theta_0 = phi,   theta_{k+1} = theta_k - alpha * P(grad_theta[-log p(D_t^tr | theta_k)]),
+    alpha = exp(log_lr) per coordinate (its module's rate),  P = identity (SGD) or a preconditioner,
+
+and the meta-objective, minimised over (phi, log_lr), is the query loss after K steps:
+
+    J(phi, log_lr) = mean_t  -log p(D_t^val | theta_{t,K}(phi, log_lr)).
+
+MAML takes its exact gradient, backpropagating through the K unrolled steps (second order).
+The first-order versions stop the gradient of each inner step's ``P(grad)`` (so the Hessian terms
+vanish): d theta_K / d phi = I and d theta_K / d log_lr_m = -sum_k alpha_m P(g_k)_m, which gives
+the classic FOMAML phi update (the query gradient at theta_K) plus a first-order rate update.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from ..hierarchy import HierarchicalModel
+from ..inner import InnerProblem, run_inner
+from .base import MetaLearner, MetaState, make_adapt, new_state, outer_update
+
+__all__ = ["maml", "m_maml", "fomaml", "fo_m_maml", "learned_rate_sgd", "maml_params", "rates_of"]
+
+
+def learned_rate_sgd(
+    rates: jax.Array,
+    preconditioner: Optional[optax.GradientTransformation] = None,
+    first_order: bool = False,
+) -> optax.GradientTransformation:
+    """``update = -rates * P(grad)``, with per-coordinate ``rates`` ``(P,)`` that may be traced.
+
+    ``first_order=True`` stops the gradient through ``P(grad)`` (not through ``rates``).
+    An adaptive ``preconditioner`` differentiated through must keep square roots away from 0,
+    e.g. ``optax.scale_by_adam(eps_root=1e-12)`` (``eps_root=0`` gives NaN meta-gradients where
+    a gradient coordinate is exactly 0).
+    """
+    inner = preconditioner if preconditioner is not None else optax.identity()
+
+    def init(params):
+        return inner.init(params)
+
+    def update(grads, state, params=None):
+        direction, state = inner.update(grads, state, params)
+        if first_order:
+            direction = jax.lax.stop_gradient(direction)
+        return jax.tree_util.tree_map(lambda d: -rates * d, direction), state
+
+    return optax.GradientTransformation(init, update)
+
+
+def rates_of(params, num_modules: int) -> jax.Array:
+    """Per-module inner learning rates ``(M,)`` from ``params["log_lr"]`` (``(M,)`` or ``(1,)``)."""
+    return jnp.broadcast_to(jnp.exp(params["log_lr"]), (num_modules,))
+
+
+def maml_params(model: HierarchicalModel, phi, lr, modular: bool) -> dict:
+    """Meta-parameters for flat ``phi`` ``(P,)`` and an inner rate (scalar, or ``(M,)`` if modular)."""
+    part = model.partition
+    lr = np.asarray(lr, dtype=float)
+    if not modular and lr.ndim > 0 and np.ptp(lr) > 0:
+        raise ValueError("a non-modular MAML learner has one inner learning rate for all modules")
+    lr = part.check_per_module(lr, "lr")
+    if not np.all(np.isfinite(lr)) or np.any(lr <= 0):
+        raise ValueError(f"the inner learning rate must be finite and > 0, got {lr}")
+    if not modular:
+        lr = lr[:1]
+    return {"phi": jnp.asarray(phi), "log_lr": jnp.asarray(np.log(lr), dtype=jnp.asarray(phi).dtype)}
+
+
+def maml(
+    model: HierarchicalModel,
+    *,
+    inner_steps: int,
+    init_lr: float,
+    outer_optimizer: Optional[optax.GradientTransformation] = None,
+    modular: bool = False,
+    first_order: bool = False,
+    learn_lr: bool = True,
+    preconditioner: Optional[optax.GradientTransformation] = None,
+    remat: bool = False,
+    name: Optional[str] = None,
+) -> MetaLearner:
+    """Build MAML (defaults), M-MAML (``modular``) or their first-order versions (``first_order``).
+
+    Args:
+      model: the hierarchical model; only its likelihood and partition are used (no prior).
+      inner_steps: K, the unrolled inner steps during meta-training.
+      init_lr: initial inner learning rate (> 0).
+      outer_optimizer: optax optimiser on ``{"phi", "log_lr"}`` (default Adam, lr 1e-2).
+      modular: one learned rate per module (M-MAML) instead of one shared rate.
+      first_order: stop second-order terms (FOMAML, FO-M-MAML).
+      learn_lr: if False the rate stays at ``init_lr`` (its gradient is zeroed).
+      preconditioner: optional rate-free inner transformation (e.g. ``optax.scale_by_adam``).
+      remat: rematerialise the inner steps (``jax.checkpoint``) to cut backpropagation memory.
+    """
+    if int(inner_steps) < 1:
+        raise ValueError(f"inner_steps must be >= 1 for MAML, got {inner_steps}")
+    if not np.isfinite(init_lr) or init_lr <= 0:
+        raise ValueError(f"init_lr must be finite and > 0, got {init_lr}")
+    outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-2)
+    M = model.partition.num_modules
+
+    def task_loss(theta, data_t):
+        return -model.log_likelihood(theta, data_t)
+
+    def inner_problem(params) -> InnerProblem:
+        rates = model.partition.expand(rates_of(params, M))
+        return InnerProblem(params["phi"], task_loss, learned_rate_sgd(rates, preconditioner, first_order))
+
+    def init(key, params, lr: Optional[float] = None) -> MetaState:
+        phi = model.partition.ravel(params)
+        return new_state(maml_params(model, phi, init_lr if lr is None else lr, modular), outer, key)
+
+    def meta_objective(params, batch):
+        problem = inner_problem(params)
+
+        def one(train_t, val_t):
+            result = run_inner(problem, train_t, inner_steps, remat=remat)
+            return task_loss(result.theta, val_t), result
+
+        losses, result = jax.vmap(one)(batch.train, batch.val)
+        return jnp.mean(losses), result
+
+    def step(state: MetaState, batch):
+        (loss, inner), grads = jax.value_and_grad(meta_objective, has_aux=True)(state.params, batch)
+        if not learn_lr:
+            grads = {**grads, "log_lr": jnp.zeros_like(grads["log_lr"])}
+        num_diverged = jnp.sum(inner.diverged)
+        state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
+        metrics = {
+            "val_log_lik": -loss,
+            "inner_loss": jnp.mean(inner.final_loss),
+            "lr": rates_of(state.params, M),
+            "num_diverged": num_diverged,
+            "skipped": skipped,
+        }
+        return state, metrics
+
+    default = {(False, False): "MAML", (True, False): "M-MAML", (False, True): "FOMAML",
+               (True, True): "FO-M-MAML"}[(bool(modular), bool(first_order))]
+    return MetaLearner(
+        name=name or default,
+        model=model,
+        init=init,
+        step=step,
+        inner_problem=inner_problem,
+        adapt=make_adapt(inner_problem),
+    )
+
+
+def m_maml(model: HierarchicalModel, **kwargs) -> MetaLearner:
+    """M-MAML: :func:`maml` with one learned inner learning rate per module."""
+    return maml(model, modular=True, **kwargs)
+
+
+def fomaml(model: HierarchicalModel, **kwargs) -> MetaLearner:
+    """FOMAML: first-order :func:`maml` (one shared learned rate)."""
+    return maml(model, first_order=True, **kwargs)
+
+
+def fo_m_maml(model: HierarchicalModel, **kwargs) -> MetaLearner:
+    """FO-M-MAML: first-order M-MAML (one learned rate per module)."""
+    return maml(model, modular=True, first_order=True, **kwargs)
