@@ -53,3 +53,37 @@ def test_consistency_example(tmp_path):
     toy = out["studies"]["toy s2=0.4"]["estimates"]
     assert np.all(np.asarray(toy["(iv) joint MAP"]) == 0.0)  # collapse below 3/N
     assert out["studies"]["toy s2=2.25"]["closed_form_gap"] < 1e-5
+
+
+@pytest.mark.slow
+def test_nuts_chains_run_in_parallel_on_several_devices():
+    """With 4 (host) devices, run_nuts picks chain_method="parallel" (pmap) and gives the same draws'
+    layout; run in a subprocess because the device count is fixed when JAX starts."""
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import os
+        os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4 --xla_cpu_multi_thread_eigen=false"
+        import jax
+        jax.config.update("jax_enable_x64", True)
+        from unittest import mock
+        import numpyro.infer
+        from hiermeta import posterior as hp
+        from models import eight_schools as es
+        assert jax.local_device_count() == 4
+        seen = {}
+        original = numpyro.infer.MCMC.__init__
+        def spy(self, *args, **kwargs):
+            seen["chain_method"] = kwargs.get("chain_method")
+            original(self, *args, **kwargs)
+        with mock.patch.object(hp.MCMC, "__init__", spy):
+            r = hp.run_nuts(es.make_model(), es.make_data(), jax.random.PRNGKey(0), num_warmup=200,
+                            num_samples=200, num_chains=4, noncentred=True, progress_bar=False)
+        assert seen["chain_method"] == "parallel", seen
+        assert r.samples["theta"].shape == (4, 200, 8, 1)
+        print("ok", float(r.samples["sigma"].mean()))
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0 and "ok" in out.stdout, out.stderr[-3000:]
