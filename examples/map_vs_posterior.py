@@ -46,6 +46,7 @@ from hiermeta import posterior as hp  # noqa: E402
 from hiermeta.laplace import laplace  # noqa: E402
 from hiermeta.learners import sigma_of  # noqa: E402
 from hiermeta.predictive import (  # noqa: E402
+    PredictiveScores,
     full_bayes_importance_draws,
     gaussian_draws,
     score_draws,
@@ -74,6 +75,10 @@ def parse_args(argv=None):
                    help="NUTS parametrisation of theta (auto: non-centred for T <= 32)")
     p.add_argument("--phi-scale", type=float, default=10.0, help="prior phi ~ N(0, scale^2) for NUTS")
     p.add_argument("--sigma-scale", type=float, default=5.0, help="prior sigma ~ HalfCauchy(scale) for NUTS")
+    p.add_argument("--is-draws", type=int, default=1000,
+                   help="importance draws per task for (b) IS (a non-linear domain without an exact predictive)")
+    p.add_argument("--nuts-b", action="store_true",
+                   help="also (b) by NUTS over the held-out tasks (slow on the swirl: long trees on 2000 dims)")
     p.add_argument("--generic-linear", action="store_true",
                    help="score the linear domain with the non-linear machinery (Laplace, NUTS) as a check")
     p.add_argument("--no-progress", action="store_true")
@@ -114,9 +119,15 @@ def swirl_arm():
         "merge": linear.merge_splits,  # concatenates support and query of any GaussianData
         "learner": dict(inner_optimizer=optax.sgd(0.3), inner_steps=200, init_sigma=1.0),
         "outer_lr": 0.03,
-        # Laplace per hyperposterior draw and held-out task is the cost of level (c) here
+        # the exact predictive of a new task (a lattice per coordinate pair): level (b) exactly, and (c)
+        # as the evidence-weighted mixture over NUTS draws of (phi, sigma), as on the linear domain
+        "exact_predictive": lambda support, query, phi, sigma, grid=257: swirl.grid_predictive(
+            support, query, phi, sigma, grid=grid),
+        # one lattice per hyperposterior draw and held-out task is the cost of level (c) here: a coarser
+        # lattice (129: log predictive within 5e-4 per observation of 513's) and 64 draws
+        "grid_c": 129,
         "max_test_tasks": 200,
-        "max_hyper_draws": 200,
+        "max_hyper_draws": 64,
     }
 
 
@@ -184,16 +195,54 @@ def exact_full_bayes(model, phis, sigmas, test):
     return score, (float(jnp.min(ess)), float(jnp.median(ess)))
 
 
-def generic_levels(model, phi, sigma, test, key, args, progress):
-    """(a), (b) Laplace and (b) NUTS for any domain at empirical-Bayes (phi, sigma)."""
+def generic_levels(arm, phi, sigma, test, key, args, progress):
+    """(a) MAP plug-in, (b) Laplace and (b) the exact posterior of theta for any domain at (phi, sigma).
+
+    The exact level is the domain's own ``exact_predictive`` when it has one (the swirl's lattice);
+    otherwise "(b) IS": self-normalised importance sampling per task with the widened Laplace fit as
+    proposal (``--is-draws`` draws; consistent, but its effective sample size is reported because
+    a unimodal proposal can miss modes).  ``--nuts-b`` adds "(b) NUTS" over the held-out tasks'
+    theta (slow: one joint run over every held-out task).
+    """
+    model = arm["model"]
     lap = laplace(model, jnp.asarray(phi), jnp.asarray(sigma), test.train)
     out = {"(a) MAP plug-in": score_draws(model, lap.mean[:, None], test.val)}
     out["(b) Laplace"] = score_draws(model, gaussian_draws(key, lap.mean, lap.cov, 1000), test.val)
-    res = hp.run_nuts(model, test.train, jax.random.fold_in(key, 1), num_warmup=args.warmup, num_samples=args.samples,
-                      num_chains=args.chains, fixed={"phi": phi, "sigma": sigma}, progress_bar=progress)
-    draws = np.moveaxis(res.samples["theta"].reshape((-1,) + res.samples["theta"].shape[2:]), 0, 1)
-    out["(b) NUTS"] = score_draws(model, draws, test.val)
-    return out, float(np.mean(lap.converged)), res.num_divergences
+    notes = {"laplace_converged": float(np.mean(lap.converged))}
+    if "exact_predictive" in arm:
+        pred = arm["exact_predictive"](test.train, test.val, jnp.asarray(phi), jnp.asarray(sigma))
+        out["(b) exact posterior"] = PredictiveScores(np.asarray(pred.log_pred), np.asarray(pred.pit),
+                                                      np.asarray(model.likelihood.num_observations(test.val)))
+    else:
+        draws, log_w, ess = full_bayes_importance_draws(model, jnp.asarray(phi)[None], jnp.asarray(sigma)[None],
+                                                        test.train, jax.random.fold_in(key, 2),
+                                                        draws_per_hyper=args.is_draws)
+        out["(b) IS"] = score_draws(model, draws, test.val, log_weights=log_w)
+        notes.update(is_min_ess=float(jnp.min(ess)), is_median_ess=float(jnp.median(ess)))
+    if args.nuts_b:
+        res = hp.run_nuts(model, test.train, jax.random.fold_in(key, 1), num_warmup=args.warmup,
+                          num_samples=args.samples, num_chains=args.chains, fixed={"phi": phi, "sigma": sigma},
+                          progress_bar=progress)
+        draws = np.moveaxis(res.samples["theta"].reshape((-1,) + res.samples["theta"].shape[2:]), 0, 1)
+        out["(b) NUTS"] = score_draws(model, draws, test.val)
+        notes["nuts_b_divergences"] = res.num_divergences
+    return out, notes
+
+
+def exact_predictive_full_bayes(arm, phis, sigmas, test):
+    """(c) from a domain's exact predictive: ``sum_h w_h p(val | train, h)``, ``w_h`` propto the support's
+    evidence ``p(train | phi_h, sigma_h)``, per task (PIT mixed with the same weights)."""
+    def one(args):
+        pred = arm["exact_predictive"](test.train, test.val, *args, grid=arm.get("grid_c", 257))
+        return pred.log_pred, pred.log_evidence, pred.pit
+
+    log_pred, log_ev, pit = jax.lax.map(one, (jnp.asarray(phis), jnp.asarray(sigmas)))  # (H, T), (H, T), (H, T, N, D)
+    w = jax.nn.softmax(log_ev, axis=0)
+    mixed = jax.scipy.special.logsumexp(log_pred + jnp.log(w), axis=0)
+    scores = PredictiveScores(np.asarray(mixed), np.asarray(jnp.einsum("ht,htnd->tnd", w, pit)),
+                              np.asarray(arm["model"].likelihood.num_observations(test.val)))
+    ess = 1.0 / jnp.sum(w**2, axis=0)
+    return scores, (float(jnp.min(ess)), float(jnp.median(ess)))
 
 
 # ---------------------------------------------------------------------------- one repetition
@@ -217,13 +266,15 @@ def run_one(arm, T, seed, args, progress):
         if arm["exact"]:
             levels = exact_levels(model, est["phi"], est["sigma"], test)
         else:
-            levels, conv, div = generic_levels(model, est["phi"], est["sigma"], test, k_score, args, progress)
-            notes[name] = {"laplace_converged": conv, "nuts_b_divergences": div}
+            levels, notes[name] = generic_levels(arm, est["phi"], est["sigma"], test, k_score, args, progress)
         for level, score in levels.items():
             scores[(name, level)] = score
     phis, sigmas, info = nuts_hyper_draws(arm, train, k_nuts, args, progress)
-    info["importance_draws"] = phis.shape[0] * (1 if arm["exact"] else 8)
-    if arm["exact"]:
+    info["importance_draws"] = phis.shape[0] * (1 if arm["exact"] or "exact_predictive" in arm else 8)
+    if "exact_predictive" in arm:
+        scores[("NUTS", "(c) full posterior")], ess = exact_predictive_full_bayes(arm, phis, sigmas, test)
+        info["min_importance_ess"], info["median_importance_ess"] = ess
+    elif arm["exact"]:
         scores[("NUTS", "(c) full posterior")], ess = exact_full_bayes(model, phis, sigmas, test)
         info["min_importance_ess"], info["median_importance_ess"] = ess
     else:
@@ -296,7 +347,7 @@ def main(argv=None):
                       f"{nuts['parametrisation']}, {nuts['divergences']} divergences, max r_hat "
                       f"{nuts['max_r_hat']:.3f}, {nuts['seconds']:.0f}s{ess}; M-Shrinkage skipped "
                       f"{estimates['M-Shrinkage']['skipped']} meta-steps")
-        reference = ("Oracle", "(b) exact posterior" if arm["exact"] else "(b) NUTS")
+        reference = ("Oracle", "(b) exact posterior" if arm["exact"] or "exact_predictive" in arm else "(b) IS")
         rows, table = summarise(arm["name"], T_values, runs, reference)
         n_test = min(args.test_tasks, arm.get("max_test_tasks", 10**9))
         print(f"\n{arm['name']} domain: {n_test} held-out tasks x {args.seeds} seed(s). regret = "
