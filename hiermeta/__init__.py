@@ -15,6 +15,9 @@ from .partition import ModulePartition
 from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
 from .train import MetaTrainingError, fit, sample_from
 from .utils import enable_compilation_cache
+from .posterior import NUTSResult, run_nuts, with_priors
+from .laplace import LaplaceResult
+from .predictive import PredictiveScores, score_draws
 from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
 from . import checkpoint, sharding  # noqa: E402  (issue 6: checkpoints, task sharding)
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -53,6 +56,12 @@ __all__ = [
     "imaml",
     "sigma_imaml",
     "m_sigma_imaml",
+    "run_nuts",
+    "with_priors",
+    "NUTSResult",
+    "LaplaceResult",
+    "PredictiveScores",
+    "score_draws",
     "checkpoint",
     "sharding",
     "CheckpointError",

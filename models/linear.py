@@ -45,6 +45,9 @@ __all__ = [
     "expected_eq4_gradient",
     "fit_type2_ml",
     "merge_splits",
+    "posterior_given_sigma",
+    "query_predictive",
+    "expected_joint_map_gradient",
 ]
 
 
@@ -265,3 +268,73 @@ def fit_type2_ml(data: GaussianData, model: HierarchicalModel, phi0=None, sigma0
         return jnp.sum(log_marginal_likelihood(data, phi, part.expand(sigma)))
 
     return type2_maximum_likelihood(log_marginal, phi0, sigma0, data, num_tasks=T, **kwargs)
+
+
+# ---------------------------------------------------------------------------- for hiermeta.posterior
+
+
+def posterior_given_sigma(data: GaussianData, prior_sd, phi_prior_mean=None, phi_prior_sd=None):
+    """Exact joint posterior of phi and every theta_t at a fixed prior sd ``S = diag(prior_sd^2)``.
+
+    With phi ~ N(m0, V0) (flat when ``phi_prior_sd`` is None), integrating theta_t out gives task t's
+    contribution to phi's precision and linear term (Lambda_t = S^-1 + F_t, g_t = sum_n A^T Xi^-1 x_n):
+
+        K_t = S^-1 - S^-1 Lambda_t^-1 S^-1,      h_t = S^-1 Lambda_t^-1 g_t,
+        phi | D ~ N(V (V0^-1 m0 + sum_t h_t), V),   V = (V0^-1 + sum_t K_t)^-1,
+        theta_t | D ~ N(Lambda_t^-1 (S^-1 E[phi] + g_t),  Lambda_t^-1 + Lambda_t^-1 S^-1 V S^-1 Lambda_t^-1).
+
+    Returns ``(phi_mean (P,), phi_cov (P, P), theta_mean (T, P), theta_cov (T, P, P))``.
+    """
+    s_inv = jnp.diag(jnp.asarray(prior_sd, dtype=float) ** -2.0)
+    P = s_inv.shape[0]
+    F, g, _ = _natural_params(data, jnp.zeros(P))
+    lam_inv = jnp.linalg.inv(F + s_inv)
+    K = s_inv - s_inv @ lam_inv @ s_inv  # (T, P, P)
+    h = jnp.einsum("pq,tqr,tr->tp", s_inv, lam_inv, g)
+    prec, lin = jnp.sum(K, axis=0), jnp.sum(h, axis=0)
+    if phi_prior_sd is not None:
+        v0_inv = jnp.diag(jnp.broadcast_to(jnp.asarray(phi_prior_sd, dtype=float) ** -2.0, (P,)))
+        m0 = jnp.zeros(P) if phi_prior_mean is None else jnp.broadcast_to(jnp.asarray(phi_prior_mean, dtype=float), (P,))
+        prec, lin = prec + v0_inv, lin + v0_inv @ m0
+    phi_cov = jnp.linalg.inv(prec)
+    phi_cov = 0.5 * (phi_cov + phi_cov.T)
+    phi_mean = phi_cov @ lin
+    theta_mean = jnp.einsum("tpq,tq->tp", lam_inv, s_inv @ phi_mean + g)
+    gain = jnp.einsum("tpq,qr->tpr", lam_inv, s_inv)  # d E[theta_t | phi] / d phi
+    theta_cov = lam_inv + jnp.einsum("tpq,qr,tsr->tps", gain, phi_cov, gain)
+    return phi_mean, phi_cov, theta_mean, 0.5 * (theta_cov + jnp.swapaxes(theta_cov, -1, -2))
+
+
+def query_predictive(train: GaussianData, val: GaussianData, phi, prior_sd):
+    """Exact predictive of each task's query data given its support, at fixed ``phi``, ``prior_sd``.
+
+    Returns ``(log_pred (T,), log_evidence (T,), mean (T, N, D), sd (T, N, D))``: the joint
+    ``log p(D^val_t | D^tr_t) = log p(D^tr_t, D^val_t) - log p(D^tr_t)``, the support's log marginal
+    ``log p(D^tr_t | phi, S)``, and the marginal predictive mean and sd of every query scalar
+    (``A m_t`` and ``sqrt(diag(A Lambda_t^-1 A^T) + xi^2)``).
+    """
+    both = merge_splits(TaskBatch(train, val))
+    log_evidence = log_marginal_likelihood(train, phi, prior_sd)
+    log_pred = log_marginal_likelihood(both, phi, prior_sd) - log_evidence
+    m, cov = posterior(train, phi, prior_sd)
+    A = val.inputs  # (T, N, D, P)
+    mean = jnp.einsum("tndp,tp->tnd", A, m)
+    var = jnp.einsum("tndp,tpq,tndq->tnd", A, cov, A) + val.noise_sd**2
+    return log_pred, log_evidence, mean, jnp.sqrt(var)
+
+
+def expected_joint_map_gradient(domain: LinearDomain, sigma_hat) -> np.ndarray:
+    """Expected joint-MAP gradient in rho_m = log sigma_m^2, per coordinate, as T -> inf (phi_hat = phi).
+
+    The joint MAP maximises sum_t [log N(theta_t | phi, S_hat) + log p(D_t^tr | theta_t)]; at the
+    inner optimum (envelope theorem) its rho-gradient per task is ((theta_hat - phi)^2 / sigma_hat^2 - 1) / 2
+    with E[(theta_hat - phi)(theta_hat - phi)^T] = Lambda^-1 (F S F + F) Lambda^-1.  Its root is the
+    asymptotic joint-MAP sigma; in one dimension it is Eq. 10 of the paper.
+    """
+    A = np.asarray(domain.design, float)
+    F = domain.n_train * (A.T @ np.diag(np.asarray(domain.noise_sd, float) ** -2) @ A)
+    S = np.diag(np.asarray(domain.sigma, float) ** 2)
+    s2_hat = np.broadcast_to(np.asarray(sigma_hat, float) ** 2.0, (A.shape[1],))
+    lam_inv = np.linalg.inv(np.diag(1.0 / s2_hat) + F)
+    second = np.diag(lam_inv @ (F @ S @ F + F) @ lam_inv)
+    return 0.5 * (second / s2_hat - 1.0)

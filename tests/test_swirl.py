@@ -126,3 +126,48 @@ def test_nonlinear_toy_quick(tmp_path):
     assert refs["MLE"]["expected"] == 6.0
     assert refs["Bayes oracle (global MAP)"]["max_grad_norm"] < 1e-6
     assert refs["posterior mean of mu"]["held_out"] < refs["MLE"]["held_out"]
+
+
+def test_grid_predictive_is_the_exact_posterior_predictive(swirl_domain):
+    """omega = 0 (a conjugate normal model per coordinate): the closed form; the paper's swirl: the
+    ratio of prior expectations p(D^val | D^tr) = E[p(D^tr, D^val | theta)] / E[p(D^tr | theta)],
+    by Monte Carlo from the prior, pair by pair (an independent estimator, not a lattice)."""
+    from scipy.stats import multivariate_normal
+
+    xi, n = 10.0, swirl_domain.n_train
+    flat = swirl_domain._replace(omega=0.0)
+    _, batch = swirl.sample_tasks(flat, jax.random.PRNGKey(7), 4)
+    got = swirl.grid_predictive(batch.train, batch.val, flat.phi, flat.sigma, omega=0.0, grid=129)
+    s2 = flat.sigma**2
+    post_var = 1 / (1 / s2 + n / xi**2)
+    post_mean = post_var * (flat.phi / s2 + np.asarray(batch.train.obs).sum(1) / xi**2)
+    q, s = np.asarray(batch.val.obs), np.asarray(batch.train.obs)
+    ones, eye = np.ones((n, n)), np.eye(n)
+    for t in range(4):
+        log_pred = sum(multivariate_normal.logpdf(q[t, :, d], np.full(n, post_mean[t, d]), post_var[d] * ones + xi**2 * eye)
+                       for d in range(10))
+        log_ev = sum(multivariate_normal.logpdf(s[t, :, d], np.full(n, flat.phi[d]), s2[d] * ones + xi**2 * eye)
+                     for d in range(10))
+        assert float(got.log_pred[t]) == pytest.approx(log_pred, abs=1e-5)
+        assert float(got.log_evidence[t]) == pytest.approx(log_ev, abs=1e-5)
+    want_pit = norm.cdf((q - post_mean[:, None]) / np.sqrt(post_var + xi**2))
+    np.testing.assert_allclose(np.asarray(got.pit), want_pit, atol=1e-6)
+
+    _, batch = swirl.sample_tasks(swirl_domain, jax.random.PRNGKey(8), 3)
+    got = swirl.grid_predictive(batch.train, batch.val, swirl_domain.phi, swirl_domain.sigma)
+    rng = np.random.default_rng(9)
+    S = 400_000
+    q, s = np.asarray(batch.val.obs), np.asarray(batch.train.obs)
+    for t in range(3):
+        want, sem2 = 0.0, 0.0
+        for d in range(0, 10, 2):
+            th = swirl_domain.phi[d:d + 2] + swirl_domain.sigma[d:d + 2] * rng.normal(size=(S, 2))
+            mu = np.asarray(swirl.swirl(jnp.asarray(th)))
+            ll = lambda x: np.sum(norm.logpdf(x[None], mu[:, None], xi), axis=(1, 2))
+            a, b = ll(s[t, :, d:d + 2]), ll(q[t, :, d:d + 2])
+            ref = a.max()
+            w_ev, w_joint = np.exp(a - ref), np.exp(a + b - ref - b.max())
+            want += np.log(w_joint.mean()) + b.max() - np.log(w_ev.mean())
+            # delta-method variance of log(mean(joint)) - log(mean(ev))
+            sem2 += (w_joint.var() / w_joint.mean() ** 2 + w_ev.var() / w_ev.mean() ** 2) / S
+        assert float(got.log_pred[t]) == pytest.approx(want, abs=5 * np.sqrt(sem2) + 1e-3)
