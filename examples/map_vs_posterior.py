@@ -400,6 +400,10 @@ def plot(path, payload, T_values):
                          capsize=3, label=method.replace("|", ": "))
             ax1.plot(x, [e["coverage"]["0.9"] for e in entries], marker="o", label=method.replace("|", ": "))
         ax0.axhline(0, color="k", linewidth=0.8)
+        regrets = np.abs([e["regret"] for e in d["scores"].values()])
+        if regrets.max() > 100 * max(np.median(regrets), 1e-3):  # an off-scale method: keep the rest readable
+            ax0.set_yscale("symlog", linthresh=0.1)
+            ax0.set_ylim(bottom=min(-0.1, min(e["regret"] for e in d["scores"].values())))
         ax0.set_xscale("log")
         ax0.set_xlabel("training tasks T")
         ax0.set_ylabel("regret: lpd per query obs. below the oracle")
