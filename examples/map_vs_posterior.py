@@ -18,9 +18,11 @@ against the oracle's exact posterior predictive, paired over tasks) and the cove
 50% and 90% predictive intervals of every query scalar.  Repeated over seeds (new training and
 held-out tasks each time).
 
-    python examples/map_vs_posterior.py                   # linear (and swirl, when models/swirl.py exists)
+    python examples/map_vs_posterior.py                   # linear and swirl (hours on 2 cores: the swirl's
+                                                          # NUTS runs and lattices dominate)
     python examples/map_vs_posterior.py --quick           # smoke run
     python examples/map_vs_posterior.py --domains linear  # one domain
+    python examples/map_vs_posterior.py --domains swirl --seeds 1 --warmup 500 --samples 500  # README's swirl table
 """
 
 from __future__ import annotations
@@ -104,7 +106,7 @@ def linear_arm():
 
 
 def swirl_arm():
-    """The non-linear swirl domain (models/swirl.py, issue 4), or None when it is not there yet."""
+    """The non-linear swirl domain (models/swirl.py), or None when it is not installed."""
     if importlib.util.find_spec("models.swirl") is None:
         return None
     from models import swirl
