@@ -85,7 +85,7 @@ def build(table: dict, name: str, model, K: int, lr: float, outer=None):
     fn_name, builder, extra = table[name]
     fn = _get(fn_name)
     if fn is None:
-        return None, f"hiermeta.{fn_name} is not in this checkout (not merged yet)"
+        return None, f"hiermeta.{fn_name} is not in this version of hiermeta"
     try:
         return builder(fn, model, K, lr, outer or optax.adam(1e-3), **extra), None
     except TypeError as err:

@@ -38,10 +38,7 @@ from hiermeta.report import format_table, plot_loss_curves, write_json  # noqa: 
 from hiermeta.study import Candidate, curve_summary, search, try_evaluate  # noqa: E402
 from models import linear, swirl  # noqa: E402
 
-try:  # exact implicit hypergradients (issue 3); the comparison runs without them
-    from hiermeta.learners import m_sigma_imaml, sigma_imaml
-except ImportError:  # pragma: no cover - depends on the installed hiermeta
-    sigma_imaml = m_sigma_imaml = None
+from hiermeta.learners import m_sigma_imaml, sigma_imaml  # noqa: E402
 
 # ------------------------------------------------------------------ search grids (documented in the JSON)
 GRIDS = {

@@ -19,7 +19,7 @@ from .posterior import NUTSResult, run_nuts, with_priors
 from .laplace import LaplaceResult
 from .predictive import PredictiveScores, score_draws
 from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
-from . import checkpoint, sharding  # noqa: E402  (issue 6: checkpoints, task sharding)
+from . import checkpoint, sharding
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .sharding import task_mesh
 

@@ -5,13 +5,13 @@ from .shrinkage import m_shrinkage, shrinkage, shrinkage_params, sigma_of
 
 __all__ = ["MetaLearner", "MetaState", "shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of"]
 
-# exact implicit hypergradients (issue 3)
+# exact implicit hypergradients
 from .imaml import imaml  # noqa: E402
 from .sigma_imaml import m_sigma_imaml, sigma_imaml  # noqa: E402
 
 __all__ += ["imaml", "sigma_imaml", "m_sigma_imaml"]
 
-# baselines (issue 4)
+# baselines
 from .maml import fo_m_maml, fomaml, m_maml, maml, maml_params, rates_of  # noqa: E402
 from .reptile import reptile  # noqa: E402
 from .shrinkage_map import m_shrinkage_map, shrinkage_map  # noqa: E402
