@@ -116,6 +116,24 @@ def test_m_maml_with_equal_rates_is_maml(first_order, swirl_domain, swirl_model,
                                rtol=1e-12)
 
 
+def test_fixed_rate_maml_keeps_the_rate_and_takes_the_same_phi_step(swirl_domain, swirl_model, swirl_tasks):
+    """learn_lr=False (the benchmarks' MAML): the rate stays at init_lr under Adam, phi moves as with
+    a learned rate on the first step (same phi gradient: Adam's first step is -lr * sign(g))."""
+    _, batch = swirl_tasks
+    make = lambda learn: hm.maml(swirl_model, inner_steps=K, init_lr=0.1, outer_optimizer=optax.adam(1e-2),
+                                 learn_lr=learn)
+    fixed, learned = make(False), make(True)
+    start = swirl_start(swirl_domain)
+    f_state, l_state = fixed.init(jax.random.PRNGKey(0), start), learned.init(jax.random.PRNGKey(0), start)
+    f_new, _ = jax.jit(fixed.step)(f_state, batch)
+    l_new, _ = jax.jit(learned.step)(l_state, batch)
+    np.testing.assert_allclose(f_new.params["phi"], l_new.params["phi"], rtol=1e-12)
+    assert float(jnp.abs(l_new.params["log_lr"] - l_state.params["log_lr"]).max()) > 1e-3  # the learned one moves
+    for _ in range(3):
+        f_new, _ = jax.jit(fixed.step)(f_new, batch)
+    np.testing.assert_array_equal(f_new.params["log_lr"], f_state.params["log_lr"])
+
+
 def test_rematerialised_inner_loop_gives_the_same_step(swirl_domain, swirl_model, swirl_tasks):
     _, batch = swirl_tasks
     make = lambda remat: hm.m_maml(swirl_model, inner_steps=K, init_lr=0.1, outer_optimizer=optax.sgd(1.0),
