@@ -276,10 +276,9 @@ def report_domain(name, res, log):
 
 
 def plot(path, results):
-    import matplotlib
+    from hiermeta.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5), squeeze=False)
     for ax, (name, res) in zip(axes[0], results.items()):
@@ -296,10 +295,7 @@ def plot(path, results):
         ax.set_xlim(0, res["eval_steps"])
         ax.legend(fontsize=7, loc="upper right", ncol=2)
         ax.set_title(f"{name} domain: held-out loss (band: 68% CI of the mean)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def parse_args(argv=None):

@@ -341,10 +341,9 @@ def main(argv=None):
 
 
 def plot(path, payload, T_values):
-    import matplotlib
+    from hiermeta.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     panels = []
     for study, d in payload["studies"].items():
@@ -377,10 +376,7 @@ def plot(path, payload, T_values):
         ax.set_ylim(0, 2.0 * float(np.max(np.asarray(d["truth_sigma"])[sl] ** power)))
         ax.set_title(title, fontsize=10)
         ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -140,10 +140,9 @@ def main(argv=None):
 
 
 def plot(path, runs, exact, taus, profile, pll_curve):
-    import matplotlib
+    from hiermeta.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from scipy import integrate
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -165,10 +164,7 @@ def plot(path, runs, exact, taus, profile, pll_curve):
     ax1.set_ylabel("criterion minus its maximum")
     ax1.set_title("Empirical-Bayes criteria: both maximal at tau = 0")
     ax1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

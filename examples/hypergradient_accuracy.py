@@ -175,10 +175,9 @@ def main(argv=None):
 
 
 def plot(path, records, sigmas, ks):
-    import matplotlib
+    from hiermeta.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     lookup = {(r["sigma"], r["K"], r["method"], r["param"]): max(r["rel_error"], 1e-16) for r in records}
     s_mid = sigmas[-2]  # 3 in the full run: the paper's sigma range
@@ -200,10 +199,7 @@ def plot(path, records, sigmas, ks):
         for ax in axes[:, col]:
             ax.set_ylabel("relative error vs closed form")
             ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

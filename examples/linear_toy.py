@@ -206,10 +206,9 @@ def main(argv=None):
 
 
 def plot(path, curves, references, learned, domain):
-    import matplotlib
+    from hiermeta.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))
     plot_loss_curves(ax0, curves, {"Bayes oracle E[loss]": references["oracle"]["expected"],
@@ -224,10 +223,7 @@ def plot(path, curves, references, learned, domain):
     ax1.set_ylabel("sigma")
     ax1.set_title("Learned shrinkage per module")
     ax1.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -385,10 +385,9 @@ def main(argv=None):
 
 
 def plot(path, payload, T_values):
-    import matplotlib
+    from hiermeta.report import pyplot, save_figure
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     domains = payload["domains"]
     fig, axes = plt.subplots(len(domains), 2, figsize=(12, 4.2 * len(domains)), squeeze=False)
@@ -416,10 +415,7 @@ def plot(path, payload, T_values):
         ax1.set_xlabel("training tasks T")
         ax1.set_ylabel("coverage of central 90% intervals")
         ax1.set_title(f"{dname}: calibration")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -11,7 +11,7 @@ import numpy as np
 
 from .evaluate import LossCurve
 
-__all__ = ["format_table", "write_json", "plot_loss_curves", "to_jsonable"]
+__all__ = ["format_table", "write_json", "plot_loss_curves", "to_jsonable", "pyplot", "save_figure"]
 
 
 def _cell(value: Any, digits: int) -> str:
@@ -61,6 +61,26 @@ def write_json(path: Path | str, payload: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(to_jsonable(payload), indent=1) + "\n")
+    return path
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend (the studies write figures to files)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: Path | str) -> Path:
+    """Lay ``fig`` out, write it to ``path`` at 120 dpi, close it, and return the path."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
     return path
 
 
