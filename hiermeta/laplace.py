@@ -20,7 +20,7 @@ import jax.numpy as jnp
 
 from .hierarchy import HierarchicalModel
 
-__all__ = ["LaplaceResult", "laplace"]
+__all__ = ["LaplaceResult", "laplace", "levenberg_marquardt"]
 
 
 class LaplaceResult(NamedTuple):
@@ -35,25 +35,38 @@ class LaplaceResult(NamedTuple):
     converged: jax.Array
 
 
+def levenberg_marquardt(loss, start, num_steps: int, *, damping: float = 1e-3, shrink: float = 0.1,
+                        grow: float = 10.0, strict: bool = False):
+    """Damped Newton steps ``delta = -(H + lam I)^{-1} g`` on ``loss(theta)`` from ``start``, under ``lax.scan``.
+
+    A step is kept only if it is finite and lowers the loss (``strict``) or does not raise it;
+    then ``lam *= shrink``, else ``lam *= grow`` (clipped to [1e-12, 1e12]), so it descends to a
+    local minimum.  Returns the last accepted ``theta`` and its loss.
+    """
+    grad, hess = jax.grad(loss), jax.hessian(loss)
+    eye = jnp.eye(start.shape[0], dtype=start.dtype)
+
+    def step(carry, _):
+        theta, value, lam = carry
+        delta = -jnp.linalg.solve(hess(theta) + lam * eye, grad(theta))
+        new_value = loss(theta + delta)
+        lower = (new_value < value) if strict else (new_value <= value)
+        accept = jnp.isfinite(new_value) & lower & jnp.all(jnp.isfinite(delta))
+        theta = jnp.where(accept, theta + delta, theta)
+        value = jnp.where(accept, new_value, value)
+        lam = jnp.clip(jnp.where(accept, lam * shrink, lam * grow), 1e-12, 1e12)
+        return (theta, value, lam), None
+
+    init = (start, loss(start), jnp.asarray(damping, start.dtype))
+    (theta, value, _), _ = jax.lax.scan(step, init, None, length=num_steps)
+    return theta, value
+
+
 def _one_task(model: HierarchicalModel, phi, sigma, data_t, theta0, num_steps: int, tol: float):
     loss = lambda th: model.inner_objective(th, phi, sigma, data_t)
     prior_var = model.partition.expand(sigma) ** 2
     grad, hess = jax.grad(loss), jax.hessian(loss)
-    eye = jnp.eye(theta0.shape[0], dtype=theta0.dtype)
-
-    def step(carry, _):
-        theta, value, damping = carry
-        g, H = grad(theta), hess(theta)
-        delta = -jnp.linalg.solve(H + damping * eye, g)
-        new_value = loss(theta + delta)
-        accept = jnp.isfinite(new_value) & (new_value <= value) & jnp.all(jnp.isfinite(delta))
-        theta = jnp.where(accept, theta + delta, theta)
-        value = jnp.where(accept, new_value, value)
-        damping = jnp.clip(jnp.where(accept, damping * 0.1, damping * 10.0), 1e-12, 1e12)
-        return (theta, value, damping), None
-
-    init = (theta0, loss(theta0), jnp.asarray(1e-3, theta0.dtype))
-    (theta, value, _), _ = jax.lax.scan(step, init, None, length=num_steps)
+    theta, value = levenberg_marquardt(loss, theta0, num_steps)
     H = hess(theta)
     H = 0.5 * (H + H.T)
     # a Hessian that is not positive definite (a saddle, or Newton stopped short on a multimodal

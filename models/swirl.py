@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from hiermeta import GaussianData, GaussianLikelihood, HierarchicalModel, ModulePartition, TaskBatch
+from hiermeta.laplace import levenberg_marquardt
 
 __all__ = [
     "SwirlDomain",
@@ -174,25 +175,10 @@ class Oracle(NamedTuple):
 
 
 def _damped_newton(loss, start, data_t, num_steps):
-    """Levenberg-Marquardt on ``loss(., data_t)``: a step ``-(H + lam I)^{-1} g`` is kept only if it
-    lowers the loss (then lam /= 3, else lam *= 3), so it descends to a local minimum."""
-    grad, hess = jax.grad(loss), jax.hessian(loss)
-    eye = jnp.eye(start.shape[0], dtype=start.dtype)
-
-    def body(carry, _):
-        theta, value, lam = carry
-        step = jnp.linalg.solve(hess(theta, data_t) + lam * eye, grad(theta, data_t))
-        new = theta - step
-        new_value = loss(new, data_t)
-        ok = jnp.isfinite(new_value) & (new_value < value)
-        theta = jnp.where(ok, new, theta)
-        value = jnp.where(ok, new_value, value)
-        lam = jnp.clip(jnp.where(ok, lam / 3.0, lam * 3.0), 1e-12, 1e12)
-        return (theta, value, lam), None
-
-    init = (start, loss(start, data_t), jnp.asarray(1.0, start.dtype))
-    (theta, value, _), _ = jax.lax.scan(body, init, None, length=num_steps)
-    return theta, value
+    """Levenberg-Marquardt on ``loss(., data_t)`` (lam starts at 1, /= 3 after a success, *= 3 after a
+    failure; a step must strictly lower the loss), so it descends to a local minimum."""
+    return levenberg_marquardt(lambda theta: loss(theta, data_t), start, num_steps, damping=1.0,
+                               shrink=1.0 / 3.0, grow=3.0, strict=True)
 
 
 def _pair_grid_posterior(xbar, prec, phi, sigma, omega, half_width, grid):
