@@ -8,6 +8,10 @@ from that model.
 
 from .evaluate import LossCurve, evaluate, loss_curve
 from .hierarchy import HierarchicalModel
+from .sites import GlobalParam
+from .linear_gaussian import LinearDesign, LinearGaussianLikelihood, linear_gaussian
+from . import empirical_bayes
+from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
 from .inner import InnerProblem, InnerResult, run_inner
 from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage
 from .learners import imaml, m_sigma_imaml, sigma_imaml
@@ -27,6 +31,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HierarchicalModel",
+    "GlobalParam",
+    "LinearDesign",
+    "LinearGaussianLikelihood",
+    "linear_gaussian",
+    "empirical_bayes",
+    "type2_ml",
+    "Type2MLResult",
+    "EmpiricalBayesWarning",
     "ModulePartition",
     "TaskBatch",
     "TaskLikelihood",
