@@ -20,6 +20,8 @@ from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
 from .train import MetaTrainingError, fit, sample_from
 from .utils import enable_compilation_cache
 from .posterior import NUTSResult, run_nuts, with_priors
+from .priors import prior_summary
+from .errors import HiermetaWarning, PriorWarning, SamplingWarning
 from .laplace import LaplaceResult
 from .predictive import PredictiveScores, score_draws
 from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
@@ -70,6 +72,10 @@ __all__ = [
     "m_sigma_imaml",
     "run_nuts",
     "with_priors",
+    "prior_summary",
+    "HiermetaWarning",
+    "PriorWarning",
+    "SamplingWarning",
     "NUTSResult",
     "LaplaceResult",
     "PredictiveScores",

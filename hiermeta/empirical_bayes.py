@@ -36,6 +36,7 @@ import numpy as np
 import scipy.optimize
 from jax.flatten_util import ravel_pytree
 
+from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
 from .sites import constrain, unconstrain
 
@@ -46,10 +47,6 @@ __all__ = [
     "log_marginal_likelihood",
     "type2_maximum_likelihood",
 ]
-
-
-class EmpiricalBayesWarning(UserWarning):
-    """Type-II ML did not converge, or ended on a boundary (a sigma at 0, a correlation at +-1)."""
 
 
 class Type2MLResult(NamedTuple):
@@ -66,8 +63,9 @@ class Type2MLResult(NamedTuple):
       phi_se: standard errors of phi, ``sqrt(diag((X^T V^-1 X)^-1))`` at the estimate (the fixed
         effects' standard errors lme4 and statsmodels print), when the likelihood is linear-Gaussian.
       fixed_effects_se: the same for every fixed-effect site (phi, gamma, beta), site -> array.
-      singular: what sits on a boundary: module names whose sigma collapsed to 0 (relative to its
-        starting scale) and correlation sites with a correlation of +-1 (lme4's "singular fit").
+      singular: what sits on a boundary: the modules whose sigma can be set to exactly 0 without
+        lowering the objective by more than ``tol`` per task, and correlation sites with a
+        correlation of +-1 (lme4's "boundary (singular) fit").
     """
 
     phi: np.ndarray
@@ -263,7 +261,13 @@ def type2_ml(
     phi, sigma, extra = split(jnp.asarray(result.x), psi_hat)
     fe_sites = _fixed_effect_sites(model)
     se = _fixed_effect_errors(model, phi, sigma, extra, data, fe_sites)
-    singular = _boundary(model, np.asarray(sigma), np.asarray(start["sigma"], float), extra)
+    estimate = {"phi": np.asarray(phi), "sigma": np.asarray(sigma), **{n: np.asarray(v) for n, v in extra.items()}}
+
+    def mean_objective(values):
+        u, psi = pack(values)
+        return float(value_and_grad(u, data, psi, T)[0])
+
+    singular = _boundary(model, estimate, value, mean_objective, tol)
     converged = bool(gnorm <= tol) and bool(np.isfinite(value))
     out = Type2MLResult(
         phi=np.asarray(phi),
@@ -314,11 +318,17 @@ def _fixed_effect_errors(model, phi, sigma, extra, data, names) -> dict:
     return {n: np.asarray(v) for n, v in unravel(jnp.asarray(se)).items()}
 
 
-def _boundary(model, sigma, sigma_start, extra) -> tuple:
-    """Modules whose sigma fell below 1e-4 of its starting scale; correlations within 1e-4 of +-1."""
-    names = [f"sigma[{model.partition.names[m]}]" for m in np.flatnonzero(sigma < 1e-4 * sigma_start)]
+def _boundary(model, estimate: dict, value: float, mean_objective, tol: float) -> tuple:
+    """What sits on the boundary: modules whose sigma can be set to exactly 0 without lowering the
+    objective by more than ``tol`` per task, and correlations within 1e-4 of +-1."""
+    names = []
+    for m, name in enumerate(model.partition.names):
+        at_zero = dict(estimate, sigma=np.where(np.arange(len(estimate["sigma"])) == m, 0.0, estimate["sigma"]))
+        with np.errstate(divide="ignore"):
+            if mean_objective(at_zero) <= value + tol:
+                names.append(f"sigma[{name}]")
     for k in range(len(model.correlation_blocks)):
-        L = np.asarray(extra[f"corr_chol_{k}"])
+        L = np.asarray(estimate[f"corr_chol_{k}"])
         C = L @ L.T
         off = np.abs(C[~np.eye(C.shape[0], dtype=bool)])
         if off.size and np.max(off) > 1 - 1e-4:

@@ -25,7 +25,9 @@ from typing import Any, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+from jax.flatten_util import ravel_pytree
 import numpy as np
+import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from .sites import GlobalParam
@@ -67,6 +69,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
 
     def _mean(self, theta, inputs, g=None):
         design = _design(inputs)
+        theta = ravel_pytree(theta)[0]  # the flat coordinates, in the partition's order
         mu = jnp.einsum("ndp,p->nd", design.random, theta)
         if self.num_fixed:
             mu = mu + jnp.einsum("ndk,k->nd", design.fixed, g["beta"])
@@ -135,6 +138,45 @@ class LinearGaussianLikelihood(GaussianLikelihood):
             index = model.partition.index
             counts = np.bincount(index, minlength=model.partition.num_modules)
             out["sigma"] = np.bincount(index, weights=per_coord, minlength=model.partition.num_modules) / counts
+        return out
+
+    def prior_scales(self, data: GaussianData, model) -> dict:
+        """Data-scaled default hyperpriors (:func:`hiermeta.with_priors`): centred at the pooled
+        least-squares fit, ``2.5 sd(y) / s(column)`` wide, ``sigma`` scales ``sd(y) / s(column)``,
+        the noise sd ``Exponential(1 / sd(y))``."""
+        design = _design(data.inputs)
+        obs, mask = np.asarray(data.obs, float), np.asarray(data.mask, bool)
+        observed = np.broadcast_to(mask[..., None], obs.shape)
+        y = obs[observed]
+        sd_y = float(np.std(y))
+        sd_y = sd_y if sd_y > 0 else 1.0
+
+        def spread(columns):  # sd of each column, its rms when it is constant
+            sd, rms = np.std(columns, axis=0), np.sqrt(np.mean(columns**2, axis=0))
+            out = np.where(sd > 1e-12 * np.maximum(rms, 1e-300), sd, rms)
+            return np.where(out > 0, out, 1.0)
+
+        start = self.initial_values(data, model)
+        s_z = spread(np.asarray(design.random, float)[observed])
+        index = model.partition.index
+        counts = np.bincount(index, minlength=model.partition.num_modules)
+        out = {
+            "phi_loc": start["phi"],
+            "phi_scale": 2.5 * sd_y / s_z,
+            "sigma_scale": np.bincount(index, weights=sd_y / s_z, minlength=len(counts)) / counts,
+            "global_priors": {},
+        }
+        if model.num_task_covariates:
+            z = np.asarray(model.task_covariates(data), float)
+            s_q = spread(z)
+            out["gamma_prior"] = dist.Normal(jnp.asarray(start["gamma"]),
+                                             jnp.asarray(2.5 * sd_y / (s_q[:, None] * s_z[None, :])))
+        if self.num_fixed:
+            s_x = spread(np.asarray(design.fixed, float)[observed])
+            out["global_priors"]["beta"] = dist.Normal(jnp.asarray(start["beta"]), jnp.asarray(2.5 * sd_y / s_x))
+        if self.noise == "learned":
+            shape = tuple(self.global_params["noise_sd"].shape)
+            out["global_priors"]["noise_sd"] = dist.Exponential(jnp.full(shape, 1.0 / sd_y))
         return out
 
     # ------------------------------------------------------------------ closed forms

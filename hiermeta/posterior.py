@@ -30,7 +30,9 @@ from numpyro.distributions import constraints
 from numpyro.handlers import condition, trace
 from numpyro.infer import MCMC, NUTS
 
+from .errors import PriorWarning, SamplingWarning
 from .hierarchy import HierarchicalModel
+from .priors import prior_tail_check, with_priors
 from .tasks import GaussianData, num_tasks
 
 __all__ = [
@@ -38,6 +40,7 @@ __all__ = [
     "NUTSResult",
     "run_nuts",
     "task_log_likelihood",
+    "sampling_diagnostics",
     "to_arviz",
     "summary",
     "SUMMARY_COLUMNS",
@@ -57,36 +60,6 @@ _STAT_NAMES = {  # NumPyro field -> ArviZ sample_stats name
 }
 
 
-def with_priors(
-    model: HierarchicalModel,
-    *,
-    phi_loc: float | Sequence[float] = 0.0,
-    phi_scale: float | Sequence[float] = 10.0,
-    sigma: str = "half_cauchy",
-    sigma_scale: float | Sequence[float] = 5.0,
-) -> HierarchicalModel:
-    """The same model with proper hyperpriors: ``phi ~ N(phi_loc, phi_scale^2)`` per coordinate,
-    ``sigma_m ~ HalfCauchy(sigma_scale)`` (``sigma="half_cauchy"``) or ``HalfNormal(sigma_scale)``
-    (``sigma="half_normal"``) per module."""
-    part = model.partition
-    P, M = part.num_params, part.num_modules
-
-    def vector(value, n, name, positive):
-        arr = np.broadcast_to(np.asarray(value, dtype=float), np.shape(value))
-        if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
-            raise ValueError(f"{name} must be a scalar or have {n} entries, got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)) or (positive and np.any(arr <= 0)):
-            raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
-        return jnp.broadcast_to(jnp.asarray(arr), (n,))
-
-    loc, scale = vector(phi_loc, P, "phi_loc", False), vector(phi_scale, P, "phi_scale", True)
-    s_scale = vector(sigma_scale, M, "sigma_scale", True)
-    families = {"half_cauchy": dist.HalfCauchy, "half_normal": dist.HalfNormal}
-    if sigma not in families:
-        raise ValueError(f"sigma prior must be one of {sorted(families)}, got {sigma!r}")
-    return dataclasses.replace(model, phi_prior=dist.Normal(loc, scale), sigma_prior=families[sigma](s_scale))
-
-
 class NUTSResult(NamedTuple):
     """Draws and diagnostics of one NUTS run.
 
@@ -99,6 +72,13 @@ class NUTSResult(NamedTuple):
         ``acceptance_rate``, ``energy``, ``lp``, ``step_size``.
       num_divergences: total divergent transitions after warm-up.
       inference_data: the ArviZ object (see :func:`to_arviz`).
+      diagnostics: ``max_r_hat`` (split r-hat, worst coordinate of the sampled hyperparameters
+        and theta; NaN with one chain), ``min_ess`` (bulk effective sample size, worst
+        coordinate), ``num_divergences``, ``converged`` (r-hat <= 1.01, ESS >= 100 per chain, no
+        divergence), ``messages`` (what failed; each also a :class:`~hiermeta.errors.SamplingWarning`)
+        and ``prior_conflicts``: hyperparameters whose posterior, or the data's own estimate, sits
+        in the tail of their prior (:func:`hiermeta.priors.prior_tail_check`; each also a
+        :class:`~hiermeta.errors.PriorWarning`).
     """
 
     samples: dict
@@ -107,6 +87,7 @@ class NUTSResult(NamedTuple):
     stats: dict
     num_divergences: int
     inference_data: Any
+    diagnostics: dict = {}
 
     def flat(self, site: str) -> np.ndarray:
         """Draws of ``site`` with chains merged: ``(C * S, ...)``."""
@@ -139,7 +120,8 @@ def _conditioned_values(model: HierarchicalModel, fixed: Optional[Mapping[str, A
         if not np.all(np.isfinite(arr)):
             raise ValueError(f"fixed {name} must be finite")
         if name in supports and not bool(np.all(supports[name].check(jnp.asarray(arr)))):
-            raise ValueError(f"fixed {name} is outside its support ({supports[name]})")
+            need = "finite and > 0" if supports[name] is constraints.positive else f"in {supports[name]}"
+            raise ValueError(f"fixed {name} must be {need}, got {arr}")
         out[name] = jnp.asarray(arr)
     return out
 
@@ -257,6 +239,11 @@ def run_nuts(
         jnp.asarray(theta), data, globals_draws))
     idata = to_arviz(samples, model, log_likelihood=log_lik, stats=stats, data=data,
                      constant={k: np.asarray(v) for k, v in fixed_values.items()}, task_names=task_names)
+    diagnostics = sampling_diagnostics(model, samples, stats, data)
+    for message in diagnostics["messages"]:
+        warnings.warn(message, SamplingWarning, stacklevel=2)
+    for message in diagnostics["prior_conflicts"]:
+        warnings.warn(message, PriorWarning, stacklevel=2)
     return NUTSResult(
         samples=samples,
         fixed={k: np.asarray(v) for k, v in fixed_values.items()},
@@ -264,7 +251,57 @@ def run_nuts(
         stats=stats,
         num_divergences=int(np.sum(stats["diverging"])),
         inference_data=idata,
+        diagnostics=diagnostics,
     )
+
+
+def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndarray], stats: Mapping,
+                         data: Any = None) -> dict:
+    """Convergence of a NUTS run: split r-hat, bulk ESS, divergences, and the prior-tail check."""
+    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+
+    C, S = np.shape(stats["diverging"])
+    r_hat, ess, worst = -np.inf, np.inf, {}
+    for name, draws in samples.items():
+        draws = np.asarray(draws, dtype=float)
+        if draws.size == 0 or not np.all(np.isfinite(draws)):
+            continue
+        if name.startswith("corr_chol_"):  # the diagonal of a Cholesky factor is not free
+            d = draws.shape[-1]
+            draws = draws[..., np.tril_indices(d, -1)[0], np.tril_indices(d, -1)[1]]
+        flat = draws.reshape(C, S, -1)
+        varying = np.ptp(flat, axis=(0, 1)) > 0
+        if not varying.any():
+            continue
+        flat = flat[..., varying]
+        if C >= 2 and S >= 4:
+            rh = np.asarray(split_gelman_rubin(flat))
+            if np.nanmax(rh) > r_hat:
+                r_hat, worst["r_hat"] = float(np.nanmax(rh)), name
+        if S >= 4:
+            e = np.asarray(effective_sample_size(flat))
+            if np.nanmin(e) < ess:
+                ess, worst["ess"] = float(np.nanmin(e)), name
+    divergences = int(np.sum(stats["diverging"]))
+    messages = []
+    if divergences:
+        messages.append(f"NUTS: {divergences} divergent transition(s) after warm-up: the posterior has regions "
+                        "the sampler cannot explore (try noncentred=True or a higher target_accept)")
+    if np.isfinite(r_hat) and r_hat > 1.01:
+        messages.append(f"NUTS: r-hat {r_hat:.3f} > 1.01 (worst: {worst['r_hat']}): the chains disagree, "
+                        "run longer or reparametrise")
+    if np.isfinite(ess) and ess < 100 * C:
+        messages.append(f"NUTS: bulk ESS {ess:.0f} < {100 * C} (100 per chain; worst: {worst['ess']}): "
+                        "too few effective draws for reliable summaries")
+    tail = prior_tail_check(model, samples, data)
+    return {
+        "max_r_hat": r_hat if np.isfinite(r_hat) else float("nan"),
+        "min_ess": ess if np.isfinite(ess) else float("nan"),
+        "num_divergences": divergences,
+        "converged": not messages,
+        "messages": messages,
+        "prior_conflicts": tail,
+    }
 
 
 # ---------------------------------------------------------------------------- ArviZ
