@@ -8,6 +8,10 @@ from that model.
 
 from .evaluate import LossCurve, evaluate, loss_curve
 from .hierarchy import HierarchicalModel
+from .sites import GlobalParam
+from .linear_gaussian import LinearDesign, LinearGaussianLikelihood, linear_gaussian
+from . import empirical_bayes
+from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
 from .inner import InnerProblem, InnerResult, run_inner
 from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage
 from .learners import imaml, m_sigma_imaml, sigma_imaml
@@ -16,6 +20,8 @@ from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
 from .train import MetaTrainingError, fit, sample_from
 from .utils import enable_compilation_cache
 from .posterior import NUTSResult, run_nuts, with_priors
+from .priors import prior_summary
+from .errors import HiermetaWarning, PriorWarning, SamplingWarning
 from .laplace import LaplaceResult
 from .predictive import PredictiveScores, score_draws
 from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
@@ -27,6 +33,14 @@ __version__ = "0.1.0"
 
 __all__ = [
     "HierarchicalModel",
+    "GlobalParam",
+    "LinearDesign",
+    "LinearGaussianLikelihood",
+    "linear_gaussian",
+    "empirical_bayes",
+    "type2_ml",
+    "Type2MLResult",
+    "EmpiricalBayesWarning",
     "ModulePartition",
     "TaskBatch",
     "TaskLikelihood",
@@ -58,6 +72,10 @@ __all__ = [
     "m_sigma_imaml",
     "run_nuts",
     "with_priors",
+    "prior_summary",
+    "HiermetaWarning",
+    "PriorWarning",
+    "SamplingWarning",
     "NUTSResult",
     "LaplaceResult",
     "PredictiveScores",

@@ -1,9 +1,21 @@
 """Exact empirical Bayes (type-II maximum likelihood) where the marginal likelihood is tractable.
 
-    (phi_hat, sigma_hat) = argmax_{phi, sigma} sum_t log p(D_t | phi, sigma)
+    (phi_hat, sigma_hat, ...) = argmax sum_t log p(D_t | phi, sigma, C, gamma, g)      (ML)
 
-optimised over (phi, log sigma) by L-BFGS-B (SciPy, driving a jitted value-and-gradient of the
-mean log marginal likelihood per task) until the largest gradient component is below ``tol``.
+over every hyperparameter of the model (phi, the module scales sigma, the correlation of each
+correlated block, the group-level coefficients gamma and the likelihood's global parameters g,
+e.g. the noise sd and unpooled fixed effects beta), each task's theta integrated out.  With
+``method="REML"`` the parameters that enter the mean linearly (phi, gamma, beta: the *fixed
+effects*) are integrated out too, under a flat prior, as lme4 and statsmodels do by default:
+
+    log L_REML(v) = log L_ML(psi_hat(v), v) + k/2 log(2 pi) - 1/2 log|H_psi(v)|,
+
+``v`` the variance parameters, ``psi`` the ``k`` fixed effects and ``H_psi = -d^2 log L_ML / d psi^2``
+(exact: ``log L_ML`` is quadratic in psi for a linear-Gaussian likelihood).
+
+Optimised in the unconstrained space (log sigma, NumPyro's bijections for the other sites) by
+L-BFGS-B (SciPy, driving one jitted value-and-gradient per model, compiled once and reused across
+calls) until the largest gradient component of the mean objective per task is below ``tol``.
 Use float64 (``jax_enable_x64``).
 
 Why SciPy and not ``optax.lbfgs`` under ``lax.while_loop``: on jaxlib 0.10 (CPU) that compiled
@@ -14,25 +26,317 @@ does not, and SciPy already ships with JAX.
 
 from __future__ import annotations
 
+import functools
 import warnings
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
+from jax.flatten_util import ravel_pytree
 
-__all__ = ["Type2MLResult", "type2_maximum_likelihood"]
+from .errors import EmpiricalBayesWarning
+from .hierarchy import HierarchicalModel
+from .sites import constrain, unconstrain
+
+__all__ = [
+    "Type2MLResult",
+    "EmpiricalBayesWarning",
+    "type2_ml",
+    "log_marginal_likelihood",
+    "type2_maximum_likelihood",
+]
 
 
 class Type2MLResult(NamedTuple):
-    phi: np.ndarray  # (P,)
-    sigma: np.ndarray  # (M,)
-    log_marginal: float  # sum_t log p(D_t | phi_hat, sigma_hat)
+    """The type-II ML (or REML) estimate.
+
+    Attributes:
+      phi: ``(P,)``; sigma: ``(M,)``.
+      log_marginal: the maximised objective, ``sum_t log p(D_t | ...)`` (the REML criterion for
+        ``method="REML"``), comparable with lme4's / statsmodels' log-likelihood.
+      num_iterations, grad_norm (max |gradient| of the mean objective per task, unconstrained
+        coordinates), converged (``grad_norm <= tol`` and finite), message (SciPy's reason).
+      extra: the other hyperparameter sites (``noise_sd``, ``beta``, ``gamma``, ``corr_chol_k``).
+      method: ``"ML"`` or ``"REML"``.
+      phi_se: standard errors of phi, ``sqrt(diag((X^T V^-1 X)^-1))`` at the estimate (the fixed
+        effects' standard errors lme4 and statsmodels print), when the likelihood is linear-Gaussian.
+      fixed_effects_se: the same for every fixed-effect site (phi, gamma, beta), site -> array.
+      singular: what sits on a boundary: the modules whose sigma can be set to exactly 0 without
+        lowering the objective by more than ``tol`` per task, and correlation sites with a
+        correlation of +-1 (lme4's "boundary (singular) fit").
+    """
+
+    phi: np.ndarray
+    sigma: np.ndarray
+    log_marginal: float
     num_iterations: int
-    grad_norm: float  # max |gradient| of the mean log marginal per task, in (phi, log sigma)
-    converged: bool  # max |gradient| <= tol
-    message: str  # SciPy's reason for stopping
+    grad_norm: float
+    converged: bool
+    message: str
+    extra: dict = {}
+    method: str = "ML"
+    phi_se: Optional[np.ndarray] = None
+    fixed_effects_se: dict = {}
+    singular: tuple = ()
+
+    def correlation(self, k: int = 0) -> np.ndarray:
+        """The estimated correlation matrix of correlated block ``k`` (``C = L L^T``)."""
+        L = np.asarray(self.extra[f"corr_chol_{k}"])
+        return L @ L.T
+
+
+# ---------------------------------------------------------------------------- marginal likelihood
+
+
+def log_marginal_likelihood(model: HierarchicalModel, phi, sigma, data, extra=None) -> jax.Array:
+    """``log p(D_t | phi, sigma, extra)`` per task ``(T,)``, each task's theta integrated out.
+
+    Closed form for a likelihood that provides ``log_marginal(data, prior_mean, prior_scale_tril,
+    globals)`` (:class:`~hiermeta.LinearGaussianLikelihood`); jittable and differentiable.
+    """
+    lik = model.likelihood
+    if not callable(getattr(lik, "log_marginal", None)):
+        raise ValueError(
+            f"{type(lik).__name__} has no closed-form marginal likelihood (a log_marginal method); "
+            "exact type-II ML needs one (a linear-Gaussian likelihood: hiermeta.linear_gaussian)"
+        )
+    mean = model.prior_mean(phi, extra, model.task_covariates(data))
+    L = model.prior_scale_tril(jnp.broadcast_to(sigma, (model.partition.num_modules,)), extra)
+    return lik.log_marginal(data, mean, L, model.globals_of(extra))
+
+
+def _fixed_effect_sites(model: HierarchicalModel) -> tuple:
+    """Sites entering the mean linearly: phi, gamma (task covariates), and the likelihood's
+    ``linear_globals`` (e.g. ``beta`` of a linear-Gaussian likelihood)."""
+    names = ["phi"] + (["gamma"] if model.num_task_covariates else [])
+    linear = getattr(model.likelihood, "linear_globals", ())
+    return tuple(names + [n for n in model.global_params if n in linear])
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_objective(model: HierarchicalModel, method: str):
+    """The layout of the optimised vector and the jitted objective, built once per model and method.
+
+    ``u`` is the flat unconstrained vector of the optimised sites (phi, log sigma, the other
+    sites unconstrained); for REML the fixed effects ``psi`` (phi, gamma, beta) are not in ``u``
+    but profiled by one exact Newton step inside (the objective is quadratic in them).  Returns
+    ``(value_and_grad, pack, split)``: ``value_and_grad(u, data, psi0, T)`` -> mean negative
+    objective per task, its gradient and the profiled psi; ``pack(start)`` -> ``(u0, psi0)``;
+    ``split(u, psi)`` -> constrained ``(phi, sigma, extra)``.
+    """
+    sites = model.hyper_sites()
+    part = model.partition
+    fixed_sites = _fixed_effect_sites(model) if method == "REML" else ()
+    shapes = {"phi": (part.num_params,), **{n: tuple(s.shape) for n, s in sites.items()}}
+    opt_template = {"log_sigma": jnp.zeros(part.num_modules)}
+    if "phi" not in fixed_sites:
+        opt_template["phi"] = jnp.zeros(part.num_params)
+    for name, site in sites.items():
+        if name not in fixed_sites:  # unconstrained size of the site
+            opt_template[name] = jnp.zeros_like(unconstrain({name: site}, {name: site.init})[name])
+    _, unravel_opt = ravel_pytree(opt_template)
+    _, unravel_fixed = ravel_pytree({n: jnp.zeros(shapes[n]) for n in fixed_sites})
+
+    def pack(start):
+        opt = {"log_sigma": jnp.log(jnp.asarray(start["sigma"], float))}
+        if "phi" not in fixed_sites:
+            opt["phi"] = jnp.asarray(start["phi"], float)
+        opt.update(unconstrain({n: sites[n] for n in sites if n not in fixed_sites},
+                               {n: start[n] for n in sites if n not in fixed_sites}))
+        psi = ravel_pytree({n: jnp.asarray(start[n], float) for n in fixed_sites})[0]
+        return ravel_pytree(opt)[0], psi
+
+    def split(u, psi):
+        values = {**unravel_opt(u), **unravel_fixed(psi)}
+        extra = constrain({n: sites[n] for n in sites if n not in fixed_sites}, values)
+        extra.update({n: values[n] for n in fixed_sites if n in sites})
+        return values["phi"], jnp.exp(values["log_sigma"]), extra
+
+    def neg_ml(u, psi, data):
+        phi, sigma, extra = split(u, psi)
+        return -jnp.sum(log_marginal_likelihood(model, phi, sigma, data, extra))
+
+    def objective(u, data, psi0):
+        if not fixed_sites:
+            return neg_ml(u, psi0, data), psi0
+        value = lambda psi: neg_ml(u, psi, data)
+        H = jax.hessian(value)(psi0)
+        psi_hat = psi0 - jnp.linalg.solve(H, jax.grad(value)(psi0))  # exact: quadratic in psi
+        log_det = 2.0 * jnp.sum(jnp.log(jnp.diag(jnp.linalg.cholesky(H))))
+        return value(psi_hat) + 0.5 * log_det - 0.5 * psi0.shape[0] * jnp.log(2.0 * jnp.pi), psi_hat
+
+    @jax.jit
+    def value_and_grad(u, data, psi0, num_tasks):
+        (value, psi_hat), grad = jax.value_and_grad(objective, has_aux=True)(u, data, psi0)
+        return value / num_tasks, grad / num_tasks, psi_hat
+
+    return value_and_grad, pack, split
+
+
+def _check_init(model: HierarchicalModel, init: Optional[Mapping[str, Any]]) -> dict:
+    init = dict(init or {})
+    sites = model.hyper_sites()
+    allowed = {"phi", "sigma", *sites}
+    unknown = sorted(set(init) - allowed)
+    if unknown:
+        raise ValueError(f"init names unknown sites {unknown}; the model's sites are {sorted(allowed)}")
+    part = model.partition
+    out = {}
+    if "phi" in init:
+        phi = np.asarray(init["phi"], dtype=float)
+        if phi.shape != (part.num_params,) or not np.all(np.isfinite(phi)):
+            raise ValueError(f"init phi must be finite with shape ({part.num_params},), got {phi.shape}")
+        out["phi"] = phi
+    if "sigma" in init:
+        sigma = part.check_per_module(init["sigma"], "init sigma")
+        if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
+            raise ValueError(f"init sigma must be finite and > 0, got {sigma}")
+        out["sigma"] = sigma
+    for name in sites:
+        if name in init:
+            out[name] = np.asarray(init[name], dtype=float)
+    return out
+
+
+def _default_start(model: HierarchicalModel, data) -> dict:
+    """A start on the data's own scale, from the likelihood's ``initial_values(data)`` if it has one."""
+    start = getattr(model.likelihood, "initial_values", None)
+    return dict(start(data, model)) if callable(start) else {}
+
+
+def type2_ml(
+    model: HierarchicalModel,
+    data,
+    *,
+    method: str = "ML",
+    init: Optional[Mapping[str, Any]] = None,
+    max_iter: int = 1000,
+    tol: float = 1e-6,
+    warn: bool = True,
+) -> Type2MLResult:
+    """Type-II maximum likelihood (or REML) of every hyperparameter of ``model`` on ``data``.
+
+    Args:
+      data: every task's observations (support and query merged), with a leading task axis.
+      method: ``"ML"`` (maximise the marginal likelihood) or ``"REML"`` (integrate the fixed
+        effects phi, gamma, beta out first; lme4's and statsmodels' default for linear mixed models).
+      init: starting values (constrained): ``phi``, ``sigma`` and any site of
+        :meth:`~hiermeta.HierarchicalModel.hyper_sites`; the rest start on the data's scale
+        when the likelihood can say (:class:`~hiermeta.LinearGaussianLikelihood`), else at
+        ``phi = 0``, ``sigma = 1`` and each site's default.
+      tol: the largest gradient component of the mean objective per task at which it has converged.
+      warn: warn (:class:`EmpiricalBayesWarning`) when it did not converge or ended on a boundary.
+    """
+    if method not in ("ML", "REML"):
+        raise ValueError(f"method must be 'ML' or 'REML', got {method!r}")
+    if jnp.zeros(()).dtype != jnp.float64:
+        warnings.warn("type-II ML is meant for float64: enable jax_enable_x64", stacklevel=2)
+    if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    model.likelihood.check(data, "data")
+    if not callable(getattr(model.likelihood, "log_marginal", None)):
+        log_marginal_likelihood(model, None, None, data)  # raises: no closed form
+    T = int(jax.tree_util.tree_leaves(data)[0].shape[0])
+    part = model.partition
+    start = {"phi": np.zeros(part.num_params), "sigma": np.ones(part.num_modules),
+             **{n: s.init for n, s in model.hyper_sites().items()}}
+    start.update(_default_start(model, data))
+    start.update(_check_init(model, init))
+    value_and_grad, pack, split = _compiled_objective(model, method)
+    x0, psi0 = pack(start)
+
+    def fun(x):
+        value, grad, _ = value_and_grad(jnp.asarray(x), data, psi0, T)
+        return float(value), np.asarray(grad, dtype=float)
+
+    result = scipy.optimize.minimize(
+        fun, np.asarray(x0), jac=True, method="L-BFGS-B",
+        options={"maxiter": int(max_iter), "gtol": tol, "ftol": 0.0},
+    )
+    value, grad, psi_hat = value_and_grad(jnp.asarray(result.x), data, psi0, T)
+    value, grad = float(value), np.asarray(grad)
+    gnorm = float(np.max(np.abs(grad))) if grad.size else 0.0
+    phi, sigma, extra = split(jnp.asarray(result.x), psi_hat)
+    fe_sites = _fixed_effect_sites(model)
+    se = _fixed_effect_errors(model, phi, sigma, extra, data, fe_sites)
+    estimate = {"phi": np.asarray(phi), "sigma": np.asarray(sigma), **{n: np.asarray(v) for n, v in extra.items()}}
+
+    def mean_objective(values):
+        u, psi = pack(values)
+        return float(value_and_grad(u, data, psi, T)[0])
+
+    singular = _boundary(model, estimate, value, mean_objective, tol)
+    converged = bool(gnorm <= tol) and bool(np.isfinite(value))
+    out = Type2MLResult(
+        phi=np.asarray(phi),
+        sigma=np.asarray(sigma),
+        log_marginal=-value * T,
+        num_iterations=int(result.nit),
+        grad_norm=gnorm,
+        converged=converged,
+        message=str(result.message),
+        extra={n: np.asarray(v) for n, v in extra.items()},
+        method=method,
+        phi_se=se.get("phi"),
+        fixed_effects_se=se,
+        singular=singular,
+    )
+    if warn:
+        if not converged:
+            warnings.warn(
+                f"type-II {method} did not converge: largest gradient component {gnorm:.3g} > tol {tol:g} "
+                f"after {out.num_iterations} iterations ({out.message}); the estimates are not the optimum",
+                EmpiricalBayesWarning, stacklevel=2,
+            )
+        if singular:
+            warnings.warn(
+                f"type-II {method} ended on a boundary (singular fit): {', '.join(singular)}; the data do "
+                "not support that variation (lme4 reports this as 'boundary (singular) fit')",
+                EmpiricalBayesWarning, stacklevel=2,
+            )
+    return out
+
+
+def _fixed_effect_errors(model, phi, sigma, extra, data, names) -> dict:
+    """``sqrt(diag(H^-1))`` for the fixed effects, ``H = -d^2 log L_ML / d psi^2`` at the estimate."""
+    values = {"phi": phi, **extra}
+    psi, unravel = ravel_pytree({n: values[n] for n in names})
+
+    def neg_ml(p):
+        v = unravel(p)
+        ex = {**extra, **{n: v[n] for n in names if n != "phi"}}
+        return -jnp.sum(log_marginal_likelihood(model, v["phi"], sigma, data, ex))
+
+    H = np.asarray(jax.hessian(neg_ml)(psi))
+    try:
+        cov = np.linalg.inv(H)
+    except np.linalg.LinAlgError:
+        return {}
+    se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
+    return {n: np.asarray(v) for n, v in unravel(jnp.asarray(se)).items()}
+
+
+def _boundary(model, estimate: dict, value: float, mean_objective, tol: float) -> tuple:
+    """What sits on the boundary: modules whose sigma can be set to exactly 0 without lowering the
+    objective by more than ``tol`` per task, and correlations within 1e-4 of +-1."""
+    names = []
+    for m, name in enumerate(model.partition.names):
+        at_zero = dict(estimate, sigma=np.where(np.arange(len(estimate["sigma"])) == m, 0.0, estimate["sigma"]))
+        with np.errstate(divide="ignore"):
+            if mean_objective(at_zero) <= value + tol:
+                names.append(f"sigma[{name}]")
+    for k in range(len(model.correlation_blocks)):
+        L = np.asarray(estimate[f"corr_chol_{k}"])
+        C = L @ L.T
+        off = np.abs(C[~np.eye(C.shape[0], dtype=bool)])
+        if off.size and np.max(off) > 1 - 1e-4:
+            names.append(f"corr_chol_{k} (a correlation of +-1)")
+    return tuple(names)
+
+
+# ---------------------------------------------------------------------------- the low-level driver
 
 
 def type2_maximum_likelihood(
@@ -45,14 +349,11 @@ def type2_maximum_likelihood(
     max_iter: int = 500,
     tol: float = 1e-6,
 ) -> Type2MLResult:
-    """Maximise ``log_marginal(phi, sigma, data) = sum_t log p(D_t | phi, sigma)``.
+    """Maximise a user's ``log_marginal(phi, sigma, data) = sum_t log p(D_t | phi, sigma)``.
 
-    Args:
-      log_marginal: jittable, returns the summed log marginal likelihood over the tasks.
-      data: the tasks, passed to ``log_marginal`` as a traced argument (never baked into the
-        compiled program as a constant).
-      phi0: ``(P,)`` start; sigma0: ``(M,)`` start (> 0).
-      num_tasks: T, used to scale the objective to a mean per task (so ``tol`` is per task).
+    The low-level form of :func:`type2_ml` for a marginal likelihood written by hand (phi and
+    sigma only).  ``data`` is passed to ``log_marginal`` as a traced argument (never baked into the
+    compiled program); ``num_tasks`` scales the objective to a mean per task (``tol`` is per task).
     """
     if jnp.zeros(()).dtype != jnp.float64:
         warnings.warn("type-II ML is meant for float64: enable jax_enable_x64", stacklevel=2)
@@ -80,10 +381,9 @@ def type2_maximum_likelihood(
     )
     value, grad = fun(result.x)
     gnorm = float(np.max(np.abs(grad)))
-    x = {"phi": result.x[:P], "log_sigma": result.x[P:]}
     return Type2MLResult(
-        phi=np.asarray(x["phi"]),
-        sigma=np.exp(np.asarray(x["log_sigma"])),
+        phi=np.asarray(result.x[:P]),
+        sigma=np.exp(np.asarray(result.x[P:])),
         log_marginal=-value * num_tasks,
         num_iterations=int(result.nit),
         grad_norm=gnorm,

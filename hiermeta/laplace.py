@@ -62,8 +62,8 @@ def levenberg_marquardt(loss, start, num_steps: int, *, damping: float = 1e-3, s
     return theta, value
 
 
-def _one_task(model: HierarchicalModel, phi, sigma, data_t, theta0, num_steps: int, tol: float):
-    loss = lambda th: model.inner_objective(th, phi, sigma, data_t)
+def _one_task(model: HierarchicalModel, phi, sigma, data_t, theta0, num_steps: int, tol: float, extra=None):
+    loss = lambda th: model.inner_objective(th, phi, sigma, data_t, extra)
     prior_var = model.partition.expand(sigma) ** 2
     grad, hess = jax.grad(loss), jax.hessian(loss)
     theta, value = levenberg_marquardt(loss, theta0, num_steps)
@@ -93,11 +93,13 @@ def laplace(
     init: Optional[jax.Array] = None,
     num_steps: int = 500,
     tol: float = 1e-6,
+    extra=None,
 ) -> LaplaceResult:
     """Laplace approximation of every task's posterior at ``phi`` ``(P,)``, ``sigma`` ``(M,)``.
 
     ``data`` holds the tasks' (support) data with a leading task axis; ``init`` ``(T, P)`` starts
-    the Newton iterations (default phi).  Jittable and vmappable (e.g. over posterior draws of
+    the Newton iterations (default phi); ``extra``: the model's other hyperparameter values
+    (globals, correlations, gamma; :meth:`~hiermeta.HierarchicalModel.hyper_sites`).  Jittable and vmappable (e.g. over posterior draws of
     phi and sigma); check ``converged`` when the likelihood is not log-concave: where the Hessian
     at the end point is not positive definite, its eigenvalues are floored at the smallest prior
     precision ``min 1/sigma^2`` (a usable but flagged Gaussian).
@@ -108,8 +110,12 @@ def laplace(
     if phi.shape != (part.num_params,):
         raise ValueError(f"phi must have shape ({part.num_params},), got {phi.shape}")
     T = jax.tree_util.tree_leaves(data)[0].shape[0]
-    theta0 = jnp.broadcast_to(phi, (T, part.num_params)) if init is None else jnp.asarray(init)
+    if init is None:
+        z = model.task_covariates(data) if model.num_task_covariates else None
+        theta0 = jnp.broadcast_to(model.prior_mean(phi, extra, z), (T, part.num_params))
+    else:
+        theta0 = jnp.asarray(init)
     if theta0.shape != (T, part.num_params):
         raise ValueError(f"init must have shape {(T, part.num_params)}, got {theta0.shape}")
-    one = lambda d, th0: _one_task(model, phi, sigma, d, th0, int(num_steps), float(tol))
+    one = lambda d, th0: _one_task(model, phi, sigma, d, th0, int(num_steps), float(tol), extra)
     return LaplaceResult(*jax.vmap(one)(data, theta0))

@@ -5,7 +5,7 @@
 :func:`run_nuts` runs NumPyro's NUTS on a :class:`~hiermeta.HierarchicalModel` as it stands
 (optionally with some sites held fixed by ``numpyro.handlers.condition``, e.g. sigma, or phi and
 sigma for the posterior of new tasks' theta under empirical-Bayes values), optionally
-non-centred (``theta = phi + sigma * z`` by NumPyro's ``LocScaleReparam``), with several chains
+non-centred (``theta = mean + L z``, ``z ~ N(0, I)``, ``L L^T`` the prior covariance), with several chains
 (parallel over devices when there are enough, vectorised on one device otherwise).  The result
 holds the draws grouped by chain, the sampler statistics, the per-task log-likelihood, and an
 ArviZ object (``InferenceData`` on ArviZ 0.x, ``xarray.DataTree`` on ArviZ >= 1) whose
@@ -18,6 +18,7 @@ on phi, a half-Cauchy or half-normal on sigma) unless the sites are held fixed.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import warnings
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
@@ -25,11 +26,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
-from numpyro.handlers import condition, reparam, trace
+from numpyro.distributions import constraints
+from numpyro.handlers import condition, trace
 from numpyro.infer import MCMC, NUTS
-from numpyro.infer.reparam import LocScaleReparam
 
+from .errors import PriorWarning, SamplingWarning
 from .hierarchy import HierarchicalModel
+from .priors import prior_tail_check, with_priors
 from .tasks import GaussianData, num_tasks
 
 __all__ = [
@@ -37,6 +40,7 @@ __all__ = [
     "NUTSResult",
     "run_nuts",
     "task_log_likelihood",
+    "sampling_diagnostics",
     "to_arviz",
     "summary",
     "SUMMARY_COLUMNS",
@@ -56,36 +60,6 @@ _STAT_NAMES = {  # NumPyro field -> ArviZ sample_stats name
 }
 
 
-def with_priors(
-    model: HierarchicalModel,
-    *,
-    phi_loc: float | Sequence[float] = 0.0,
-    phi_scale: float | Sequence[float] = 10.0,
-    sigma: str = "half_cauchy",
-    sigma_scale: float | Sequence[float] = 5.0,
-) -> HierarchicalModel:
-    """The same model with proper hyperpriors: ``phi ~ N(phi_loc, phi_scale^2)`` per coordinate,
-    ``sigma_m ~ HalfCauchy(sigma_scale)`` (``sigma="half_cauchy"``) or ``HalfNormal(sigma_scale)``
-    (``sigma="half_normal"``) per module."""
-    part = model.partition
-    P, M = part.num_params, part.num_modules
-
-    def vector(value, n, name, positive):
-        arr = np.broadcast_to(np.asarray(value, dtype=float), np.shape(value))
-        if arr.ndim > 1 or (arr.ndim == 1 and arr.shape[0] != n):
-            raise ValueError(f"{name} must be a scalar or have {n} entries, got shape {arr.shape}")
-        if not np.all(np.isfinite(arr)) or (positive and np.any(arr <= 0)):
-            raise ValueError(f"{name} must be finite{' and > 0' if positive else ''}, got {value}")
-        return jnp.broadcast_to(jnp.asarray(arr), (n,))
-
-    loc, scale = vector(phi_loc, P, "phi_loc", False), vector(phi_scale, P, "phi_scale", True)
-    s_scale = vector(sigma_scale, M, "sigma_scale", True)
-    families = {"half_cauchy": dist.HalfCauchy, "half_normal": dist.HalfNormal}
-    if sigma not in families:
-        raise ValueError(f"sigma prior must be one of {sorted(families)}, got {sigma!r}")
-    return dataclasses.replace(model, phi_prior=dist.Normal(loc, scale), sigma_prior=families[sigma](s_scale))
-
-
 class NUTSResult(NamedTuple):
     """Draws and diagnostics of one NUTS run.
 
@@ -98,6 +72,13 @@ class NUTSResult(NamedTuple):
         ``acceptance_rate``, ``energy``, ``lp``, ``step_size``.
       num_divergences: total divergent transitions after warm-up.
       inference_data: the ArviZ object (see :func:`to_arviz`).
+      diagnostics: ``max_r_hat`` (split r-hat, worst coordinate of the sampled hyperparameters
+        and theta; NaN with one chain), ``min_ess`` (bulk effective sample size, worst
+        coordinate), ``num_divergences``, ``converged`` (r-hat <= 1.01, ESS >= 100 per chain, no
+        divergence), ``messages`` (what failed; each also a :class:`~hiermeta.errors.SamplingWarning`)
+        and ``prior_conflicts``: hyperparameters whose posterior, or the data's own estimate, sits
+        in the tail of their prior (:func:`hiermeta.priors.prior_tail_check`; each also a
+        :class:`~hiermeta.errors.PriorWarning`).
     """
 
     samples: dict
@@ -106,6 +87,7 @@ class NUTSResult(NamedTuple):
     stats: dict
     num_divergences: int
     inference_data: Any
+    diagnostics: dict = {}
 
     def flat(self, site: str) -> np.ndarray:
         """Draws of ``site`` with chains merged: ``(C * S, ...)``."""
@@ -123,30 +105,50 @@ def _conditioned_values(model: HierarchicalModel, fixed: Optional[Mapping[str, A
         return {}
     part = model.partition
     shapes = {"phi": (part.num_params,), "sigma": (part.num_modules,), "theta": (T, part.num_params)}
+    shapes.update({name: tuple(site.shape) for name, site in model.hyper_sites().items()})
+    supports = {name: site.constraint for name, site in model.hyper_sites().items()}
+    supports["sigma"] = constraints.positive
     out = {}
     for name, value in fixed.items():
         if name not in shapes:
             raise ValueError(f"can only hold fixed the sites {sorted(shapes)}, got {name!r}")
         arr = np.asarray(value, dtype=float)
-        if name == "sigma" and arr.ndim == 0:
+        if arr.ndim == 0 and shapes[name] and supports.get(name) is not constraints.corr_cholesky:
             arr = np.full(shapes[name], float(arr))
         if arr.shape != shapes[name]:
             raise ValueError(f"fixed {name} must have shape {shapes[name]}, got {arr.shape}")
-        if not np.all(np.isfinite(arr)) or (name == "sigma" and np.any(arr <= 0)):
-            raise ValueError(f"fixed {name} must be finite{' and > 0' if name == 'sigma' else ''}")
+        if not np.all(np.isfinite(arr)):
+            raise ValueError(f"fixed {name} must be finite")
+        if name in supports and not bool(np.all(supports[name].check(jnp.asarray(arr)))):
+            need = "finite and > 0" if supports[name] is constraints.positive else f"in {supports[name]}"
+            raise ValueError(f"fixed {name} must be {need}, got {arr}")
         out[name] = jnp.asarray(arr)
     return out
 
 
-def task_log_likelihood(model: HierarchicalModel, theta: jax.Array, data) -> jax.Array:
-    """``log p(D_t | theta_t)`` for every task: ``theta`` ``(..., T, P)`` -> ``(..., T)``.
+def _flat_hyperpriors(model: HierarchicalModel, fixed_values: dict) -> list:
+    """Sampled sites whose prior is flat on an unbounded support (a posterior may then be improper)."""
+    flat = [name for name, prior in (("phi", model.phi_prior), ("sigma", model.sigma_prior))
+            if prior is None and name not in fixed_values]
+    if model.num_task_covariates and model.gamma_prior is None and "gamma" not in fixed_values:
+        flat.append("gamma")
+    for name, spec in model.global_params.items():
+        if name not in fixed_values and (model.global_priors or {}).get(name, spec.prior) is None:
+            flat.append(name)
+    return flat
+
+
+def task_log_likelihood(model: HierarchicalModel, theta: jax.Array, data, extra=None) -> jax.Array:
+    """``log p(D_t | theta_t, g)`` for every task: ``theta`` ``(..., T, P)`` -> ``(..., T)``.
 
     Read off a trace of the model's task likelihood (the observed sites' log-densities with the
-    task axis kept), so it is the density NUTS and the meta-learners use.
+    task axis kept), so it is the density NUTS and the meta-learners use.  ``extra``: values of
+    the model's global parameters with the same leading (draw) axes ``...`` as ``theta``.
     """
 
-    def one(th):
-        tr = trace(model.likelihood).get_trace(jax.vmap(model.partition.unravel)(th), data)
+    def one(args):
+        th, g = args
+        tr = trace(model._call_likelihood).get_trace(jax.vmap(model.partition.unravel)(th), data, g)
         total = 0.0
         for site in tr.values():
             if site["type"] == "sample" and site["is_observed"]:
@@ -156,7 +158,10 @@ def task_log_likelihood(model: HierarchicalModel, theta: jax.Array, data) -> jax
 
     batch = theta.shape[:-2]
     flat = theta.reshape((-1,) + theta.shape[-2:])
-    return jax.lax.map(one, flat).reshape(batch + (theta.shape[-2],))
+    g = model.globals_of(extra) if model.global_params else {}
+    g = {k: jnp.reshape(jnp.broadcast_to(jnp.asarray(v), batch + jnp.shape(v)[len(batch):]),
+                        (flat.shape[0],) + jnp.shape(v)[len(batch):]) for k, v in g.items()}
+    return jax.lax.map(one, (flat, g)).reshape(batch + (theta.shape[-2],))
 
 
 def run_nuts(
@@ -186,7 +191,8 @@ def run_nuts(
       fixed: sites held at given values (``numpyro.handlers.condition``): ``sigma`` (scalar or
         ``(M,)``), ``phi`` ``(P,)``.  E.g. ``{"phi": phi_hat, "sigma": sigma_hat}`` samples each
         task's ``theta`` from its posterior under empirical-Bayes values.
-      noncentred: sample ``z = (theta - phi) / sigma`` instead of ``theta`` (``LocScaleReparam(0)``;
+      noncentred: sample ``z = L^-1 (theta - prior mean)`` (site ``theta_decentered``) instead of ``theta``
+        (as NumPyro's ``LocScaleReparam(0)``, also with correlated blocks;
         ``theta`` is then a deterministic site), which removes the funnel when sigma is small.
       chain_method: ``"parallel"`` (one chain per device), ``"vectorized"`` (one device) or
         ``"sequential"``; default parallel when there are enough devices, else vectorised.
@@ -201,12 +207,8 @@ def run_nuts(
     if task_names is not None and len(task_names) != T:
         raise ValueError(f"task_names has {len(task_names)} names for {T} tasks")
     fixed_values = _conditioned_values(model, fixed, T)
-    improper = [
-        name
-        for name, prior in (("phi", model.phi_prior), ("sigma", model.sigma_prior))
-        if prior is None and name not in fixed_values
-    ]
-    if improper and "sigma" not in fixed_values:  # a flat phi with sigma fixed is proper
+    improper = _flat_hyperpriors(model, fixed_values)
+    if improper and not (improper == ["phi"] and "sigma" in fixed_values):  # a flat phi with sigma fixed is proper
         warnings.warn(
             f"NUTS with a flat improper prior on {improper}: the posterior may be improper; "
             "use hiermeta.posterior.with_priors for proper hyperpriors",
@@ -215,9 +217,9 @@ def run_nuts(
     if chain_method is None:
         chain_method = "parallel" if jax.local_device_count() >= num_chains > 1 else "vectorized"
 
-    sampled_model = condition(model, fixed_values) if fixed_values else model
-    if noncentred:
-        sampled_model = reparam(sampled_model, config={"theta": LocScaleReparam(centered=0)})
+    sampled_model = functools.partial(model, noncentred=True) if noncentred else model
+    if fixed_values:
+        sampled_model = condition(sampled_model, fixed_values)
     kernel = NUTS(sampled_model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
                   dense_mass=dense_mass)
     mcmc = MCMC(kernel, num_warmup=int(num_warmup), num_samples=int(num_samples), num_chains=int(num_chains),
@@ -230,9 +232,18 @@ def run_nuts(
     stats["lp"] = -stats["lp"]
     theta = samples["theta"] if "theta" in samples else np.broadcast_to(
         np.asarray(fixed_values["theta"]), stats["lp"].shape + (T, model.partition.num_params))
-    log_lik = np.asarray(jax.jit(lambda th, d: task_log_likelihood(model, th, d))(jnp.asarray(theta), data))
+    globals_draws = {name: samples[name] if name in samples else np.broadcast_to(
+        np.asarray(fixed_values[name]), stats["lp"].shape + np.shape(fixed_values[name]))
+        for name in model.global_params}
+    log_lik = np.asarray(jax.jit(lambda th, d, g: task_log_likelihood(model, th, d, g))(
+        jnp.asarray(theta), data, globals_draws))
     idata = to_arviz(samples, model, log_likelihood=log_lik, stats=stats, data=data,
                      constant={k: np.asarray(v) for k, v in fixed_values.items()}, task_names=task_names)
+    diagnostics = sampling_diagnostics(model, samples, stats, data)
+    for message in diagnostics["messages"]:
+        warnings.warn(message, SamplingWarning, stacklevel=2)
+    for message in diagnostics["prior_conflicts"]:
+        warnings.warn(message, PriorWarning, stacklevel=2)
     return NUTSResult(
         samples=samples,
         fixed={k: np.asarray(v) for k, v in fixed_values.items()},
@@ -240,7 +251,57 @@ def run_nuts(
         stats=stats,
         num_divergences=int(np.sum(stats["diverging"])),
         inference_data=idata,
+        diagnostics=diagnostics,
     )
+
+
+def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndarray], stats: Mapping,
+                         data: Any = None) -> dict:
+    """Convergence of a NUTS run: split r-hat, bulk ESS, divergences, and the prior-tail check."""
+    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
+
+    C, S = np.shape(stats["diverging"])
+    r_hat, ess, worst = -np.inf, np.inf, {}
+    for name, draws in samples.items():
+        draws = np.asarray(draws, dtype=float)
+        if draws.size == 0 or not np.all(np.isfinite(draws)):
+            continue
+        if name.startswith("corr_chol_"):  # the diagonal of a Cholesky factor is not free
+            d = draws.shape[-1]
+            draws = draws[..., np.tril_indices(d, -1)[0], np.tril_indices(d, -1)[1]]
+        flat = draws.reshape(C, S, -1)
+        varying = np.ptp(flat, axis=(0, 1)) > 0
+        if not varying.any():
+            continue
+        flat = flat[..., varying]
+        if C >= 2 and S >= 4:
+            rh = np.asarray(split_gelman_rubin(flat))
+            if np.nanmax(rh) > r_hat:
+                r_hat, worst["r_hat"] = float(np.nanmax(rh)), name
+        if S >= 4:
+            e = np.asarray(effective_sample_size(flat))
+            if np.nanmin(e) < ess:
+                ess, worst["ess"] = float(np.nanmin(e)), name
+    divergences = int(np.sum(stats["diverging"]))
+    messages = []
+    if divergences:
+        messages.append(f"NUTS: {divergences} divergent transition(s) after warm-up: the posterior has regions "
+                        "the sampler cannot explore (try noncentred=True or a higher target_accept)")
+    if np.isfinite(r_hat) and r_hat > 1.01:
+        messages.append(f"NUTS: r-hat {r_hat:.3f} > 1.01 (worst: {worst['r_hat']}): the chains disagree, "
+                        "run longer or reparametrise")
+    if np.isfinite(ess) and ess < 100 * C:
+        messages.append(f"NUTS: bulk ESS {ess:.0f} < {100 * C} (100 per chain; worst: {worst['ess']}): "
+                        "too few effective draws for reliable summaries")
+    tail = prior_tail_check(model, samples, data)
+    return {
+        "max_r_hat": r_hat if np.isfinite(r_hat) else float("nan"),
+        "min_ess": ess if np.isfinite(ess) else float("nan"),
+        "num_divergences": divergences,
+        "converged": not messages,
+        "messages": messages,
+        "prior_conflicts": tail,
+    }
 
 
 # ---------------------------------------------------------------------------- ArviZ

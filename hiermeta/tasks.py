@@ -9,13 +9,16 @@ constant part of its log density (so losses are reported "up to a constant", as 
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Protocol, runtime_checkable
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, runtime_checkable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import numpyro
 import numpyro.distributions as dist
+from numpyro.distributions import constraints
+
+from .sites import GlobalParam
 
 __all__ = [
     "TaskBatch",
@@ -36,7 +39,16 @@ class TaskBatch(NamedTuple):
 
 @runtime_checkable
 class TaskLikelihood(Protocol):
-    """What a domain supplies: the NumPyro likelihood of a batch of tasks and its bookkeeping."""
+    """What a domain supplies: the NumPyro likelihood of a batch of tasks and its bookkeeping.
+
+    ``likelihood(theta, data)`` is called inside ``numpyro.plate("tasks", T)`` with ``theta`` the
+    task parameters (a pytree whose leaves have a leading task axis) and ``data`` the tasks' data
+    (every leaf with a leading task axis); it declares the *observed* sites only (task latents
+    belong in theta).  A likelihood with parameters shared by all tasks (e.g. an unknown noise
+    scale) lists them in an attribute ``global_params`` (name -> :class:`~hiermeta.GlobalParam`);
+    the model samples them once, outside the plate, and calls ``likelihood(theta, data, g)``
+    with ``g`` the dict of their values.  Data may carry ``task_covariates`` ``(T, Q)``.
+    """
 
     def __call__(self, theta: Any, data: Any) -> None: ...
 
@@ -44,7 +56,7 @@ class TaskLikelihood(Protocol):
         """``(T,)`` number of observations in each task."""
 
     def log_normaliser(self, data: Any) -> jax.Array:
-        """``(T,)`` part of ``log p(data | theta)`` that does not depend on theta."""
+        """``(T,)`` part of ``log p(data | theta)`` that depends on neither theta nor the globals."""
 
     def check(self, data: Any, where: str) -> None:
         """Raise ``ValueError`` naming the problem if concrete ``data`` is malformed."""
@@ -88,15 +100,21 @@ class GaussianData(NamedTuple):
         observations.
       inputs: optional pytree with leaves of leading shape ``(T, N, ...)`` (covariates, design
         rows) passed to the mean function.
+      task_covariates: optional ``(T, Q)`` covariates of each task (group-level predictors: the
+        prior mean of task t is ``phi + z_t @ gamma`` in a model with ``num_task_covariates=Q``).
+
+    With a likelihood of unknown noise (``GaussianLikelihood(..., noise="learned")``),
+    ``noise_sd`` holds known *relative* scales (1 by default) multiplying the learned noise sd.
     """
 
     obs: jax.Array
     noise_sd: jax.Array
     mask: jax.Array
     inputs: Any = None
+    task_covariates: Any = None
 
     @classmethod
-    def create(cls, obs, noise_sd, inputs=None, mask=None) -> "GaussianData":
+    def create(cls, obs, noise_sd=1.0, inputs=None, mask=None, task_covariates=None) -> "GaussianData":
         """Validate and broadcast user data (NumPy in, checked before anything is compiled).
 
         ``noise_sd`` broadcasts against ``obs`` ``(T, N, D)`` (e.g. ``(D,)`` shared, ``(T, 1, D)``
@@ -119,13 +137,16 @@ class GaussianData(NamedTuple):
         # padding never reaches a density, but keep it finite so no NaN leaks into gradients
         obs = np.where(mask[..., None], obs, 0.0)
         noise = np.where(mask[..., None], noise, 1.0)
-        data = cls(obs=obs, noise_sd=noise, mask=mask, inputs=inputs)
+        if task_covariates is not None:
+            task_covariates = np.asarray(task_covariates, dtype=float)
+        data = cls(obs=obs, noise_sd=noise, mask=mask, inputs=inputs, task_covariates=task_covariates)
         _check_gaussian(data, "data")
         return cls(
             obs=jnp.asarray(obs),
             noise_sd=jnp.asarray(noise),
             mask=jnp.asarray(mask),
             inputs=jax.tree_util.tree_map(jnp.asarray, inputs),
+            task_covariates=None if task_covariates is None else jnp.asarray(task_covariates),
         )
 
 
@@ -163,40 +184,93 @@ def _check_gaussian(data: GaussianData, where: str) -> None:
             raise ValueError(f"{where}: inputs leaves must have leading shape {(T, N)}, got {shape}")
         if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf)):
             raise ValueError(f"{where}: inputs hold NaN or infinite values")
+    check_task_covariates(getattr(data, "task_covariates", None), T, where)
+
+
+def check_task_covariates(z, T: int, where: str) -> None:
+    """``z`` is None or a finite ``(T, Q)`` real array."""
+    if z is None:
+        return
+    arr = np.asarray(z)
+    if arr.ndim != 2 or arr.shape[0] != T:
+        raise ValueError(f"{where}: task_covariates must have shape ({T}, Q), got {arr.shape}")
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr) or not np.all(np.isfinite(arr)):
+        raise ValueError(f"{where}: task_covariates must be finite real numbers")
 
 
 class GaussianLikelihood:
-    """``x_{t,n} ~ N(mean_fn(theta_t, inputs_t)_n, diag(noise_sd_{t,n}^2))`` with known noise.
+    """``x_{t,n} ~ N(mean_fn(theta_t, inputs_t)_n, diag(sd_{t,n}^2))``, the noise known or learned.
 
     ``mean_fn(theta_t, inputs_t)`` sees one task: ``theta_t`` the parameter pytree of that task
     and ``inputs_t`` its inputs (leading axis ``N``, or None); it returns the mean ``(N, D)`` or a
-    mean ``(D,)`` shared by the task's observations.  It is vmapped over tasks here.
+    mean ``(D,)`` shared by the task's observations.  It is vmapped over tasks here.  With
+    ``globals`` (name -> :class:`~hiermeta.GlobalParam`, e.g. unpooled coefficients) it is called
+    ``mean_fn(theta_t, inputs_t, g)`` with ``g`` the dict of their values.
+
+    Args:
+      noise: ``"known"``: ``sd = data.noise_sd``; ``"learned"``: ``sd = noise_sd * data.noise_sd``
+        with ``noise_sd`` a global parameter of shape ``noise_shape`` (``()`` one sd for every
+        observation dim, ``(D,)`` one per dim), ``data.noise_sd`` then being known relative scales.
+      noise_prior: the noise sd's prior under NUTS (default flat; see :func:`hiermeta.with_priors`).
+      noise_init: the noise sd's starting value for learners and type-II ML (default 1).
     """
 
-    def __init__(self, mean_fn: Callable[[Any, Any], jax.Array], site: str = "obs"):
+    def __init__(
+        self,
+        mean_fn: Callable[..., jax.Array],
+        site: str = "obs",
+        *,
+        noise: str = "known",
+        noise_shape: tuple = (),
+        noise_prior=None,
+        noise_init=None,
+        globals: Optional[Mapping[str, GlobalParam]] = None,
+    ):
+        if noise not in ("known", "learned"):
+            raise ValueError(f"noise must be 'known' or 'learned', got {noise!r}")
         self.mean_fn = mean_fn
         self.site = site
+        self.noise = noise
+        declared = dict(globals or {})
+        if noise == "learned":
+            if "noise_sd" in declared:
+                raise ValueError("'noise_sd' is the learned noise's site; give other names to globals")
+            declared["noise_sd"] = GlobalParam(tuple(noise_shape), constraints.positive, noise_prior, noise_init)
+        self.global_params = declared
+        self._mean_globals = tuple(name for name in declared if name != "noise_sd")
 
-    def mean(self, theta, data: GaussianData) -> jax.Array:
+    def mean(self, theta, data: GaussianData, g: Optional[Mapping[str, Any]] = None) -> jax.Array:
+        if self._mean_globals:
+            shared = {name: g[name] for name in self._mean_globals}
+            mean_fn = lambda th, x: self.mean_fn(th, x, shared)
+        else:
+            mean_fn = self.mean_fn
         if data.noise_sd.shape[0] == 1:  # one task (the per-task densities): no size-1 batch axis in XLA
             one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
-            mu = self.mean_fn(one(theta), one(data.inputs))[None]
+            mu = mean_fn(one(theta), one(data.inputs))[None]
         else:
-            mu = jax.vmap(self.mean_fn)(theta, data.inputs)
+            mu = jax.vmap(mean_fn)(theta, data.inputs)
         if mu.ndim == 2:
             mu = mu[:, None, :]
         return jnp.broadcast_to(mu, data.noise_sd.shape)  # obs may be None (prior predictive)
 
-    def __call__(self, theta, data: GaussianData) -> None:
-        mu = self.mean(theta, data)
-        fn = dist.Normal(mu, data.noise_sd).mask(data.mask[..., None]).to_event(2)
+    def sd(self, data: GaussianData, g: Optional[Mapping[str, Any]] = None) -> jax.Array:
+        """Observation sd ``(T, N, D)``: the known one, or the learned one times the relative scales."""
+        if self.noise == "learned":
+            return data.noise_sd * g["noise_sd"]
+        return data.noise_sd
+
+    def __call__(self, theta, data: GaussianData, g: Optional[Mapping[str, Any]] = None) -> None:
+        mu = self.mean(theta, data, g)
+        fn = dist.Normal(mu, self.sd(data, g)).mask(data.mask[..., None]).to_event(2)
         numpyro.sample(self.site, fn, obs=data.obs)
 
     def num_observations(self, data: GaussianData) -> jax.Array:
         return jnp.sum(data.mask, axis=-1)
 
     def log_normaliser(self, data: GaussianData) -> jax.Array:
-        """``-sum_{n,d} (log noise_sd + log(2 pi) / 2)``: loss = 1/2 sum (x - mu)^2 / xi^2."""
+        """``-sum_{n,d} (log xi + log(2 pi) / 2)`` with ``xi = data.noise_sd`` (the known sd, or the
+        known relative scale with learned noise): loss = 1/2 sum (x - mu)^2 / sd^2 (+ sum log noise_sd)."""
         per_obs = jnp.log(data.noise_sd) + 0.5 * jnp.log(2 * jnp.pi)
         return -jnp.sum(jnp.where(data.mask[..., None], per_obs, 0.0), axis=(-2, -1))
 

@@ -27,8 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hiermeta import GaussianData, GaussianLikelihood, HierarchicalModel, ModulePartition, TaskBatch
-from hiermeta.empirical_bayes import type2_maximum_likelihood
+from hiermeta import GaussianData, HierarchicalModel, LinearGaussianLikelihood, ModulePartition, TaskBatch
+from hiermeta.empirical_bayes import type2_ml
 
 __all__ = [
     "LinearDomain",
@@ -56,7 +56,7 @@ def linear_mean(theta, design):
     return jnp.einsum("ndp,p->nd", design, theta)
 
 
-likelihood = GaussianLikelihood(linear_mean)
+likelihood = LinearGaussianLikelihood()  # known noise; mean A theta (the design as inputs)
 
 
 class LinearDomain(NamedTuple):
@@ -169,35 +169,17 @@ def _natural_params(data: GaussianData, phi):
 
 def posterior(data: GaussianData, phi, prior_sd):
     """Posterior of each task's theta: mean (= MAP) ``(T, P)`` and covariance ``(T, P, P)``."""
-    phi = jnp.asarray(phi)
-    F, b, _ = _natural_params(data, phi)
-    precision = F + jnp.diag(jnp.asarray(prior_sd) ** -2.0)
-    cov = jnp.linalg.inv(precision)
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    mean = phi + jnp.einsum("tpq,tq->tp", cov, b)
-    return mean, cov
+    return likelihood.posterior(data, jnp.asarray(phi), jnp.diag(jnp.asarray(prior_sd)))
 
 
 def log_marginal_likelihood(data: GaussianData, phi, prior_sd) -> jax.Array:
     """``log p(D_t | phi, S)`` per task ``(T,)``, theta integrated out exactly.
 
     -1/2 [ r^T Xi^-1 r - b^T Lambda^-1 b + log|Xi| + log|S| + log|Lambda| + n D log(2 pi) ],
-    with r = x - A phi stacked over the task's observations and b = A^T Xi^-1 r.
+    with r = x - A phi stacked over the task's observations and b = A^T Xi^-1 r
+    (:meth:`hiermeta.LinearGaussianLikelihood.log_marginal`).
     """
-    phi, prior_sd = jnp.asarray(phi), jnp.asarray(prior_sd)
-    F, b, quad = _natural_params(data, phi)
-    precision = F + jnp.diag(prior_sd**-2.0)
-    chol = jnp.linalg.cholesky(precision)
-    z = jax.scipy.linalg.solve_triangular(chol, b[..., None], lower=True)[..., 0]
-    log_det_precision = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
-    observed = data.mask[..., None] & jnp.ones(data.obs.shape, bool)
-    log_det_noise = jnp.sum(jnp.where(observed, 2.0 * jnp.log(data.noise_sd), 0.0), axis=(1, 2))
-    n_scalar = jnp.sum(observed, axis=(1, 2))
-    log_det_prior = 2.0 * jnp.sum(jnp.log(prior_sd))
-    return -0.5 * (
-        quad - jnp.sum(z**2, -1) + log_det_noise + log_det_prior + log_det_precision
-        + n_scalar * jnp.log(2.0 * jnp.pi)
-    )
+    return likelihood.log_marginal(data, jnp.asarray(phi), jnp.diag(jnp.asarray(prior_sd)))
 
 
 def posterior_predictive(data: GaussianData, phi, prior_sd, design_new, noise_new):
@@ -258,16 +240,14 @@ def expected_eq4_gradient(domain: LinearDomain, sigma_hat) -> np.ndarray:
 
 
 def fit_type2_ml(data: GaussianData, model: HierarchicalModel, phi0=None, sigma0=None, **kwargs):
-    """Exact empirical Bayes: maximise ``sum_t log p(D_t | phi, sigma)`` over phi and per-module sigma."""
-    part = model.partition
-    phi0 = jnp.zeros(part.num_params) if phi0 is None else jnp.asarray(phi0)
-    sigma0 = part.check_per_module(1.0 if sigma0 is None else sigma0, "sigma0")
-    T = int(data.obs.shape[0])
-
-    def log_marginal(phi, sigma, data):
-        return jnp.sum(log_marginal_likelihood(data, phi, part.expand(sigma)))
-
-    return type2_maximum_likelihood(log_marginal, phi0, sigma0, data, num_tasks=T, **kwargs)
+    """Exact empirical Bayes: maximise ``sum_t log p(D_t | phi, sigma)`` over phi and per-module sigma
+    (:func:`hiermeta.type2_ml`; ``phi0``, ``sigma0`` override its data-scaled start)."""
+    init = {}
+    if phi0 is not None:
+        init["phi"] = phi0
+    if sigma0 is not None:
+        init["sigma"] = sigma0
+    return type2_ml(model, data, init=init, **kwargs)
 
 
 # ---------------------------------------------------------------------------- for hiermeta.posterior

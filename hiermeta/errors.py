@@ -1,0 +1,25 @@
+"""The warnings hiermeta raises when a result should not be trusted as it stands.
+
+Every one of them is also recorded in the result it concerns (a flag, a diagnostic), so a script
+can check it without catching warnings; the warning is there so that nobody misses it.
+"""
+
+from __future__ import annotations
+
+__all__ = ["HiermetaWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning"]
+
+
+class HiermetaWarning(UserWarning):
+    """Base class of hiermeta's warnings."""
+
+
+class EmpiricalBayesWarning(HiermetaWarning):
+    """Type-II ML did not converge, or ended on a boundary (a sigma at 0, a correlation at +-1)."""
+
+
+class PriorWarning(HiermetaWarning):
+    """Priors not scaled to the data, or a posterior that sits far out in its prior's tail."""
+
+
+class SamplingWarning(HiermetaWarning):
+    """NUTS did not converge: divergent transitions, r-hat above 1.01, or too few effective draws."""
