@@ -147,15 +147,7 @@ def main(argv=None):
     sigma_rows = [["truth", *domain.sigma, 0.0]]
     sigma_rows += [[name, *sigma, np.max(np.abs(phi - domain.phi))] for name, (phi, sigma) in learned.items()]
     print(format_table(["method", *[f"s{m + 1}" for m in range(domain.num_params)], "phi err"], sigma_rows, 2))
-    if args.quick:
-        print(f"--quick: a smoke run of {meta_steps} meta-steps. The meta-learned sigmas ({', '.join(learners)}) have "
-              "NOT converged (the recorded run takes 3000 steps to reach the truth): they are not estimates to compare "
-              "with the exact targets.")
-    else:
-        print(f"Exact targets: Eq. 4's fixed point is the true sigma for M-Shrinkage, and {shared_eq4:.2f} for "
-              f"Shrinkage's one sigma\n(whose PLL optimum is {shared_opt:.2f}: Eq. 4 drops the likelihood Hessian).")
-        if meta_steps < 3000:
-            print(f"({meta_steps} meta-steps, fewer than the recorded run's 3000: the sigmas may not have converged.)")
+    print(sigma_verdict(args.quick, meta_steps, list(learners), shared_eq4, shared_opt))
 
     print(f"\nGeneralisation loss on {test_tasks} held-out tasks (mean over tasks; +- is the SEM at "
           f"step {last}); exact E[loss] is the closed-form expectation for the converged MAP")
@@ -215,6 +207,19 @@ def main(argv=None):
     if not args.no_plot:
         print(f"wrote {plot(out / 'linear_toy.png', curves, references, learned, domain)}")
     return payload
+
+
+def sigma_verdict(quick: bool, meta_steps: int, learner_names, shared_eq4: float, shared_opt: float) -> str:
+    """What to read the learned sigmas against: the exact targets, unless the run is too short."""
+    if quick:
+        return (f"--quick: a smoke run of {meta_steps} meta-steps. The meta-learned sigmas ({', '.join(learner_names)}) "
+                "have NOT converged (the recorded run takes 3000 steps to reach the truth): they are not estimates "
+                "to compare with the exact targets.")
+    text = (f"Exact targets: Eq. 4's fixed point is the true sigma for M-Shrinkage, and {shared_eq4:.2f} for "
+            f"Shrinkage's one sigma\n(whose PLL optimum is {shared_opt:.2f}: Eq. 4 drops the likelihood Hessian).")
+    if meta_steps < 3000:
+        text += f"\n({meta_steps} meta-steps, fewer than the recorded run's 3000: the sigmas may not have converged.)"
+    return text
 
 
 def plot(path, curves, references, learned, domain):

@@ -13,7 +13,7 @@ import numpy as np
 from .evaluate import LossCurve
 
 __all__ = ["format_table", "write_json", "plot_loss_curves", "to_jsonable", "pyplot", "save_figure",
-           "study_parser", "count", "positive_float"]
+           "study_parser", "count", "count_list", "positive_float"]
 
 
 class StudyHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -47,6 +47,17 @@ def count(minimum: int = 1):
         return value
 
     parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def count_list(minimum: int = 1):
+    """An argparse ``type``: comma-separated integers, each >= ``minimum`` (e.g. ``8,32,128``)."""
+    one = count(minimum)
+
+    def parse(text: str) -> list[int]:
+        return [one(part.strip()) for part in text.split(",")]
+
+    parse.__name__ = f"comma-separated integers >= {minimum}"
     return parse
 
 
