@@ -29,6 +29,7 @@ import numpy as np
 
 from hiermeta import GaussianData, GaussianLikelihood, HierarchicalModel, ModulePartition, TaskBatch
 from hiermeta.empirical_bayes import type2_maximum_likelihood
+from hiermeta.utils import check_count
 
 __all__ = [
     "LinearDomain",
@@ -157,6 +158,7 @@ def sample_tasks(domain: LinearDomain, key, num_tasks: int) -> tuple[jax.Array, 
 
     Jittable (``num_tasks`` static).  Returns the true ``theta`` ``(T, P)`` and the TaskBatch.
     """
+    num_tasks = check_count(num_tasks, "num_tasks", 1)
     k_theta, k_train, k_val = jax.random.split(key, 3)
     dtype = jnp.zeros(()).dtype
     phi = jnp.asarray(domain.phi, dtype)

@@ -223,6 +223,8 @@ def test_counts_take_integers_only(learner, paper_tasks, bad, tmp_path):
         hm.evaluate(learner, state, batch, bad)
     with pytest.raises(ValueError, match="batch_size must be an integer"):
         hm.sample_from(batch, bad)
+    with pytest.raises(ValueError, match="num_tasks must be an integer"):
+        linear.sample_tasks(linear.paper_domain(), jax.random.PRNGKey(0), bad)
     assert hm.fit(learner, state, lambda key: batch, np.int64(0), data_key=jax.random.PRNGKey(0),
                   progress=False)[0].step == 0  # NumPy integers are integers
 
