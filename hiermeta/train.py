@@ -296,6 +296,13 @@ def fit(
         over its devices and the state is replicated.
     Returns:
       The final state and the history: each metric stacked over the steps run, as NumPy arrays.
+    Raises:
+      ValueError: before any meta-step, for a non-integer or out-of-range count, a state made by
+        another learner, non-finite initial meta-parameters, malformed task data, or a
+        checkpoint path that cannot be written.
+      MetaTrainingError: ``max_consecutive_skips`` meta-steps in a row were skipped.
+      CheckpointWriteError: a checkpoint write failed (a ``MetaTrainingError``).
+      CheckpointError: ``resume=True`` found a corrupt checkpoint or one of another run.
     """
     num_steps = check_count(num_steps, "num_steps", 0)
     chunk_size = check_count(chunk_size, "chunk_size", 1)
