@@ -20,7 +20,6 @@ swirl: Experiment 2) and each method:
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
-from hiermeta.report import format_table, plot_loss_curves, write_json  # noqa: E402
+from hiermeta.report import count, format_table, plot_loss_curves, study_parser, write_json  # noqa: E402
 from hiermeta.study import Candidate, curve_summary, search, try_evaluate  # noqa: E402
 from models import linear, swirl  # noqa: E402
 
@@ -168,10 +167,11 @@ def learned_values(state) -> dict:
 def run_domain(name, args, log):
     t_start = time.perf_counter()
     quick = args.quick
-    meta_steps = args.meta_steps or (60 if quick else {"linear": 3000, "swirl": 2000}[name])
-    eval_steps = args.eval_steps or ((50 if name == "linear" else 100) if quick else {"linear": 200, "swirl": 1000}[name])
-    n_test = args.test_tasks or (100 if quick else 1000)
-    n_val = args.val_tasks or (100 if quick else 500)  # quick: same shape as the test set, one compilation
+    pick = lambda value, default: value if value is not None else default
+    meta_steps = pick(args.meta_steps, 60 if quick else {"linear": 3000, "swirl": 2000}[name])
+    eval_steps = pick(args.eval_steps, (50 if name == "linear" else 100) if quick else {"linear": 200, "swirl": 1000}[name])
+    n_test = pick(args.test_tasks, 100 if quick else 1000)
+    n_val = pick(args.val_tasks, 100 if quick else 500)  # quick: same shape as the test set, one compilation
     grid = (QUICK_GRIDS if quick else GRIDS)[name]
 
     keys = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), list(DOMAINS).index(name)), 4)
@@ -298,19 +298,24 @@ def plot(path, results):
     return save_figure(fig, path)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--domain", choices=["linear", "swirl", "both"], default="both")
+def build_parser():
+    p = study_parser(__doc__)
+    p.add_argument("--domain", choices=["linear", "swirl", "both"], default="both", help="which domain(s) to run")
     p.add_argument("--quick", action="store_true", help="smoke run: one candidate per method, few steps and tasks")
-    p.add_argument("--methods", help="comma-separated subset of methods")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--meta-steps", type=int, help="meta-steps per candidate (default linear 3000, swirl 2000)")
-    p.add_argument("--eval-steps", type=int, help="adaptation steps evaluated (default linear 200, swirl 1000)")
-    p.add_argument("--test-tasks", type=int, help="held-out tasks (default 1000)")
-    p.add_argument("--val-tasks", type=int, help="validation tasks for the search (default 500)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--methods", help="comma-separated subset of methods (default: all)")
+    p.add_argument("--out", default="results", help="output directory for compare.json and compare.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task streams, validation and held-out tasks")
+    p.add_argument("--meta-steps", type=count(1), help="meta-steps per candidate (default linear 3000, swirl 2000; quick 60)")
+    p.add_argument("--eval-steps", type=count(1), help="adaptation steps evaluated (default linear 200, swirl 1000; quick 50, 100)")
+    p.add_argument("--test-tasks", type=count(2), help="held-out tasks (default 1000, quick 100)")
+    p.add_argument("--val-tasks", type=count(1), help="validation tasks for the search (default 500, quick 100)")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
     p.add_argument("--no-progress", action="store_true", help="no progress bars (the per-candidate lines remain)")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     return p.parse_args(argv)
 
 

@@ -24,7 +24,6 @@ sigma) for (i), (ii), (iv) and type-II ML's own for (iii).  Estimates below 1e-3
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -42,7 +41,7 @@ import scipy.optimize  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import implicit  # noqa: E402
-from hiermeta.report import format_table, write_json  # noqa: E402
+from hiermeta.report import count, count_list, format_table, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
 
 RHO_BOUNDS = (2 * np.log(1e-4), 2 * np.log(1e3))  # rho = log sigma^2
@@ -247,15 +246,21 @@ def asymptotic_joint_map(domain):
     return to_sigma(rho)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="T up to 1000 and fewer seeds")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--tasks", help="comma-separated T values (default 10,30,100,300,1000,3000,10000)")
-    p.add_argument("--seeds", type=int, help="repetitions per T (default 20 toy / 8 linear; quick 5 / 3)")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default="results", help="output directory for consistency.json and consistency.png")
+    p.add_argument("--tasks", type=count_list(2),
+                   help="comma-separated T values (default 10,30,100,300,1000,3000,10000; quick up to 1000)")
+    p.add_argument("--seeds", type=count(1), help="repetitions per T (default 20 toy / 8 linear; quick 5 / 3)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
     p.add_argument("--replot", metavar="JSON", help="only redraw the figure from a consistency.json")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     return p.parse_args(argv)
 
 
@@ -268,18 +273,19 @@ def main(argv=None):
         print(f"wrote {plot(Path(args.out) / 'consistency.png', payload, payload['config']['tasks'])}")
         return payload
     hm.enable_compilation_cache()
-    T_values = [int(t) for t in (args.tasks or ("10,30,100,300,1000" if args.quick else
-                                                "10,30,100,300,1000,3000,10000")).split(",")]
+    T_values = args.tasks if args.tasks is not None else (
+        [10, 30, 100, 300, 1000] if args.quick else [10, 30, 100, 300, 1000, 3000, 10000])
     t_start = time.perf_counter()
     solver_name, solver = exact_solver()
     if solver is None:
         print("NOTE: hiermeta.implicit has no exact hypergradient solver on this branch (issue 3): (ii) uses the "
               "gradient of the PLL through the exact MAP only; the library-path check is skipped.")
     paper = linear.paper_domain()
+    seeds = lambda quick, full: args.seeds if args.seeds is not None else (quick if args.quick else full)
     studies = {
-        "toy s2=2.25": (toy_domain(2.25), args.seeds or (5 if args.quick else 20)),
-        "toy s2=0.4": (toy_domain(0.4), args.seeds or (5 if args.quick else 20)),
-        "linear": (paper, args.seeds or (3 if args.quick else 8)),
+        "toy s2=2.25": (toy_domain(2.25), seeds(5, 20)),
+        "toy s2=0.4": (toy_domain(0.4), seeds(5, 20)),
+        "linear": (paper, seeds(3, 8)),
     }
     from tqdm.auto import tqdm
 

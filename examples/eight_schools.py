@@ -10,7 +10,7 @@ tau ~ HalfCauchy(5).  The script
 * computes type-II maximum likelihood of (mu, tau) (the marginal likelihood profiled over mu)
   and the predictive-likelihood estimate of tau (each school's observation split into support
   and query by Gaussian data fission, the PLL taken in expectation over the split), both exact;
-* prints them side by side and writes results.json and eight_schools.png to --out.
+* prints them side by side and writes eight_schools.json and eight_schools.png to --out.
 
     python examples/eight_schools.py            # about a minute on 2 CPU cores (less with a warm cache)
     python examples/eight_schools.py --quick    # fewer draws
@@ -18,7 +18,6 @@ tau ~ HalfCauchy(5).  The script
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 from pathlib import Path
@@ -33,29 +32,34 @@ import numpy as np  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import posterior as hp  # noqa: E402
-from hiermeta.report import format_table, write_json  # noqa: E402
+from hiermeta.report import count, format_table, study_parser, write_json  # noqa: E402
 from models import eight_schools as es  # noqa: E402
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="fewer draws (smoke run)")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--warmup", type=int, help="warm-up iterations per chain (default 1000, quick 500)")
-    p.add_argument("--samples", type=int, help="draws per chain (default 2500, quick 1000)")
-    p.add_argument("--target-accept", type=float, default=0.9)
+    p.add_argument("--out", default="results", help="output directory for eight_schools.json and eight_schools.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the NUTS chains")
+    p.add_argument("--chains", type=count(1), default=4, help="NUTS chains per parametrisation")
+    p.add_argument("--warmup", type=count(0), help="warm-up iterations per chain (default 1000, quick 500)")
+    p.add_argument("--samples", type=count(1), help="draws per chain (default 2500, quick 1000)")
+    p.add_argument("--target-accept", type=float, default=0.9, help="NUTS target acceptance probability, in (0, 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     hm.enable_compilation_cache()
-    warmup = args.warmup or (500 if args.quick else 1000)
-    samples = args.samples or (1000 if args.quick else 2500)
+    warmup = args.warmup if args.warmup is not None else (500 if args.quick else 1000)
+    samples = args.samples if args.samples is not None else (1000 if args.quick else 2500)
     out = Path(args.out)
     t_start = time.perf_counter()
 

@@ -21,7 +21,6 @@ the implicit and the unrolled hypergradient for K = 10, 100, 1000.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -35,7 +34,7 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.implicit import cg_solve, eq4_solve, implicit_hypergradient, implicit_solution  # noqa: E402
-from hiermeta.report import format_table, write_json  # noqa: E402
+from hiermeta.report import count, format_table, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
 
 CG_ITERATIONS = (1, 2, 5, 10)
@@ -43,13 +42,18 @@ METHODS = ("Eq. 4", *[f"CG {n}" for n in CG_ITERATIONS], "unrolled")
 MEMORY_KS = (10, 100, 1000)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="fewer sigmas and K, smoke run")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tasks", type=int, default=100, help="tasks the hypergradient averages over")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default="results", help="output directory for hypergradient_accuracy.json and .png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the tasks")
+    p.add_argument("--tasks", type=count(1), default=100, help="tasks the hypergradient averages over")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     return p.parse_args(argv)
 
 

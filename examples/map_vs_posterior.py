@@ -27,7 +27,6 @@ held-out tasks each time).
 
 from __future__ import annotations
 
-import argparse
 import importlib.util
 import os
 import time
@@ -54,37 +53,42 @@ from hiermeta.predictive import (  # noqa: E402
     score_draws,
     score_gaussian_mixture,
 )
-from hiermeta.report import format_table, write_json  # noqa: E402
+from hiermeta.report import count, count_list, format_table, positive_float, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
 
 LEVELS = (0.5, 0.9)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: T = 8, 32, one seed, short chains")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
+    p.add_argument("--out", default="results", help="output directory for map_vs_posterior.json and .png")
     p.add_argument("--domains", default="linear,swirl", help="comma-separated: linear, swirl")
-    p.add_argument("--tasks", default=None, help="training-task counts (default 8,32,128; quick 8,32)")
-    p.add_argument("--seeds", type=int, help="repetitions (default 3, quick 1)")
-    p.add_argument("--test-tasks", type=int, help="held-out tasks per repetition (default 500, quick 200)")
-    p.add_argument("--meta-steps", type=int, help="M-Shrinkage meta-iterations (default 2000, quick 300)")
-    p.add_argument("--chains", type=int, default=4)
-    p.add_argument("--warmup", type=int, help="NUTS warm-up per chain (default 1000, quick 400)")
-    p.add_argument("--samples", type=int, help="NUTS draws per chain (default 1000, quick 400)")
-    p.add_argument("--hyper-draws", type=int, default=1000, help="posterior draws of (phi, sigma) used for (c)")
+    p.add_argument("--tasks", type=count_list(2), help="training-task counts (default 8,32,128; quick 8,32)")
+    p.add_argument("--seeds", type=count(1), help="repetitions (default 3, quick 1)")
+    p.add_argument("--test-tasks", type=count(2), help="held-out tasks per repetition (default 500, quick 200)")
+    p.add_argument("--meta-steps", type=count(1), help="M-Shrinkage meta-iterations (default 2000, quick 300)")
+    p.add_argument("--chains", type=count(1), default=4, help="NUTS chains")
+    p.add_argument("--warmup", type=count(0), help="NUTS warm-up per chain (default 1000, quick 400)")
+    p.add_argument("--samples", type=count(1), help="NUTS draws per chain (default 1000, quick 400)")
+    p.add_argument("--hyper-draws", type=count(1), default=1000, help="posterior draws of (phi, sigma) used for (c)")
     p.add_argument("--parametrisation", choices=["auto", "centred", "noncentred"], default="auto",
                    help="NUTS parametrisation of theta (auto: non-centred for T <= 32)")
-    p.add_argument("--phi-scale", type=float, default=10.0, help="prior phi ~ N(0, scale^2) for NUTS")
-    p.add_argument("--sigma-scale", type=float, default=5.0, help="prior sigma ~ HalfCauchy(scale) for NUTS")
-    p.add_argument("--is-draws", type=int, default=1000,
+    p.add_argument("--phi-scale", type=positive_float, default=10.0, help="prior phi ~ N(0, scale^2) for NUTS")
+    p.add_argument("--sigma-scale", type=positive_float, default=5.0, help="prior sigma ~ HalfCauchy(scale) for NUTS")
+    p.add_argument("--is-draws", type=count(1), default=1000,
                    help="importance draws per task for (b) IS (a non-linear domain without an exact predictive)")
     p.add_argument("--nuts-b", action="store_true",
                    help="also (b) by NUTS over the held-out tasks (slow on the swirl: long trees on 2000 dims)")
     p.add_argument("--generic-linear", action="store_true",
                    help="score the linear domain with the non-linear machinery (Laplace, NUTS) as a check")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     return p.parse_args(argv)
 
 
@@ -311,12 +315,13 @@ def summarise(arm_name, T_values, runs, reference):
 def main(argv=None):
     args = parse_args(argv)
     hm.enable_compilation_cache()
-    args.seeds = args.seeds or (1 if args.quick else 3)
-    args.test_tasks = args.test_tasks or (200 if args.quick else 500)
-    args.meta_steps = args.meta_steps or (300 if args.quick else 2000)
-    args.warmup = args.warmup or (400 if args.quick else 1000)
-    args.samples = args.samples or (400 if args.quick else 1000)
-    T_values = [int(t) for t in (args.tasks or ("8,32" if args.quick else "8,32,128")).split(",")]
+    pick = lambda value, quick, full: value if value is not None else (quick if args.quick else full)
+    args.seeds = pick(args.seeds, 1, 3)
+    args.test_tasks = pick(args.test_tasks, 200, 500)
+    args.meta_steps = pick(args.meta_steps, 300, 2000)
+    args.warmup = pick(args.warmup, 400, 1000)
+    args.samples = pick(args.samples, 400, 1000)
+    T_values = pick(args.tasks, [8, 32], [8, 32, 128])
     progress = not args.no_progress
     out = Path(args.out)
     t_start = time.perf_counter()

@@ -15,7 +15,6 @@ loop at the true phi and sigma.
 
 from __future__ import annotations
 
-import argparse
 import time
 from pathlib import Path
 
@@ -29,7 +28,7 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.learners import shrinkage_params, sigma_of  # noqa: E402
-from hiermeta.report import format_table, plot_loss_curves, write_json  # noqa: E402
+from hiermeta.report import count, format_table, plot_loss_curves, positive_float, study_parser, write_json  # noqa: E402
 from models import swirl  # noqa: E402
 
 REPORT_STEPS = (0, 10, 100, 300, 1000)
@@ -37,29 +36,35 @@ REF_NAMES = {"oracle_map": "Bayes oracle (global MAP)", "local_map": "MAP from p
              "posterior_mean": "posterior mean of mu", "mle": "MLE"}
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="short smoke run")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--meta-steps", type=int, help="meta-iterations per learner (default 2000, quick 50)")
-    p.add_argument("--batch-size", type=int, default=25, help="tasks per meta-iteration")
-    p.add_argument("--inner-steps", type=int, help="K, inner SGD steps while meta-training (default 500, quick 50)")
-    p.add_argument("--inner-lr", type=float, default=0.1, help="inner SGD learning rate")
-    p.add_argument("--outer-lr", type=float, default=0.03, help="initial Adam learning rate (cosine-decayed)")
-    p.add_argument("--test-tasks", type=int, help="held-out tasks (default 1000, quick 100)")
-    p.add_argument("--test-steps", type=int, help="adaptation steps evaluated (default 1000, quick 100)")
-    p.add_argument("--no-plot", action="store_true")
+    p.add_argument("--out", default="results", help="output directory for nonlinear_toy.json and nonlinear_toy.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of the task streams, the held-out tasks and the initial state")
+    p.add_argument("--meta-steps", type=count(1), help="meta-iterations per learner (default 2000, quick 50)")
+    p.add_argument("--batch-size", type=count(1), default=25, help="tasks per meta-iteration")
+    p.add_argument("--inner-steps", type=count(1), help="K, inner SGD steps while meta-training (default 500, quick 50)")
+    p.add_argument("--inner-lr", type=positive_float, default=0.1, help="inner SGD learning rate")
+    p.add_argument("--outer-lr", type=positive_float, default=0.03, help="initial Adam learning rate (cosine-decayed)")
+    p.add_argument("--test-tasks", type=count(2), help="held-out tasks (default 1000, quick 100)")
+    p.add_argument("--test-steps", type=count(1), help="adaptation steps evaluated (default 1000, quick 100)")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     return p.parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     hm.enable_compilation_cache()
-    meta_steps = args.meta_steps or (50 if args.quick else 2000)
-    inner_steps = args.inner_steps or (50 if args.quick else 500)
-    test_tasks = args.test_tasks or (100 if args.quick else 1000)
-    test_steps = args.test_steps or (100 if args.quick else 1000)
+    pick = lambda value, quick, full: value if value is not None else (quick if args.quick else full)
+    meta_steps = pick(args.meta_steps, 50, 2000)
+    inner_steps = pick(args.inner_steps, 50, 500)
+    test_tasks = pick(args.test_tasks, 100, 1000)
+    test_steps = pick(args.test_steps, 100, 1000)
     out = Path(args.out)
     t_start = time.perf_counter()
 

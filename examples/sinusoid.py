@@ -11,6 +11,7 @@ splits each batch of tasks over N devices (``hiermeta.sharding``).  JAX's persis
 compilation cache makes a second run start fast.
 
     python examples/sinusoid.py                                   # about a minute on 2 cores
+    python examples/sinusoid.py --out DIR                         # sinusoid.json and sinusoid.png in DIR (default results/)
     python examples/sinusoid.py --quick
     python examples/sinusoid.py --checkpoint run.npz --checkpoint-every 500      # ... interrupted
     python examples/sinusoid.py --checkpoint run.npz --checkpoint-every 500 --resume
@@ -18,7 +19,6 @@ compilation cache makes a second run start fast.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -31,35 +31,40 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.learners import sigma_of  # noqa: E402
-from hiermeta.report import format_table, write_json  # noqa: E402
+from hiermeta.report import count, format_table, positive_float, study_parser, write_json  # noqa: E402
 from models import sinusoid  # noqa: E402
 
 REPORT_STEPS = (0, 1, 5, 10, 20)
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="short smoke run")
-    p.add_argument("--meta-steps", type=int, help="meta-iterations (default 3000, quick 300)")
-    p.add_argument("--batch-size", type=int, default=25, help="tasks per meta-iteration")
-    p.add_argument("--inner-steps", type=int, default=5, help="K, inner SGD steps while meta-training")
-    p.add_argument("--inner-lr", type=float, default=sinusoid.MAML_INNER_LR,
-                   help="inner SGD rate on 1/2 sum of squares (default: MAML's 0.01 on the MSE)")
-    p.add_argument("--outer-lr", type=float, default=0.01, help="Adam learning rate")
-    p.add_argument("--test-tasks", type=int, default=1000)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="results", help="output directory for sinusoid.json and sinusoid.png")
+    p.add_argument("--meta-steps", type=count(1), help="meta-iterations (default 3000, quick 300)")
+    p.add_argument("--batch-size", type=count(1), default=25, help="tasks per meta-iteration")
+    p.add_argument("--inner-steps", type=count(1), default=5, help="K, inner SGD steps while meta-training")
+    p.add_argument("--inner-lr", type=positive_float, default=sinusoid.MAML_INNER_LR,
+                   help="inner SGD rate on 1/2 sum of squares (MAML's 0.01 on the MSE)")
+    p.add_argument("--outer-lr", type=positive_float, default=0.01, help="Adam learning rate")
+    p.add_argument("--test-tasks", type=count(2), default=1000, help="held-out tasks")
+    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the task stream and the held-out tasks")
     p.add_argument("--checkpoint", help="checkpoint file (.npz)")
-    p.add_argument("--checkpoint-every", type=int, help="meta-steps between checkpoints")
+    p.add_argument("--checkpoint-every", type=count(1), help="meta-steps between checkpoints (default: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
-    p.add_argument("--devices", type=int, help="split each batch's tasks over this many devices")
-    p.add_argument("--out", default="results/sinusoid", help="directory for results.json")
-    return p.parse_args(argv)
+    p.add_argument("--devices", type=count(1), help="split each batch's tasks over this many devices")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None):
     args = parse_args(argv)
     hm.enable_compilation_cache()
-    meta_steps = args.meta_steps or (300 if args.quick else 3000)
+    meta_steps = args.meta_steps if args.meta_steps is not None else (300 if args.quick else 3000)
     t_start = time.perf_counter()
     domain = sinusoid.maml_domain()
     k_init, k_data, k_test = jax.random.split(jax.random.PRNGKey(args.seed), 3)
@@ -87,12 +92,35 @@ def main(argv=None):
     rows = [[name, *[c.at(k) for k in REPORT_STEPS], f"+-{c.sem[last]:.3f}"]
             for name, c in (("meta-trained", trained), ("initial weights", untrained))]
     print(format_table(["", *[f"k={k}" for k in REPORT_STEPS], "sem"], rows))
-    path = write_json(Path(args.out) / "results.json", {
+    out = Path(args.out)
+    path = write_json(out / "sinusoid.json", {
         "schema": "hiermeta/sinusoid/v1", "config": {**vars(args), "meta_steps": meta_steps},
         "modules": list(model.partition.names), "sigma": sigma, "curve": trained, "untrained_curve": untrained,
         "history": {"val_log_lik": history["val_log_lik"], "sigma": history["sigma"]},
         "seconds": time.perf_counter() - t_start})
     print(f"wrote {path}")
+    if not args.no_plot:
+        print(f"wrote {plot(out / 'sinusoid.png', trained, untrained, history, model.partition.names)}")
+
+
+def plot(path, trained, untrained, history, modules):
+    from hiermeta.report import plot_loss_curves, pyplot, save_figure
+
+    plt = pyplot()
+    fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
+    plot_loss_curves(ax0, {"meta-trained (M-Shrinkage)": trained, "initial weights": untrained})
+    ax0.set_yscale("log")
+    ax0.set_ylabel("held-out loss (half the query MSE)")
+    ax0.set_title("Sinusoid: held-out loss (band: mean +- sem)")
+    sigma = np.asarray(history["sigma"])
+    for m, name in enumerate(modules):
+        ax1.plot(np.arange(1, len(sigma) + 1), sigma[:, m], label=name)
+    ax1.set_yscale("log")
+    ax1.set_xlabel("meta-step")
+    ax1.set_ylabel("sigma")
+    ax1.set_title("Learned shrinkage per layer")
+    ax1.legend(fontsize=8)
+    return save_figure(fig, path)
 
 
 if __name__ == "__main__":

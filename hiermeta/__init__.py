@@ -13,11 +13,11 @@ from .linear_gaussian import LinearDesign, LinearGaussianLikelihood, linear_gaus
 from . import empirical_bayes
 from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
 from .inner import InnerProblem, InnerResult, run_inner
-from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage
+from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage, sigma_of
 from .learners import imaml, m_sigma_imaml, sigma_imaml
 from .partition import ModulePartition
 from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
-from .train import MetaTrainingError, fit, sample_from
+from .train import CheckpointWriteError, MetaTrainingError, fit, sample_from
 from .utils import enable_compilation_cache
 from .posterior import NUTSResult, run_nuts, with_priors
 from .priors import prior_summary
@@ -25,7 +25,7 @@ from .errors import HiermetaWarning, PriorWarning, SamplingWarning
 from .laplace import LaplaceResult
 from .predictive import PredictiveScores, score_draws
 from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
-from . import checkpoint, sharding
+from . import checkpoint, empirical_bayes, sharding
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .sharding import task_mesh
 
@@ -56,6 +56,8 @@ __all__ = [
     "fit",
     "sample_from",
     "MetaTrainingError",
+    "CheckpointWriteError",
+    "sigma_of",
     "evaluate",
     "loss_curve",
     "LossCurve",
@@ -81,6 +83,7 @@ __all__ = [
     "PredictiveScores",
     "score_draws",
     "checkpoint",
+    "empirical_bayes",
     "sharding",
     "CheckpointError",
     "save_checkpoint",

@@ -10,16 +10,22 @@ Format: a NumPy ``.npz`` archive (a zip of ``.npy`` arrays, readable by any NumP
 
 Writing is atomic: the archive goes to a temporary file in the same directory, is flushed to
 disk, and replaces the old checkpoint with ``os.replace``; an interrupted write leaves the
-previous checkpoint intact.  Reading checks everything (archive integrity, checksums, the tree
-structure, every shape and dtype against a template) before building anything, and raises
-:class:`CheckpointError` (a ``ValueError``) naming the problem: a checkpoint is never half-loaded.
+previous checkpoint intact, and temporary files left by killed writes (``.NAME.*.tmp``) are
+removed by the next successful one.  Reading checks everything (archive integrity, the layout
+of the metadata, every member's size and ``.npy`` header against it before allocating the
+array, checksums, the tree structure, every shape and dtype against a template) before building
+anything, and raises :class:`CheckpointError` (a ``ValueError``) naming the problem: a
+checkpoint is never half-loaded, and a crafted file cannot make it allocate more than the
+file's own size.
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import io
 import json
+import math
 import os
 import tempfile
 import zipfile
@@ -102,6 +108,11 @@ def save_checkpoint(path, tree, metadata: Optional[dict] = None, extra: Optional
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+    for orphan in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):  # left by killed writes
+        try:
+            orphan.unlink()
+        except OSError:
+            pass
     try:  # make the rename itself durable (not possible on every platform)
         dir_fd = os.open(path.parent, os.O_RDONLY)
         try:
@@ -113,38 +124,122 @@ def save_checkpoint(path, tree, metadata: Optional[dict] = None, extra: Optional
     return path
 
 
+def _fail(path, problem: str):
+    raise CheckpointError(f"checkpoint {path} is corrupt: {problem}")
+
+
+def _check_structure(path, meta) -> None:
+    """The parsed ``__meta__`` record has the layout :func:`save_checkpoint` writes."""
+
+    def entry_ok(info, keys) -> bool:
+        return (
+            isinstance(info, dict)
+            and keys <= info.keys()
+            and isinstance(info["shape"], list)
+            and all(isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in info["shape"])
+            and isinstance(info["dtype"], str)
+            and isinstance(info["sha256"], str)
+        )
+
+    if not isinstance(meta, dict):
+        _fail(path, f"its metadata is a {type(meta).__name__}, not a record")
+    missing = {"treedef", "leaves", "extra", "metadata"} - meta.keys()
+    if missing:
+        _fail(path, f"its metadata lacks {sorted(missing)}")
+    if not isinstance(meta["treedef"], str) or not isinstance(meta["metadata"], dict):
+        _fail(path, "its metadata has a malformed tree structure or caller record")
+    leaves, extra = meta["leaves"], meta["extra"]
+    if not isinstance(leaves, list) or not all(
+        entry_ok(info, {"path", "shape", "dtype", "sha256", "key_impl"})
+        and isinstance(info["path"], str)
+        and (info["key_impl"] is None or isinstance(info["key_impl"], str))
+        for info in leaves
+    ):
+        _fail(path, "its metadata has a malformed leaf record")
+    if not isinstance(extra, dict) or not all(entry_ok(info, {"shape", "dtype", "sha256"}) for info in extra.values()):
+        _fail(path, "its metadata has a malformed extra-array record")
+
+
+def _read_entry(path, archive: zipfile.ZipFile, entry: zipfile.ZipInfo, shape=None, dtype=None) -> np.ndarray:
+    """One ``.npy`` member, its header checked against the archive (and ``shape``, ``dtype``) first.
+
+    Nothing is allocated before the header's size agrees with the member's size, which the caller
+    has bounded by the file's size: a crafted header cannot force a large allocation.
+    """
+    with archive.open(entry) as f:
+        version = np.lib.format.read_magic(f)
+        if version == (1, 0):
+            header = np.lib.format.read_array_header_1_0(f)
+        elif version == (2, 0):
+            header = np.lib.format.read_array_header_2_0(f)
+        else:
+            _fail(path, f"{entry.filename} has .npy version {version}")
+        shape_h, fortran, dtype_h = header
+        if dtype_h.hasobject:
+            _fail(path, f"{entry.filename} holds Python objects")
+        if shape is not None and (list(shape_h) != list(shape) or dtype_h.str != dtype):
+            _fail(path, f"{entry.filename} has shape {shape_h} and dtype {dtype_h.str}, its record "
+                        f"says {tuple(shape)} and {dtype}")
+        nbytes = math.prod(shape_h) * dtype_h.itemsize
+        if f.tell() + nbytes != entry.file_size:
+            _fail(path, f"{entry.filename} declares {nbytes} bytes of data in a "
+                        f"{entry.file_size}-byte member")
+        buffer = bytearray(nbytes)
+        if f.readinto(memoryview(buffer)) != nbytes:
+            _fail(path, f"{entry.filename} is truncated")
+    return np.frombuffer(buffer, dtype=dtype_h).reshape(shape_h, order="F" if fortran else "C")
+
+
 def _read(path) -> tuple[dict, dict]:
-    """Every array of the archive and its parsed metadata, integrity-checked."""
+    """Every array of the archive and its parsed metadata, integrity-checked.
+
+    The archive is read member by member: the sizes in its directory must fit in the file (members
+    are stored uncompressed, as :func:`save_checkpoint` writes them), the metadata must have its
+    layout, and each ``.npy`` header must match the metadata, before any array is allocated.
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}")
+    size = path.stat().st_size
     try:
-        with np.load(path, allow_pickle=False) as archive:
-            arrays = {name: archive[name] for name in archive.files}
+        with zipfile.ZipFile(path) as archive:
+            entries = {}
+            for entry in archive.infolist():
+                name = entry.filename[:-4] if entry.filename.endswith(".npy") else entry.filename
+                if entry.compress_type != zipfile.ZIP_STORED or entry.file_size > size:
+                    _fail(path, f"member {entry.filename} is compressed or larger than the file "
+                                f"({entry.file_size} bytes in a {size}-byte file)")
+                entries[name] = entry
+            if _META not in entries:
+                raise CheckpointError(f"{path} is not a hiermeta checkpoint (no {_META} entry)")
+            raw = _read_entry(path, archive, entries[_META])
+            try:
+                meta = json.loads(raw.tobytes().decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError) as err:
+                raise CheckpointError(f"checkpoint {path} has corrupt metadata: {err}") from None
+            if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+                found = meta.get("format") if isinstance(meta, dict) else type(meta).__name__
+                raise CheckpointError(f"{path} is not a hiermeta checkpoint (format {found!r})")
+            if meta.get("version") != VERSION:
+                raise CheckpointError(f"{path} has checkpoint format version {meta.get('version')}; "
+                                      f"this hiermeta reads version {VERSION}")
+            _check_structure(path, meta)
+            expected = [f"leaf_{i:05d}" for i in range(len(meta["leaves"]))]
+            expected += [f"extra__{name}" for name in meta["extra"]]
+            if sorted(expected) != sorted(set(entries) - {_META}):
+                _fail(path, "its arrays do not match its metadata")
+            arrays = {}
+            for key, info in zip(expected, meta["leaves"] + list(meta["extra"].values())):
+                arr = _read_entry(path, archive, entries[key], info["shape"], info["dtype"])
+                if _digest(arr) != info["sha256"]:
+                    _fail(path, f"array {key} fails its checksum")
+                arrays[key] = arr
+    except CheckpointError:
+        raise
     except (OSError, ValueError, EOFError, KeyError, zipfile.BadZipFile, io.UnsupportedOperation) as err:
         raise CheckpointError(f"checkpoint {path} is corrupt or not an .npz archive: {err}") from None
     except Exception as err:  # zlib.error, struct.error, ... from a damaged archive
         raise CheckpointError(f"checkpoint {path} is corrupt: {type(err).__name__}: {err}") from None
-    if _META not in arrays:
-        raise CheckpointError(f"{path} is not a hiermeta checkpoint (no {_META} entry)")
-    try:
-        meta = json.loads(arrays.pop(_META).tobytes().decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise CheckpointError(f"checkpoint {path} has corrupt metadata: {err}") from None
-    if meta.get("format") != FORMAT:
-        raise CheckpointError(f"{path} is not a hiermeta checkpoint (format {meta.get('format')!r})")
-    if meta.get("version") != VERSION:
-        raise CheckpointError(f"{path} has checkpoint format version {meta.get('version')}; "
-                              f"this hiermeta reads version {VERSION}")
-    expected = [f"leaf_{i:05d}" for i in range(len(meta["leaves"]))]
-    expected += [f"extra__{name}" for name in meta["extra"]]
-    if sorted(expected) != sorted(arrays):
-        raise CheckpointError(f"checkpoint {path} is corrupt: its arrays do not match its metadata")
-    infos = list(zip(expected, meta["leaves"] + list(meta["extra"].values())))
-    for key, info in infos:
-        arr = arrays[key]
-        if list(arr.shape) != info["shape"] or arr.dtype.str != info["dtype"] or _digest(arr) != info["sha256"]:
-            raise CheckpointError(f"checkpoint {path} is corrupt: array {key} fails its checksum")
     return arrays, meta
 
 

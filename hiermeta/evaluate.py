@@ -17,6 +17,7 @@ import numpy as np
 from .inner import run_inner
 from .learners.base import MetaLearner, MetaState
 from .tasks import TaskBatch, check_task_batch
+from .utils import check_count
 
 __all__ = ["LossCurve", "evaluate", "loss_curve"]
 
@@ -79,10 +80,9 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     Raises:
       ValueError: malformed tasks, or an inner loop that diverged (with the count of tasks).
     """
-    if int(num_steps) < 0:
-        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
+    num_steps = check_count(num_steps, "num_steps", 0)
     T = check_task_batch(learner.model.likelihood, tasks)
-    per_task, diverged = _per_task_curves_jit(learner, state.params, tasks, int(num_steps))
+    per_task, diverged = _per_task_curves_jit(learner, state.params, tasks, num_steps)
     per_task, diverged = np.asarray(per_task), np.asarray(diverged)
     if diverged.any() or not np.all(np.isfinite(per_task)):
         bad = int(np.sum(diverged | ~np.all(np.isfinite(per_task), axis=1)))

@@ -49,6 +49,12 @@ def _design(inputs) -> LinearDesign:
     return inputs if isinstance(inputs, LinearDesign) else LinearDesign(inputs)
 
 
+def _check_columns(Z, P: int) -> None:
+    """At trace time, before XLA sees the shapes: the design of theta has P columns."""
+    if np.shape(Z)[-1] != P:
+        raise ValueError(f"the design has P = {np.shape(Z)[-1]} columns but the model has P = {P} parameters")
+
+
 class LinearGaussianLikelihood(GaussianLikelihood):
     """``x = Z theta + X beta + offset + noise``, with closed-form marginal likelihood and posterior.
 
@@ -70,6 +76,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
     def _mean(self, theta, inputs, g=None):
         design = _design(inputs)
         theta = ravel_pytree(theta)[0]  # the flat coordinates, in the partition's order
+        _check_columns(design.random, theta.shape[-1])
         mu = jnp.einsum("ndp,p->nd", design.random, theta)
         if self.num_fixed:
             mu = mu + jnp.einsum("ndk,k->nd", design.fixed, g["beta"])
@@ -207,6 +214,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         """``(F, b, quad, log_det_noise, n)`` per task for the residual r = x - Z m - X beta - offset."""
         design = _design(data.inputs)
         Z = design.random
+        _check_columns(Z, jnp.shape(prior_mean)[-1])
         mean = jnp.einsum("tndp,tp->tnd", Z, jnp.broadcast_to(prior_mean, (Z.shape[0], Z.shape[-1])))
         if self.num_fixed:
             mean = mean + jnp.einsum("tndk,k->tnd", design.fixed, g["beta"])

@@ -9,6 +9,7 @@ vector; ``unravel`` gives the pytree back to the task likelihood.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -70,7 +71,7 @@ class ModulePartition:
             size = int(np.prod(shape, dtype=int))
             if label is None:
                 raise ValueError(f"parameter leaf {leaf_name} has no module label (None)")
-            if isinstance(label, (np.ndarray, jax.Array)) and np.ndim(label) > 0:
+            if isinstance(label, (np.ndarray, jax.Array)):  # a module per coordinate (0-d: a scalar leaf)
                 lab = np.asarray(label)
                 if lab.shape != shape:
                     raise ValueError(
@@ -92,10 +93,18 @@ class ModulePartition:
                     hash(label)
                 except TypeError:
                     raise ValueError(f"label for {leaf_name} is not hashable: {label!r}") from None
-                if label not in lookup:
-                    lookup[label] = len(names)
+                # True == 1 and hash alike in Python: keep booleans apart from numbers
+                key = (isinstance(label, (bool, np.bool_)), label)
+                if key not in lookup:
+                    lookup[key] = len(names)
                     names.append(str(label))
-                parts.append(np.full(size, lookup[label], dtype=np.int32))
+                parts.append(np.full(size, lookup[key], dtype=np.int32))
+        repeated = sorted(name for name, n in Counter(names).items() if n > 1)
+        if repeated:
+            raise ValueError(
+                f"different module labels print alike as {repeated} (e.g. 1 and '1'); "
+                "give each module a distinct label"
+            )
         flat, unravel = ravel_pytree(params)
         index = np.concatenate(parts) if parts else np.zeros(0, np.int32)
         if index.shape != flat.shape:  # pragma: no cover - ravel_pytree and leaves disagree

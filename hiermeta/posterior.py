@@ -34,6 +34,7 @@ from .errors import PriorWarning, SamplingWarning
 from .hierarchy import HierarchicalModel
 from .priors import prior_tail_check, with_priors
 from .tasks import GaussianData, num_tasks
+from .utils import check_count
 
 __all__ = [
     "with_priors",
@@ -199,9 +200,10 @@ def run_nuts(
       task_names: coordinates of the ``task`` dimension in the ArviZ object.
     """
     T = _check_data(model, data)
-    for name, value in (("num_warmup", num_warmup), ("num_samples", num_samples), ("num_chains", num_chains)):
-        if int(value) < (0 if name == "num_warmup" else 1):
-            raise ValueError(f"{name} must be >= {0 if name == 'num_warmup' else 1}, got {value}")
+    depths = max_tree_depth if isinstance(max_tree_depth, tuple) else (max_tree_depth,)  # NumPyro: d or (d1, d2)
+    for name, value, least in [("num_warmup", num_warmup, 0), ("num_samples", num_samples, 1),
+                               ("num_chains", num_chains, 1)] + [("max_tree_depth", d, 1) for d in depths]:
+        check_count(value, name, least)
     if not 0.0 < target_accept < 1.0:
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
     if task_names is not None and len(task_names) != T:

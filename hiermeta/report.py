@@ -1,17 +1,75 @@
-"""Reporting helpers for studies: plain-text tables, JSON output and loss-curve figures."""
+"""Reporting helpers for studies: command lines, plain-text tables, JSON output and loss-curve figures."""
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 
 from .evaluate import LossCurve
 
-__all__ = ["format_table", "write_json", "plot_loss_curves", "to_jsonable", "pyplot", "save_figure"]
+__all__ = ["format_table", "write_json", "plot_loss_curves", "to_jsonable", "pyplot", "save_figure",
+           "study_parser", "count", "count_list", "positive_float"]
+
+
+class StudyHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """``--help``: the study's docstring as written, and each option's default after its help.
+
+    Options whose default is None (it depends on ``--quick``; their help says how) or False (flags)
+    show no "(default: ...)".
+    """
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def study_parser(description: str) -> argparse.ArgumentParser:
+    """The argument parser every study under ``examples/`` uses (see :class:`StudyHelpFormatter`)."""
+    return argparse.ArgumentParser(description=description, formatter_class=StudyHelpFormatter)
+
+
+def count(minimum: int = 1):
+    """An argparse ``type``: an integer >= ``minimum``; anything else is refused with a message."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    parse.__name__ = f"integer >= {minimum}"
+    return parse
+
+
+def count_list(minimum: int = 1):
+    """An argparse ``type``: comma-separated integers, each >= ``minimum`` (e.g. ``8,32,128``)."""
+    one = count(minimum)
+
+    def parse(text: str) -> list[int]:
+        return [one(part.strip()) for part in text.split(",")]
+
+    parse.__name__ = f"comma-separated integers >= {minimum}"
+    return parse
+
+
+def positive_float(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
 
 
 def _cell(value: Any, digits: int) -> str:
@@ -88,17 +146,24 @@ def plot_loss_curves(
     ax,
     curves: Mapping[str, LossCurve],
     references: Mapping[str, float] = (),
-    band: str = "sem",
+    band: Optional[str] = "sem",
 ):
     """Mean loss against adaptation steps, with a 68% band.
 
     ``band="sem"``: mean +- one standard error (a 68% confidence band for the mean);
-    ``band="tasks"``: the 16th-84th percentile of the per-task losses.
+    ``band="tasks"``: the 16th-84th percentile of the per-task losses; None: no band.  Each curve has its own
+    colour, line style and marker, so curves that coincide stay distinguishable.
     """
-    for name, curve in curves.items():
-        (line,) = ax.plot(curve.steps, curve.mean, label=name)
-        lo, hi = (curve.mean - curve.sem, curve.mean + curve.sem) if band == "sem" else (curve.lower, curve.upper)
-        ax.fill_between(curve.steps, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
+    styles = ["-", "--", "-.", ":"]
+    markers = ["o", "s", "^", "D", "v", "x", "P", "*"]
+    for i, (name, curve) in enumerate(curves.items()):
+        every = max(1, len(curve.steps) // 8)
+        (line,) = ax.plot(curve.steps, curve.mean, label=name, linestyle=styles[i % len(styles)],
+                          marker=markers[i % len(markers)], markevery=(i * every // max(len(curves), 1), every),
+                          markersize=4, markerfacecolor="none")
+        if band is not None:
+            lo, hi = (curve.mean - curve.sem, curve.mean + curve.sem) if band == "sem" else (curve.lower, curve.upper)
+            ax.fill_between(curve.steps, lo, hi, color=line.get_color(), alpha=0.25, linewidth=0)
     for i, (name, value) in enumerate(dict(references).items()):
         ax.axhline(value, color="k", linestyle=["--", ":", "-."][i % 3], linewidth=1, label=name)
     ax.set_xlabel("adaptation steps")

@@ -118,18 +118,18 @@ class GaussianData(NamedTuple):
         """Validate and broadcast user data (NumPy in, checked before anything is compiled).
 
         ``noise_sd`` broadcasts against ``obs`` ``(T, N, D)`` (e.g. ``(D,)`` shared, ``(T, 1, D)``
-        per task).  Padded entries (``mask`` False) may hold anything, NaN included.
+        per task).  ``mask`` may be boolean or hold only 0 and 1 (any numeric dtype); padded
+        entries (``mask`` False) may hold anything, NaN included, and are replaced by finite values.
         """
-        obs = np.asarray(obs, dtype=float)
+        obs = _real_array(obs, "obs")
         if obs.ndim != 3:
             raise ValueError(f"obs must have shape (tasks, observations, dims), got {obs.shape}")
-        if mask is None:
-            mask = np.ones(obs.shape[:2], dtype=bool)
-        mask = np.asarray(mask, dtype=bool)
+        mask = np.ones(obs.shape[:2], dtype=bool) if mask is None else _boolean_mask(mask, "mask")
         if mask.shape != obs.shape[:2]:
             raise ValueError(f"mask must have shape {obs.shape[:2]}, got {mask.shape}")
+        noise = _real_array(noise_sd, "noise_sd")
         try:
-            noise = np.broadcast_to(np.asarray(noise_sd, dtype=float), obs.shape)
+            noise = np.broadcast_to(noise, obs.shape)
         except ValueError:
             raise ValueError(
                 f"noise_sd of shape {np.shape(noise_sd)} does not broadcast to obs {obs.shape}"
@@ -150,10 +150,47 @@ class GaussianData(NamedTuple):
         )
 
 
+def _real_array(values, name: str) -> np.ndarray:
+    """``values`` as a float NumPy array; complex or non-numeric input is refused, not cast."""
+    arr = np.asarray(values)
+    if np.iscomplexobj(arr):
+        raise ValueError(f"{name} is complex ({arr.dtype}); hiermeta's Gaussian likelihood takes real data")
+    if not (np.issubdtype(arr.dtype, np.number) or arr.dtype == bool):
+        raise ValueError(f"{name} must be numeric, got dtype {arr.dtype}")
+    return arr.astype(float)
+
+
+def _boolean_mask(mask, name: str) -> np.ndarray:
+    """A mask as booleans: boolean already, or numeric holding only 0 and 1 (else refused)."""
+    arr = np.asarray(mask)
+    if arr.dtype == bool:
+        return arr
+    if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr):
+        raise ValueError(f"{name} must hold booleans (or 0 and 1), got dtype {arr.dtype}")
+    bad = ~((arr == 0) | (arr == 1))
+    if np.any(bad):
+        raise ValueError(
+            f"{name} must hold booleans (or 0 and 1; False/0 marks padding), but holds "
+            f"{np.unique(arr[bad])[:5].tolist()}"
+        )
+    return arr == 1
+
+
 def _check_gaussian(data: GaussianData, where: str) -> None:
+    """Validate concrete Gaussian data over every task; raise ``ValueError`` naming the problem.
+
+    Checked: shapes; a boolean mask (a directly built ``GaussianData`` with a 0/1 mask of another
+    dtype is refused: :meth:`GaussianData.create` converts it); finite observed values (padded
+    ``obs`` may hold NaN: the likelihood never reads it); finite positive noise everywhere
+    (padding included: it reaches the gradients); every task observed; real, finite inputs; and
+    that the squared standardised residuals cannot overflow the floating type JAX will compute in.
+    """
     if not isinstance(data, GaussianData):
         raise ValueError(f"{where}: expected GaussianData, got {type(data).__name__}")
-    obs = np.asarray(data.obs)
+    obs, noise, mask = np.asarray(data.obs), np.asarray(data.noise_sd), np.asarray(data.mask)
+    for name, arr in (("obs", obs), ("noise_sd", noise)):
+        if np.iscomplexobj(arr) or not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{where}: {name} must hold real floating-point numbers, got dtype {arr.dtype}")
     if obs.ndim != 3:
         raise ValueError(f"{where}: obs must have shape (tasks, observations, dims), got {obs.shape}")
     T, N, D = obs.shape
@@ -161,18 +198,31 @@ def _check_gaussian(data: GaussianData, where: str) -> None:
         raise ValueError(f"{where} is empty: it holds no tasks")
     if N == 0 or D == 0:
         raise ValueError(f"{where} is empty: obs has shape {obs.shape}")
-    noise = np.asarray(data.noise_sd)
-    mask = np.asarray(data.mask)
     if noise.shape != obs.shape:
         raise ValueError(f"{where}: noise_sd has shape {noise.shape}, obs has {obs.shape}")
     if mask.shape != (T, N):
         raise ValueError(f"{where}: mask has shape {mask.shape}, expected {(T, N)}")
+    if mask.dtype != bool:
+        raise ValueError(
+            f"{where}: mask must be boolean (False marks padding), got dtype {mask.dtype}; "
+            "GaussianData.create converts a 0/1 mask"
+        )
     observed = np.broadcast_to(mask[..., None], obs.shape)
-    if not np.all(np.isfinite(obs[observed])):
-        bad = int(np.sum(~np.isfinite(obs) & observed))
-        raise ValueError(f"{where}: obs holds {bad} NaN or infinite value(s)")
-    if not np.all(np.isfinite(noise[observed])) or np.any(noise[observed] <= 0):
-        raise ValueError(f"{where}: noise_sd must be finite and > 0 (min {np.min(noise):g})")
+    bad = ~np.isfinite(obs) & observed
+    if np.any(bad):
+        tasks = np.flatnonzero(bad.any(axis=(1, 2)))
+        raise ValueError(
+            f"{where}: obs holds {int(bad.sum())} NaN or infinite observed value(s), in task(s) "
+            f"{tasks[:10].tolist()}"
+        )
+    bad = ~(np.isfinite(noise) & (noise > 0))
+    if np.any(bad):
+        tasks = np.flatnonzero(bad.any(axis=(1, 2)))
+        padding = " (in padding too: it reaches the gradients; GaussianData.create fills it)"
+        raise ValueError(
+            f"{where}: noise_sd must be finite and > 0 everywhere{padding if np.any(bad & ~observed) else ''}; "
+            f"{int(bad.sum())} value(s) are not, in task(s) {tasks[:10].tolist()}"
+        )
     empty = np.flatnonzero(mask.sum(axis=1) == 0)
     if empty.size:
         raise ValueError(
@@ -182,9 +232,12 @@ def _check_gaussian(data: GaussianData, where: str) -> None:
         shape = np.shape(leaf)
         if shape[:2] != (T, N):
             raise ValueError(f"{where}: inputs leaves must have leading shape {(T, N)}, got {shape}")
+        if np.iscomplexobj(leaf):
+            raise ValueError(f"{where}: inputs are complex; hiermeta's Gaussian likelihood takes real data")
         if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf)):
             raise ValueError(f"{where}: inputs hold NaN or infinite values")
     check_task_covariates(getattr(data, "task_covariates", None), T, where)
+    _check_overflow(obs, noise, observed, where)
 
 
 def check_task_covariates(z, T: int, where: str) -> None:
@@ -196,6 +249,37 @@ def check_task_covariates(z, T: int, where: str) -> None:
         raise ValueError(f"{where}: task_covariates must have shape ({T}, Q), got {arr.shape}")
     if not np.issubdtype(arr.dtype, np.number) or np.iscomplexobj(arr) or not np.all(np.isfinite(arr)):
         raise ValueError(f"{where}: task_covariates must be finite real numbers")
+
+
+def _check_overflow(obs, noise, observed, where: str) -> None:
+    """Refuse data whose Gaussian log-likelihood overflows the floating type JAX computes in.
+
+    The loss of a task is ``1/2 sum ((x - mu) / xi)^2`` and its curvature ``1/xi^2``; with
+    ``mu`` near 0 (a fresh phi) the first is about ``1/2 sum (x / xi)^2``.  Both must stay well
+    inside the type's range (float32 unless x64 is enabled), else the loss is infinite and the
+    failure would look like a diverging inner loop.
+    """
+    dtype = jax.dtypes.canonicalize_dtype(obs.dtype)
+    finfo = np.finfo(dtype)
+    x = np.abs(obs[observed]).astype(np.float64)
+    xi = noise[observed].astype(np.float64)
+    precision = "float32 (enable float64 with jax.config.update('jax_enable_x64', True), or rescale the data)"
+    if dtype != np.float32:
+        precision = f"{dtype} (rescale the data)"
+    if x.max() > finfo.max:
+        raise ValueError(f"{where}: obs values up to {x.max():.3g} overflow {precision}")
+    limit = float(finfo.max) * 1e-3  # headroom for sums over observations and tasks
+    per_task = obs.shape[1] * obs.shape[2]
+    z = float(np.max(x / xi))
+    if z * z * per_task > limit:
+        raise ValueError(
+            f"{where}: |obs| / noise_sd reaches {z:.3g}; the squared residuals of the "
+            f"log-likelihood overflow {precision}"
+        )
+    if float(xi.min()) ** -2 * per_task > limit:
+        raise ValueError(
+            f"{where}: noise_sd as small as {xi.min():.3g} makes 1 / noise_sd^2 overflow {precision}"
+        )
 
 
 class GaussianLikelihood:

@@ -3,29 +3,35 @@
 The task batch for meta-step ``s`` is ``sample_tasks(fold_in(data_key, s))``: the data stream is
 a function of the step count alone, so a run resumed from a saved :class:`MetaState` sees the
 same tasks as an uninterrupted one.  ``fit`` builds checkpoint-and-resume on that (the whole
-state and the history so far, :mod:`hiermeta.checkpoint`), and splits each batch's tasks over a
-device mesh when given one (:mod:`hiermeta.sharding`).  The compiled chunk is cached per
-(learner, task sampler, mesh): calling ``fit`` again does not retrace.
+state, the history so far and the current run of skipped steps, :mod:`hiermeta.checkpoint`,
+with a fingerprint of the run's configuration so that a checkpoint of another configuration is
+refused), and splits each batch's tasks over a device mesh when given one
+(:mod:`hiermeta.sharding`).  The compiled chunk is cached per (learner, task sampler, mesh,
+chunk size): calling ``fit`` again does not retrace.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import re
+import tempfile
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import CheckpointError, _to_numpy, load_checkpoint, save_checkpoint
 from .learners.base import MetaLearner, MetaState, all_finite
 from .sharding import replicate, replicated, shard_tasks
 from .tasks import TaskBatch, check_task_batch, num_tasks
+from .utils import check_count
 
-__all__ = ["fit", "MetaTrainingError", "sample_from"]
+__all__ = ["fit", "MetaTrainingError", "CheckpointWriteError", "sample_from"]
 
 
 class MetaTrainingError(RuntimeError):
@@ -37,10 +43,15 @@ class MetaTrainingError(RuntimeError):
         self.history = history
 
 
+class CheckpointWriteError(MetaTrainingError):
+    """A checkpoint could not be written; ``state`` and ``history`` are the run's, up to that step."""
+
+
 def sample_from(tasks: TaskBatch, batch_size: int) -> Callable[[jax.Array], TaskBatch]:
     """A ``sample_tasks(key)`` that draws ``batch_size`` distinct tasks from a fixed data set."""
     T = num_tasks(tasks.train)
-    if not 1 <= batch_size <= T:
+    batch_size = check_count(batch_size, "batch_size", 1)
+    if batch_size > T:
         raise ValueError(f"batch_size must be between 1 and the {T} tasks available, got {batch_size}")
 
     def sample(key):
@@ -50,19 +61,20 @@ def sample_from(tasks: TaskBatch, batch_size: int) -> Callable[[jax.Array], Task
     return sample
 
 
-def _trailing_true(flags: np.ndarray) -> int:
-    """Length of the run of True at the end of ``flags``."""
-    false = np.flatnonzero(~flags)
-    return int(flags.size if false.size == 0 else flags.size - 1 - false[-1])
+class _Runner(NamedTuple):
+    run: Callable  # (state, data_key, length, streak, limit) -> ((state, streak), metrics)
+    meta_step: Callable  # the jitted (state, data_key) -> (state, metrics) that run scans
 
 
 @functools.lru_cache(maxsize=64)
-def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[Mesh], chunk_size: int):
+def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[Mesh], chunk_size: int) -> _Runner:
     """The compiled chunk of meta-steps, cached so that repeated ``fit`` calls never retrace.
 
-    ``run(state, data_key, length)`` scans over ``chunk_size`` slots and takes a meta-step in the
-    first ``length`` of them (``length`` is traced): one program serves every chunk, the short
-    last one and the ones cut at checkpoints included.  The batch of step ``s`` is
+    ``run(state, data_key, length, streak, limit)`` scans over ``chunk_size`` slots and takes a
+    meta-step in each of the first ``length`` slots while ``streak`` (consecutive skipped
+    meta-steps, carried and updated step by step) is below ``limit``; ``length``, ``streak`` and
+    ``limit`` are traced, so one program serves every chunk, the short last one, the ones cut at
+    checkpoints and the one a run of skips stops early.  The batch of step ``s`` is
     ``sample_tasks(fold_in(data_key, s))``, its tasks sharded over ``mesh`` if given.
     """
 
@@ -72,24 +84,29 @@ def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[M
             batch = shard_tasks(batch, mesh)
         return learner.step(state, batch)
 
-    meta_step = jax.jit(meta_step)  # traced once: eval_shape below and the scan share its trace
+    meta_step = jax.jit(meta_step)  # traced once: the fingerprint, eval_shape and the scan share its trace
 
-    def run(state, data_key, length):
+    def run(state, data_key, length, streak, limit):
         metrics_shape = jax.eval_shape(meta_step, state, data_key)[1]
 
         def idle(state, data_key):
             zeros = lambda s: jnp.zeros(s.shape, s.dtype)
             return state, jax.tree_util.tree_map(zeros, metrics_shape)
 
-        def body(state, i):
-            return jax.lax.cond(i < length, meta_step, idle, state, data_key)
+        def body(carry, i):
+            state, streak = carry
+            active = (i < length) & (streak < limit)
+            state, metrics = jax.lax.cond(active, meta_step, idle, state, data_key)
+            skipped = jnp.asarray(metrics["skipped"], bool)
+            streak = jnp.where(active, jnp.where(skipped, streak + 1, 0), streak)
+            return (state, streak), metrics
 
-        return jax.lax.scan(body, state, jnp.arange(chunk_size))
+        return jax.lax.scan(body, (state, streak), jnp.arange(chunk_size))
 
     if mesh is None:
-        return jax.jit(run)
+        return _Runner(jax.jit(run), meta_step)
     rep = replicated(mesh)
-    return jax.jit(run, out_shardings=(rep, rep))
+    return _Runner(jax.jit(run, out_shardings=(rep, rep)), meta_step)
 
 
 def _key_data(key) -> list:
@@ -97,8 +114,69 @@ def _key_data(key) -> list:
     return np.asarray(key).tolist()
 
 
-def _resume(path, state, learner, data_key, target) -> tuple[MetaState, list, dict]:
-    """State, history chunks and metadata from the checkpoint at ``path``, checked against this run."""
+# ---------------------------------------------------------------------------- run fingerprint
+
+
+def _tree_digest(tree) -> str:
+    """SHA-256 of a pytree's structure and every leaf's dtype, shape and bytes."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    digest = hashlib.sha256(str(treedef).encode())
+    for leaf in leaves:
+        arr, impl = _to_numpy(leaf)
+        digest.update(f"{arr.dtype.str}{arr.shape}{impl}".encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def _jaxpr_digest(closed) -> str:
+    """SHA-256 of a traced program: its text (literals such as learning rates included, object
+    addresses removed) and the values of its constants (arrays a function closes over)."""
+    text = re.sub(r"0x[0-9a-fA-F]+", "0x", str(closed.jaxpr))
+    return hashlib.sha256((text + _tree_digest(list(closed.consts))).encode()).hexdigest()
+
+
+_FINGERPRINT_PARTS = {
+    "meta_step": "the meta-step (learning rates and schedules, inner steps, optimisers, hypergradient, "
+                 "model, batch shapes, device mesh or precision)",
+    "task_sampler": "the task sampler (what it draws, or how many tasks)",
+}
+
+
+def _fingerprint(runner: _Runner, sample_tasks, state, data_key) -> dict:
+    """What makes a run this run: the traced meta-step and task sampler, and the initial state.
+
+    The same script re-run traces the same programs with the same constants and starts from the
+    same state, so its fingerprint matches; a changed learning rate, schedule, inner-step count,
+    optimiser, sampler or initial state changes a digest.
+    """
+    parts = {
+        "meta_step": _jaxpr_digest(runner.meta_step.trace(state, data_key).jaxpr),
+        "task_sampler": _jaxpr_digest(jax.make_jaxpr(sample_tasks)(data_key)),
+    }
+    fields = getattr(state, "_fields", None)
+    if fields:
+        parts.update({f"initial_state.{name}": _tree_digest(getattr(state, name)) for name in fields})
+    else:
+        parts["initial_state"] = _tree_digest(state)
+    return parts
+
+
+def _differences(theirs: dict, ours: dict) -> list[str]:
+    names = sorted(set(theirs) | set(ours))
+    differ = [name for name in names if theirs.get(name) != ours.get(name)]
+    out = []
+    for name in differ:
+        if name.startswith("initial_state"):
+            out.append(f"the initial state ({name.partition('.')[2] or 'state'})")
+        elif name == "meta_step" and "task_sampler" in differ:
+            out.append("the meta-step (it draws from the sampler, so it differs too)")
+        else:
+            out.append(_FINGERPRINT_PARTS.get(name, name))
+    return out
+
+
+def _resume(path, state, learner, data_key, target, fingerprint) -> tuple[MetaState, list, int]:
+    """State, history chunks and skip streak from the checkpoint at ``path``, checked against this run."""
     loaded, meta, extra = load_checkpoint(path, state)
     expected = {"learner": learner.name, "data_key": _key_data(data_key), "start_step": int(state.step)}
     for name, value in expected.items():
@@ -107,12 +185,71 @@ def _resume(path, state, learner, data_key, target) -> tuple[MetaState, list, di
                 f"checkpoint {path} belongs to a different run: its {name} is {meta.get(name)!r}, "
                 f"this run's is {value!r}"
             )
+    theirs = meta.get("fingerprint")
+    if not isinstance(theirs, dict):
+        raise CheckpointError(
+            f"checkpoint {path} records no configuration fingerprint (written by an older hiermeta), "
+            "so it cannot be checked against this run; start afresh or load it with load_checkpoint"
+        )
+    differ = _differences(theirs, fingerprint)
+    if differ:
+        raise CheckpointError(
+            f"checkpoint {path} was written by a run with another configuration: "
+            + "; ".join(differ) + " differ(s) from this run's. Resume with the configuration that "
+            "wrote it, or start afresh under another checkpoint path"
+        )
+    streak = meta.get("skip_streak")
+    if isinstance(streak, bool) or not isinstance(streak, int) or streak < 0:
+        raise CheckpointError(f"checkpoint {path} has a malformed skip_streak {streak!r}")
     if int(loaded.step) > target:
         raise CheckpointError(f"checkpoint {path} is at step {int(loaded.step)}, past this run's end {target}")
     history = {name[len("history/"):]: arr for name, arr in extra.items() if name.startswith("history/")}
     if history and any(len(a) != int(loaded.step) - int(state.step) for a in history.values()):
         raise CheckpointError(f"checkpoint {path}: its history does not match its step count")
-    return loaded, [history] if history else [], meta
+    return loaded, [history] if history else [], streak
+
+
+def _check_writable(path) -> Path:
+    """Refuse a checkpoint path that cannot be written, before any training time is spent."""
+    path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {path} is a directory; give a file path such as {path / 'run.npz'}")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            os.write(fd, b"hiermeta write probe")
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as err:
+        raise ValueError(f"checkpoint {path} cannot be written: {err}") from None
+    return path
+
+
+def _check_state(learner: MetaLearner, state) -> None:
+    """Refuse a state that another learner made (e.g. a MAML state given to a shrinkage learner)."""
+    if not all(hasattr(state, name) for name in ("params", "opt_state", "step")):
+        raise ValueError(f"state must be a MetaState from {learner.name}'s init, got {type(state).__name__}")
+    try:
+        expected = jax.eval_shape(lambda key: learner.init(key, learner.model.partition.template),
+                                  jax.random.PRNGKey(0))
+    except Exception:  # an init with other needs: nothing to compare against
+        return
+
+    def layout(tree):
+        paths, treedef = jax.tree_util.tree_flatten_with_path(tree)
+        return treedef, {jax.tree_util.keystr(p) or "<root>": tuple(np.shape(leaf)) for p, leaf in paths}
+
+    for part in ("params", "opt_state"):
+        (ours, our_shapes), (theirs, their_shapes) = layout(getattr(state, part)), layout(getattr(expected, part))
+        if ours != theirs or our_shapes != their_shapes:
+            raise ValueError(
+                f"the state's {part} do not match {learner.name}'s (is it another learner's state?): "
+                f"got {our_shapes if part == 'params' else ours}, {learner.name} makes "
+                f"{their_shapes if part == 'params' else theirs}"
+            )
 
 
 def fit(
@@ -139,87 +276,118 @@ def fit(
       data_key: PRNG key of the task stream.
       chunk_size: meta-steps per compiled chunk (the progress bar moves once per chunk); one
         program runs every chunk, shorter ones included.
-      max_consecutive_skips: stop with :class:`MetaTrainingError` when this many meta-steps in a
-        row were skipped because their update was not finite (or an inner loop diverged).
-      checkpoint: file for checkpoints (:mod:`hiermeta.checkpoint`): the whole state and the
-        history so far, written atomically every ``checkpoint_every`` steps and at the end.
+      max_consecutive_skips: stop with :class:`MetaTrainingError` at the meta-step that makes this
+        many (>= 1) in a row skipped because their update was not finite (or an inner loop
+        diverged); counted step by step inside the compiled chunk, and carried by checkpoints.
+      checkpoint: file for checkpoints (:mod:`hiermeta.checkpoint`): the whole state, the history
+        so far, the current run of skipped steps and the run's configuration fingerprint, written
+        atomically every ``checkpoint_every`` steps, at the end, and where training stops.  Its
+        directory must be writable (checked before training); a write that fails later raises
+        :class:`CheckpointWriteError`, which carries the state and history.
       checkpoint_every: steps between checkpoints (default: only at the end).
       resume: continue from ``checkpoint`` if it exists (else start from ``state``).  The run is
         still the one started from ``state`` for ``num_steps`` steps: the result, history
-        included, is bit-identical to an uninterrupted run.  A checkpoint of another run
-        (learner, data key, start step, structure, shapes, dtypes) or a corrupt one raises
-        :class:`~hiermeta.checkpoint.CheckpointError`.
+        included, is bit-identical to an uninterrupted run.  A checkpoint of another run (learner
+        name, data key, start step, structure, shapes, dtypes, or the fingerprint: the traced
+        meta-step with its learning rates, inner steps and optimisers, the task sampler, the
+        initial state) or a corrupt one raises :class:`~hiermeta.checkpoint.CheckpointError`
+        saying what differs.
       mesh: a device mesh (:func:`hiermeta.sharding.task_mesh`): each batch's tasks are split
         over its devices and the state is replicated.
     Returns:
       The final state and the history: each metric stacked over the steps run, as NumPy arrays.
+    Raises:
+      ValueError: before any meta-step, for a non-integer or out-of-range count, a state made by
+        another learner, non-finite initial meta-parameters, malformed task data, or a
+        checkpoint path that cannot be written.
+      MetaTrainingError: ``max_consecutive_skips`` meta-steps in a row were skipped.
+      CheckpointWriteError: a checkpoint write failed (a ``MetaTrainingError``).
+      CheckpointError: ``resume=True`` found a corrupt checkpoint or one of another run.
     """
-    if int(num_steps) < 0:
-        raise ValueError(f"num_steps must be >= 0, got {num_steps}")
-    if int(chunk_size) < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    if checkpoint_every is not None and int(checkpoint_every) < 1:
-        raise ValueError(f"checkpoint_every must be >= 1, got {checkpoint_every}")
+    num_steps = check_count(num_steps, "num_steps", 0)
+    chunk_size = check_count(chunk_size, "chunk_size", 1)
+    max_skips = check_count(max_consecutive_skips, "max_consecutive_skips", 1)
+    every = None if checkpoint_every is None else check_count(checkpoint_every, "checkpoint_every", 1)
     if (checkpoint_every is not None or resume) and checkpoint is None:
         raise ValueError("checkpoint_every and resume need a checkpoint path")
+    _check_state(learner, state)
     if not bool(all_finite(state.params)):
         raise ValueError("the initial meta-parameters hold NaN or infinite values")
-    start, target = int(state.step), int(state.step) + int(num_steps)
-    chunks: list[dict] = []
-    if resume and Path(checkpoint).exists():
-        state, chunks, _ = _resume(checkpoint, state, learner, data_key, target)
     # check one batch eagerly, so malformed data fails here with a clear message, not in XLA
     check_task_batch(learner.model.likelihood, sample_tasks(jax.random.fold_in(data_key, state.step)))
-    if mesh is not None:
-        state = replicate(state, mesh)
-    run_chunk = _chunk_runner(learner, sample_tasks, mesh, int(chunk_size))
-    every = int(checkpoint_every) if checkpoint_every is not None else None
+    if checkpoint is not None:
+        checkpoint = _check_writable(checkpoint)
+    runner = _chunk_runner(learner, sample_tasks, mesh, chunk_size)
+    start, target = int(state.step), int(state.step) + num_steps
+    chunks: list[dict] = []
+    streak = 0
     metadata = {"learner": learner.name, "data_key": _key_data(data_key), "start_step": start,
                 "target_step": target}
+    if checkpoint is not None:
+        metadata["fingerprint"] = _fingerprint(runner, sample_tasks, state, data_key)
+        if resume and checkpoint.exists():
+            state, chunks, streak = _resume(checkpoint, state, learner, data_key, target, metadata["fingerprint"])
+    if mesh is not None:
+        state = replicate(state, mesh)
 
     def save(state):
         history = _concat(chunks)
-        save_checkpoint(checkpoint, state, {**metadata, "step": int(state.step)},
-                        extra={f"history/{name}": arr for name, arr in history.items()})
+        try:
+            save_checkpoint(checkpoint, state, {**metadata, "step": int(state.step), "skip_streak": streak},
+                            extra={f"history/{name}": arr for name, arr in history.items()})
+        except OSError as err:
+            raise CheckpointWriteError(
+                f"could not write checkpoint {checkpoint}: {err}. The error carries the state and "
+                f"history at step {int(state.step)} (err.state, err.history)",
+                state,
+                history,
+            ) from err
 
+    def stop(state):
+        history = _concat(chunks)
+        raise MetaTrainingError(
+            f"{learner.name}: meta-steps {int(state.step) - streak} to {int(state.step) - 1} (the last "
+            f"{streak}) were skipped because their update was not finite or an inner loop diverged "
+            "(inner learning rate too large, or sigma too small for it?). The state returned is "
+            "the last good one.",
+            state,
+            history,
+        )
+
+    if streak >= max_skips:  # a resumed run that had already stopped
+        stop(state)
     bar = None
     if progress:
         from tqdm.auto import tqdm
 
         bar = tqdm(total=target - start, initial=int(state.step) - start,
                    desc=description or learner.name, leave=False)
-    skip_streak = 0
+    limit = jnp.asarray(max_skips, jnp.int32)
     try:
         while int(state.step) < target:
             # chunk ends fall on multiples of chunk_size and checkpoint_every counted from the
             # start of the run, so a resumed run runs the very same chunks
             done = int(state.step) - start
-            end = min(target - start, (done // int(chunk_size) + 1) * int(chunk_size))
+            end = min(target - start, (done // chunk_size + 1) * chunk_size)
             if every is not None:
                 end = min(end, (done // every + 1) * every)
-            length = end - done
-            state, metrics = run_chunk(state, data_key, length)
-            metrics = jax.tree_util.tree_map(lambda a: np.asarray(a)[:length], metrics)
+            before = int(state.step)
+            (state, streak_out), metrics = runner.run(state, data_key, end - done,
+                                                      jnp.asarray(streak, jnp.int32), limit)
+            streak, ran = int(streak_out), int(state.step) - before
+            metrics = jax.tree_util.tree_map(lambda a: np.asarray(a)[:ran], metrics)
             chunks.append(metrics)
-            skipped = np.asarray(metrics["skipped"], bool)
-            skip_streak = skip_streak + length if skipped.all() else _trailing_true(skipped)
-            if checkpoint is not None and (int(state.step) == target or (every and end % every == 0)):
+            stopped = streak >= max_skips
+            if checkpoint is not None and (stopped or int(state.step) == target or (every and end % every == 0)):
                 save(state)
             if bar is not None:
                 postfix = {"skipped": int(state.num_skipped)}
-                if "val_log_lik" in metrics:
+                if "val_log_lik" in metrics and ran:
                     postfix["val_log_lik"] = f"{float(np.mean(metrics['val_log_lik'])):.3f}"
                 bar.set_postfix(postfix, refresh=False)
-                bar.update(length)
-            if skip_streak >= max_consecutive_skips:
-                history = _concat(chunks)
-                raise MetaTrainingError(
-                    f"{learner.name}: the last {skip_streak} meta-steps were skipped because their "
-                    "update was not finite or an inner loop diverged (inner learning rate too "
-                    "large, or sigma too small for it?). The state returned is the last good one.",
-                    state,
-                    history,
-                )
+                bar.update(ran)
+            if stopped:
+                stop(state)
     finally:
         if bar is not None:
             bar.close()

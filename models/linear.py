@@ -29,6 +29,7 @@ import numpy as np
 
 from hiermeta import GaussianData, HierarchicalModel, LinearGaussianLikelihood, ModulePartition, TaskBatch
 from hiermeta.empirical_bayes import type2_ml
+from hiermeta.utils import check_count
 
 __all__ = [
     "LinearDomain",
@@ -53,6 +54,11 @@ __all__ = [
 
 def linear_mean(theta, design):
     """Mean of one task's observations: ``A_n theta`` for each design ``A_n`` ``(N, D, P)``."""
+    if np.shape(design)[-1] != np.shape(theta)[-1]:  # at trace time, before XLA sees the shapes
+        raise ValueError(
+            f"the design has P = {np.shape(design)[-1]} columns but the model has P = "
+            f"{np.shape(theta)[-1]} parameters"
+        )
     return jnp.einsum("ndp,p->nd", design, theta)
 
 
@@ -89,6 +95,13 @@ def paper_domain(n_train: int = 4, n_val: int = 4) -> LinearDomain:
 
 def make_model(num_params: int, partition: ModulePartition | None = None, **priors) -> HierarchicalModel:
     """Eq. 1 over ``theta`` in R^P; by default every coordinate is its own module (as the paper)."""
+    if isinstance(num_params, bool) or not isinstance(num_params, (int, np.integer)) or num_params < 1:
+        raise ValueError(f"num_params must be an integer >= 1, got {num_params!r}")
+    if partition is not None and isinstance(partition, ModulePartition) and partition.num_params != num_params:
+        raise ValueError(
+            f"the partition covers {partition.num_params} parameters but the model has "
+            f"num_params = {num_params}"
+        )
     if partition is None:
         partition = ModulePartition.per_coordinate(jnp.zeros(num_params))
     return HierarchicalModel(likelihood, partition, **priors)
@@ -103,6 +116,9 @@ def make_data(obs, design, noise_sd, mask=None) -> GaussianData:
       noise_sd: known noise sd broadcasting to ``(T, N, D)`` (e.g. ``(D,)`` or ``(T, 1, D)``).
       mask: ``(T, N)`` booleans, False for padding (unequal numbers of observations per task).
     """
+    for name, value in (("obs", obs), ("design", design), ("noise_sd", noise_sd)):
+        if np.iscomplexobj(value):
+            raise ValueError(f"{name} is complex; the linear-Gaussian domain takes real data")
     obs = np.asarray(obs, dtype=float)
     if obs.ndim != 3:
         raise ValueError(f"obs must have shape (tasks, observations, dims), got {obs.shape}")
@@ -142,6 +158,7 @@ def sample_tasks(domain: LinearDomain, key, num_tasks: int) -> tuple[jax.Array, 
 
     Jittable (``num_tasks`` static).  Returns the true ``theta`` ``(T, P)`` and the TaskBatch.
     """
+    num_tasks = check_count(num_tasks, "num_tasks", 1)
     k_theta, k_train, k_val = jax.random.split(key, 3)
     dtype = jnp.zeros(()).dtype
     phi = jnp.asarray(domain.phi, dtype)
@@ -160,7 +177,8 @@ def _natural_params(data: GaussianData, phi):
     """``F_t = sum_n A^T Xi^-1 A``, ``b_t = sum_n A^T Xi^-1 (x_n - A phi)``, and the residual term."""
     A = data.inputs  # (T, N, D, P)
     w = jnp.where(data.mask[..., None], data.noise_sd**-2, 0.0)  # (T, N, D)
-    resid = data.obs - jnp.einsum("tndp,p->tnd", A, phi)
+    # padding (mask False) may hold NaN in a directly built GaussianData: keep it out of every sum
+    resid = jnp.where(data.mask[..., None], data.obs - jnp.einsum("tndp,p->tnd", A, phi), 0.0)
     F = jnp.einsum("tndp,tnd,tndq->tpq", A, w, A)
     b = jnp.einsum("tndp,tnd,tnd->tp", A, w, resid)
     quad = jnp.sum(w * resid**2, axis=(1, 2))

@@ -66,3 +66,24 @@ def test_ravel_checks_shapes():
         part.ravel(bad)
     with pytest.raises(ValueError, match="structure"):
         part.ravel({"layer1": jnp.zeros(9), "out": jnp.zeros(2)})
+
+
+def test_per_coordinate_with_a_scalar_leaf():
+    params = {"bias": jnp.asarray(0.5), "w": jnp.arange(3.0)}
+    part = ModulePartition.per_coordinate(params)
+    assert part.num_params == 4 and part.num_modules == 4
+    assert part.index.tolist() == [0, 1, 2, 3]
+    assert part.names == ("['bias'][0]", "['w'][0]", "['w'][1]", "['w'][2]")
+    flat = part.ravel(params)
+    np.testing.assert_array_equal(flat, [0.5, 0.0, 1.0, 2.0])
+    back = part.unravel(flat)
+    assert back["bias"].shape == () and float(back["bias"]) == 0.5
+    assert ModulePartition.per_coordinate(jnp.asarray(2.0)).num_modules == 1  # a lone scalar
+
+
+def test_labels_that_compare_equal_across_types_stay_apart():
+    params = {"a": jnp.zeros(2), "b": jnp.zeros(3), "c": jnp.zeros(1)}
+    part = ModulePartition.from_labels(params, {"a": 1, "b": True, "c": 1})
+    assert part.names == ("1", "True") and part.index.tolist() == [0, 0, 1, 1, 1, 0]
+    with pytest.raises(ValueError, match=r"print alike as \['1'\]"):
+        ModulePartition.from_labels(params, {"a": 1, "b": "1", "c": 1})

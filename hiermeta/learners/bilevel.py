@@ -35,6 +35,8 @@ __all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner"]
 
 def sigma_of(params, num_modules: int) -> jax.Array:
     """Per-module sigma ``(M,)`` from ``params["log_sigma2"]`` (``(M,)`` or shared ``(1,)``)."""
+    if "log_sigma2" not in params:
+        raise ValueError(f"these meta-parameters learn no sigma (they hold {sorted(params)}), e.g. MAML's or iMAML's")
     return jnp.broadcast_to(jnp.exp(0.5 * params["log_sigma2"]), (num_modules,))
 
 
@@ -79,8 +81,9 @@ def gaussian_prior_learner(
         raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps}")
     if phi_gradient not in ("map", "pll"):
         raise ValueError(f"phi_gradient must be 'map' or 'pll', got {phi_gradient!r}")
-    if not np.isfinite(init_sigma) or init_sigma <= 0:
-        raise ValueError(f"init_sigma must be finite and > 0, got {init_sigma}")
+    initial = model.partition.check_per_module(init_sigma, "init_sigma")  # a scalar or one per module
+    if not np.all(np.isfinite(initial)) or np.any(initial <= 0) or (not modular and np.ptp(initial) > 0):
+        raise ValueError(f"init_sigma must be finite and > 0 (one value unless modular), got {init_sigma}")
     if fixed_sigma is not None and (not np.isfinite(fixed_sigma) or fixed_sigma <= 0):
         raise ValueError(f"the fixed sigma must be finite and > 0, got {fixed_sigma}")
     solver = as_solver(hypergradient)
