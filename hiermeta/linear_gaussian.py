@@ -95,6 +95,29 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         if design.offset is not None and np.shape(design.offset) != (T, N, D):
             raise ValueError(f"{where}: offset must have shape ({T}, {N}, {D}), got {np.shape(design.offset)}")
 
+    def make_data(self, response, mask, random, fixed=None, offset=None, task_covariates=None,
+                  noise_scale=None) -> GaussianData:
+        """Task data from padded per-group arrays of one scalar response (the layout
+        :func:`hiermeta.from_table` builds for every likelihood).
+
+        Args:
+          response, mask: ``(T, N)``; padding (``mask`` False) may hold anything.
+          random: ``(T, N, P)`` design of theta; fixed: ``(T, N, K)`` design of beta
+            (``K = num_fixed``); offset: ``(T, N)``; task_covariates: ``(T, Q)``.
+          noise_scale: ``(T, N)`` known noise sd (``noise="known"``) or known relative scales
+            (``noise="learned"``); default 1.
+        """
+        response = np.asarray(response, dtype=float)
+        if response.ndim != 2:
+            raise ValueError(f"response must have shape (groups, observations), got {np.shape(response)}")
+        add_dim = lambda a: None if a is None else np.asarray(a, dtype=float)[:, :, None]
+        design = LinearDesign(add_dim(random), add_dim(fixed), add_dim(offset))
+        scale = 1.0 if noise_scale is None else add_dim(noise_scale)
+        data = GaussianData.create(response[..., None], scale, inputs=design, mask=mask,
+                                   task_covariates=task_covariates)
+        self.check(data, "data")
+        return data
+
     def initial_values(self, data: GaussianData, model=None) -> dict:
         """Starting values on the data's own scale (for type-II ML and the learners).
 
