@@ -185,7 +185,7 @@ class ShrinkageReport:
         plt = pyplot()
         P, T = len(self.coordinates), len(self.groups)
         shown = min(T, max_groups)
-        fig, axes = plt.subplots(1, P, figsize=(4.2 * P + 1.0, 1.2 + 0.24 * shown), squeeze=False)
+        fig, axes = plt.subplots(1, P, figsize=(4.2 * P + 2.4, 1.4 + 0.24 * shown), squeeze=False)
         z = float(ndtri(0.5 + self.interval / 2))
         est = self.estimates
         for p, ax in enumerate(axes[0]):
@@ -211,7 +211,7 @@ class ShrinkageReport:
             ax.set_yticklabels([str(self.groups[t]) for t in order], fontsize=7)
             ax.set_title(self.coordinates[p])
             ax.grid(axis="x", alpha=0.3)
-        axes[0][0].legend(fontsize=7, loc="best")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0))
         if shown < T:
             fig.suptitle(f"first {shown} of {T} groups by EB mean")
         return save_figure(fig, path) if path is not None else fig
