@@ -49,6 +49,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional, Sequence
 
+import jax.numpy as jnp
 import numpy as np
 from scipy.special import logsumexp, ndtr, ndtri
 
@@ -129,7 +130,7 @@ class ShrinkageReport:
         cols = ["group", "coordinate", "n_support", "no_pooling", "eb_mean", "eb_sd", "pooling"]
         cols += [c for c in ("posterior_mean", "posterior_sd") if c in self.estimates]
         cols += [c for c in self.estimates if c.startswith("adapted[")]
-        parts.append(format_table(cols, [[_text(r[c]) for c in cols] for r in self.rows()], digits))
+        parts.append(format_table(cols, [[r[c] for c in cols] for r in self.rows()], digits))
         if self.predictive:
             rows = self.predictive_rows()
             cols = list(rows[0])
@@ -217,10 +218,6 @@ class ShrinkageReport:
         return save_figure(fig, path) if path is not None else fig
 
 
-def _text(value):
-    return value if not isinstance(value, float) or np.isfinite(value) else float("nan")
-
-
 def _frame(rows):
     try:
         import pandas as pd
@@ -282,7 +279,7 @@ def _noise_value(lik, values: Mapping):
     return float(noise.ravel()[0])
 
 
-def _check_fit_data(design: _Design, type2, eb_mean, noise, beta, z, K, Q, where: str) -> Optional[float]:
+def _check_fit_data(design: _Design, type2, eb_mean, noise, beta, z, K, Q) -> Optional[float]:
     """Largest |score x SE| of the fixed effects at the type-II estimate on these data.
 
     At a type-II (ML or REML) optimum the fixed effects are the GLS estimates given the variance
@@ -308,7 +305,7 @@ def _check_fit_data(design: _Design, type2, eb_mean, noise, beta, z, K, Q, where
     return worst
 
 
-def _check_nuts_data(design: _Design, nuts, model, T, P, noise_of, beta_of) -> None:
+def _check_nuts_data(design: _Design, nuts, T, P, noise_of, beta_of) -> None:
     theta = np.asarray(nuts.samples["theta"]) if "theta" in nuts.samples else None
     if theta is None or theta.ndim != 4 or theta.shape[2:] != (T, P):
         raise ValueError(f"the NUTS result's theta must have shape (chains, draws, {T}, {P}) for this table, got "
@@ -397,15 +394,13 @@ def shrinkage_report(
         raise ValueError(f"the type-II result lacks the model's sites {missing}: fit it with this model")
     noise = _noise_value(lik, extra)
     beta = extra.get("beta", np.zeros(0))
-    import jax.numpy as jnp
-
     prior_mean = np.broadcast_to(np.asarray(model.prior_mean(jnp.asarray(phi), extra, z), float), (T, P))
     L = np.asarray(model.prior_scale_tril(jnp.asarray(sigma), extra), float)
     prior_var = np.diag(L @ L.T)
     eb_mean, eb_cov = (np.asarray(a, float) for a in lik.posterior(table.support, prior_mean, L,
                                                                     model.globals_of(extra)))
     eb_sd = np.sqrt(np.clip(np.diagonal(eb_cov, axis1=1, axis2=2), 0.0, None))
-    worst = _check_fit_data(design, type2, eb_mean, noise, beta, z, K, Q, part_names)
+    worst = _check_fit_data(design, type2, eb_mean, noise, beta, z, K, Q)
     notes = [f"estimates on the {part_names} rows ({int(design.mask.sum())} rows, {T} groups); "
              f"type-II {getattr(type2, 'method', 'ML')}: converged={getattr(type2, 'converged', None)}, "
              f"singular={list(getattr(type2, 'singular', ()))}"]
@@ -441,7 +436,7 @@ def shrinkage_report(
         beta_draws = _draws(nuts, "beta") if K else np.zeros((1, 0))
         noise_of = lambda d: None if noise_draws is None else noise_draws[d]
         beta_of = lambda d: beta_draws[min(d, beta_draws.shape[0] - 1)]
-        _check_nuts_data(design, nuts, model, T, P, noise_of, beta_of)
+        _check_nuts_data(design, nuts, T, P, noise_of, beta_of)
         theta = _draws(nuts, "theta")  # (D, T, P)
         lo, hi = np.quantile(theta, [0.5 - interval / 2, 0.5 + interval / 2], axis=0)
         phi_d = _draws(nuts, "phi")

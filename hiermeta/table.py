@@ -117,7 +117,6 @@ class GroupedTable:
     split: dict
     empty_query_groups: tuple
     _rows: _Rows = field(repr=False)
-    _columns: dict = field(repr=False)
 
     # ------------------------------------------------------------------ sizes
     @property
@@ -204,7 +203,7 @@ class GroupedTable:
                     rows.covariates[old], {k: pick(v) for k, v in rows.extra.items()}, pick(rows.is_query),
                     pick(rows.position))
         return _assemble(sub, tuple(groups), self.coordinates, self.fixed_names, self.covariate_names,
-                         self.likelihood, self.split, self._columns, warn=False)
+                         self.likelihood, self.split, warn=False)
 
     def __repr__(self) -> str:
         sizes = self.group_sizes
@@ -450,7 +449,10 @@ def from_table(
     if not names:
         raise ValueError("the table has no columns")
     if isinstance(table, Mapping):
-        lengths = {k: np.shape(table[k])[0] if np.ndim(table[k]) else -1 for k in {n for n, _ in used}}
+        lengths = {k: np.shape(table[k])[0] if np.ndim(table[k]) == 1 else None for k in {n for n, _ in used}}
+        flat = sorted(k for k, v in lengths.items() if v is None)
+        if flat:
+            raise ValueError(f"the table's columns must be 1-D arrays; {flat} are not")
         if len(set(lengths.values())) != 1:
             raise ValueError(f"the table's columns must have equal lengths; got {lengths}")
     n = len(np.asarray(_raw(table, response)[0]))
@@ -496,6 +498,7 @@ def from_table(
     if not callable(getattr(likelihood, "make_data", None)):
         raise ValueError(f"{type(likelihood).__name__} has no make_data(response, mask, random, ...) method: "
                          "from_table needs one to build its data")
+    _check_keywords(likelihood.make_data, columns)
     K = getattr(likelihood, "num_fixed", None)
     if K is not None and K != len(fixed):
         raise ValueError(f"the likelihood has num_fixed={K} but fixed= names {len(fixed)} column(s)")
@@ -503,7 +506,25 @@ def from_table(
     rows = _Rows(codes[perm], y[perm], Z[perm], X[perm], None if off is None else off[perm], per_group,
                  {k: v[perm] for k, v in extra.items()}, is_query, perm)
     return _assemble(rows, group_names, coordinates, fixed_names, tuple(map(str, covs)), likelihood,
-                     description, {"response": response, "group": group, **columns}, warn=warn)
+                     description, warn=warn)
+
+
+def _check_keywords(make_data, columns) -> None:
+    """Refuse extra column keywords ``make_data`` does not take (e.g. a misspelt argument)."""
+    import inspect
+
+    try:
+        params = inspect.signature(make_data).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        return
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return
+    unknown = sorted(set(columns) - set(params))
+    if unknown:
+        takes = [n for n in params if n not in ("self", "response", "mask", "random", "fixed", "offset",
+                                                  "task_covariates")]
+        raise ValueError(f"from_table got unknown keyword(s) {unknown}: neither its own arguments nor columns "
+                         f"the likelihood's make_data takes ({takes})")
 
 
 def _check_rank(Z, X, zq, coordinates, fixed_names, covariate_names) -> None:
@@ -568,7 +589,7 @@ def _make(likelihood, arrays: PaddedArrays, where: str):
         raise ValueError(f"{where}: {err}") from None
 
 
-def _assemble(rows: _Rows, groups, coordinates, fixed_names, covariate_names, likelihood, split, columns,
+def _assemble(rows: _Rows, groups, coordinates, fixed_names, covariate_names, likelihood, split,
               warn: bool) -> GroupedTable:
     T = len(groups)
     everything = np.ones(rows.code.shape[0], dtype=bool)
@@ -590,4 +611,4 @@ def _assemble(rows: _Rows, groups, coordinates, fixed_names, covariate_names, li
                           HiermetaWarning, stacklevel=3)
     return GroupedTable(data=data, support=support, query=query, groups=tuple(groups), coordinates=coordinates,
                         fixed_names=fixed_names, covariate_names=covariate_names, likelihood=likelihood,
-                        arrays=arrays, split=split, empty_query_groups=empty, _rows=rows, _columns=dict(columns))
+                        arrays=arrays, split=split, empty_query_groups=empty, _rows=rows)

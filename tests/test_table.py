@@ -192,6 +192,7 @@ def _frame():
     (None, dict(likelihood=hm.linear_gaussian(num_fixed=2)), r"num_fixed=2 but fixed= names 0"),
     (None, dict(random=[]), "at least one column"),
     (None, dict(mask="x"), "make_data's own arguments"),
+    (None, dict(trials="x"), r"unknown keyword\(s\) \['trials'\]"),
 ])
 def test_bad_input_is_refused_naming_it(change, kwargs, match):
     frame = _frame() if change is None else change(_frame())
@@ -208,5 +209,7 @@ def test_bad_tables_are_refused():
         hm.from_table({"y": np.ones(3), "g": np.ones(2)}, response="y", group="g")
     with pytest.raises(ValueError, match="no rows"):
         hm.from_table({"y": np.ones(0), "g": np.ones(0)}, response="y", group="g")
+    with pytest.raises(ValueError, match=r"must be 1-D arrays; \['y'\]"):
+        hm.from_table({"y": np.ones((3, 2)), "g": np.ones(3)}, response="y", group="g")
     with pytest.raises(ValueError, match="boolean column"):
         hm.from_table(_frame(), response="y", group="g", query="x")
