@@ -191,6 +191,8 @@ class GroupedTable:
             raise ValueError(f"subset names unknown group(s) {unknown[:10]}")
         if not groups:
             raise ValueError("subset needs at least one group")
+        if len(set(groups)) != len(groups):
+            raise ValueError("subset names a group more than once")
         old = np.array([lookup[g] for g in groups])
         recode = np.full(self.num_groups, -1)
         recode[old] = np.arange(len(groups))
@@ -237,15 +239,15 @@ def _raw(table, name):
 def _numeric(table, name: str, role: str, n: int) -> np.ndarray:
     """A numeric column as float64 ``(n,)``, refusing text, missing and infinite values."""
     col, _ = _raw(table, name)
-    if hasattr(col, "to_numpy"):  # pandas: nullable dtypes carry pd.NA; bool is numeric here
+    if type(col).__module__.startswith("pandas"):  # nullable dtypes carry pd.NA; bool is numeric here
         import pandas as pd
 
         if not (pd.api.types.is_numeric_dtype(col.dtype) or pd.api.types.is_bool_dtype(col.dtype)):
             raise ValueError(f"{role} column {name!r} is not numeric (dtype {col.dtype}): encode it as numbers "
                              "(e.g. pandas.get_dummies for a categorical covariate)")
         values = col.to_numpy(dtype=float, na_value=np.nan)
-    else:
-        values = np.asarray(col)
+    else:  # a NumPy array, a list, or another library's column
+        values = np.asarray(col.to_numpy() if hasattr(col, "to_numpy") else col)
         if values.dtype.kind not in "biuf":
             raise ValueError(f"{role} column {name!r} is not numeric (dtype {values.dtype}): encode it as numbers")
         values = values.astype(float)
