@@ -28,6 +28,8 @@ from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile,
 from . import checkpoint, empirical_bayes, sharding
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .sharding import task_mesh
+from .table import GroupedTable, from_table
+from .shrinkage_report import ShrinkageReport, shrinkage_report
 
 __version__ = "0.1.0"
 
@@ -89,4 +91,8 @@ __all__ = [
     "save_checkpoint",
     "load_checkpoint",
     "task_mesh",
+    "from_table",
+    "GroupedTable",
+    "shrinkage_report",
+    "ShrinkageReport",
 ]

