@@ -23,6 +23,7 @@ from jax.sharding import Mesh
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .learners.base import MetaLearner, MetaState, all_finite
 from .sharding import replicate, replicated, shard_tasks
+from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
 
 __all__ = ["fit", "MetaTrainingError", "sample_from"]
@@ -225,7 +226,13 @@ def fit(
             bar.close()
     if checkpoint is not None and not chunks:  # nothing to run: still leave a checkpoint
         save(state)
-    return state, _concat(chunks)
+    history = _concat(chunks)
+    if "num_unconverged" in history:  # one warning per fit, not one per chunk
+        bad = history["num_unconverged"] > 0
+        tol = resolved_tol(getattr(learner.inner_solver, "tol", None), np.asarray(history["inner_stationarity"]).dtype)
+        warn_unconverged(f"{learner.name}, meta-training", int(bad.sum()), bad.size,
+                         float(np.max(history["inner_stationarity"])), tol, what="meta-steps (some tasks)")
+    return state, history
 
 
 def _concat(chunks: list[dict]) -> dict:
