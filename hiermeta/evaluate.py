@@ -83,9 +83,11 @@ def _check_solves(learner: MetaLearner, num_steps: int, diverged, converged, sta
             f"{learner.name}: the inner solve diverged on {int(diverged.sum())} of {T} tasks within {num_steps} "
             "steps; lower the inner learning rate, or use inner_solver=hiermeta.solvers.newton() (or lbfgs())"
         )
-    tol = getattr(learner.inner_solver, "tol", None)
-    warn_unconverged(f"{learner.name}, {num_steps} steps", int(np.sum(~converged)), T,
-                     float(np.max(stationarity)), resolved_tol(tol, dtype), stacklevel=4)
+    bad = int(np.sum(~converged))
+    if bad:
+        tol = resolved_tol(getattr(learner.inner_solver, "tol", None), dtype)
+        warn_unconverged(f"{learner.name}, {num_steps} steps", f"{bad} of {T} tasks", float(np.max(stationarity)),
+                         tol, stacklevel=4)
 
 
 def _adapt(learner: MetaLearner, state: MetaState, support, num_steps: int) -> Adaptation:

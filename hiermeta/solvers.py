@@ -520,16 +520,14 @@ def resolve_inner_solver(inner_solver: Optional[InnerSolver], inner_optimizer, i
     return gradient_steps(inner_optimizer, inner_steps, tol=tol)
 
 
-def warn_unconverged(who: str, num_bad: int, total: int, worst: float, tol: float, what: str = "tasks",
-                     stacklevel: int = 3) -> None:
-    """Issue one :class:`ConvergenceWarning` naming how many solves missed ``tol`` and the worst."""
-    if num_bad <= 0:
-        return
+def warn_unconverged(who: str, where: str, worst: float, tol: float, stacklevel: int = 3) -> None:
+    """Issue one :class:`ConvergenceWarning`: ``who`` did not converge on ``where`` (e.g. "3 of 18
+    tasks"), with the worst relative gradient norm ``worst`` against ``tol``."""
     warnings.warn(
         ConvergenceWarning(
-            f"{who}: the inner solve did not converge on {num_bad} of {total} {what} (worst relative "
-            f"gradient norm {worst:.3g} > tol {tol:.3g}); the adapted theta is not the MAP. Raise the "
-            "step budget, or use inner_solver=hiermeta.solvers.newton() (or lbfgs() for many parameters)"
+            f"{who}: the inner solve did not converge on {where} (worst relative gradient norm "
+            f"{worst:.3g} > tol {tol:.3g}); the adapted theta is not the MAP. Raise the step budget, "
+            "or use inner_solver=hiermeta.solvers.newton() (or lbfgs() for many parameters)"
         ),
         stacklevel=stacklevel,
     )

@@ -227,11 +227,10 @@ def fit(
     if checkpoint is not None and not chunks:  # nothing to run: still leave a checkpoint
         save(state)
     history = _concat(chunks)
-    if "num_unconverged" in history:  # one warning per fit, not one per chunk
-        bad = history["num_unconverged"] > 0
-        tol = resolved_tol(getattr(learner.inner_solver, "tol", None), np.asarray(history["inner_stationarity"]).dtype)
-        warn_unconverged(f"{learner.name}, meta-training", int(bad.sum()), bad.size,
-                         float(np.max(history["inner_stationarity"])), tol, what="meta-steps (some tasks)")
+    if "num_unconverged" in history and np.any(history["num_unconverged"] > 0):  # once per fit
+        bad, worst = history["num_unconverged"], history["inner_stationarity"]
+        warn_unconverged(learner.name, f"up to {bad.max()} tasks of a batch in {np.sum(bad > 0)} of {bad.size} "
+                         "meta-steps", float(worst.max()), resolved_tol(learner.inner_solver.tol, worst.dtype))
     return state, history
 
 
