@@ -255,18 +255,20 @@ def gradient_steps(
             opt = optax.sgd(curvature_step_size(loss, theta0, power_iterations))
         value_and_grad = jax.value_and_grad(loss)
 
-        def body(carry, k):
+        def body(carry, _):
             theta, opt_state, g0_norm = carry
             _, grad = value_and_grad(theta)
-            g0_norm = jnp.where(k == 0, jax.lax.stop_gradient(_norm(grad)), g0_norm)
+            # ||g(theta_0)|| from the first step (the carry starts at -1); no step counter, so no
+            # buffer of size K (memory stays flat in K)
+            g0_norm = jnp.where(g0_norm < 0, jax.lax.stop_gradient(_norm(grad)), g0_norm)
             updates, opt_state = opt.update(grad, opt_state, theta)
             theta = optax.apply_updates(theta, updates)
             return (theta, opt_state, g0_norm), (observe(theta) if observe is not None else None)
 
         if remat:
             body = jax.checkpoint(body)
-        carry = (theta0, opt.init(theta0), jnp.zeros((), theta0.dtype))
-        (theta, _, g0_norm), records = jax.lax.scan(body, carry, jnp.arange(n), unroll=unroll)
+        carry = (theta0, opt.init(theta0), -jnp.ones((), theta0.dtype))
+        (theta, _, g0_norm), records = jax.lax.scan(body, carry, None, length=n, unroll=unroll)
         trace = _stack_trace(observe, theta0, records)
         return _finish(loss, theta, loss(theta0), g0_norm if n > 0 else None, tol, trace, check_rise=True)
 
