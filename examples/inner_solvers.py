@@ -115,11 +115,14 @@ def plot(results, path):
     fig, axes = plt.subplots(1, len(results), figsize=(5.5 * len(results), 4.2), squeeze=False)
     for ax, (label, res) in zip(axes[0], results.items()):
         names = list(res["solvers"])
-        err = [res["solvers"][n]["max_relative_error"] for n in names]
-        err = [e if np.isfinite(e) else 1e30 for e in err]
-        ax.barh(names, np.maximum(err, 1e-17), color=["tab:red" if r["num_unconverged"] else "tab:green"
-                                                       for r in res["solvers"].values()])
+        err = np.array([res["solvers"][n]["max_relative_error"] for n in names])
+        diverged = ~np.isfinite(err)
+        err = np.where(diverged, 1e2, np.maximum(err, 1e-17))  # diverged: drawn off the scale, labelled
+        ax.barh(names, err, color=["tab:red" if r["num_unconverged"] else "tab:green" for r in res["solvers"].values()])
+        for i in np.flatnonzero(diverged):
+            ax.text(1e2, i, " diverged", va="center", fontsize=8)
         ax.set_xscale("log")
+        ax.set_xlim(1e-17, 1e6)
         ax.invert_yaxis()
         ax.set_xlabel("max relative error of theta vs the closed-form MAP")
         ax.set_title(f"{label} (red: flagged not converged)", fontsize=9)

@@ -77,7 +77,7 @@ def test_newton_and_lbfgs_reach_the_closed_form_map_where_sgd_does_not(which, mo
             warnings.simplefilter("error", hm.ConvergenceWarning)
             adapted = hm.adapt(learner, state, data)
         assert relative_error(adapted.theta, want) < 1e-8, solver.name
-        assert np.all(adapted.converged) and np.max(adapted.stationarity) <= 1.5e-8
+        assert np.all(adapted.converged) and np.max(adapted.stationarity) <= 3.7e-11
     # the README's inner settings: 200 steps of SGD(0.3) end milliseconds from the MAP, and say so
     learner, state = learner_at(model, phi, sigma, inner_optimizer=optax.sgd(0.3), inner_steps=200)
     with pytest.warns(hm.ConvergenceWarning, match="did not converge") as record:
@@ -155,7 +155,7 @@ def test_newton_and_lbfgs_minimise_rosenbrock_monotonically():
         assert bool(result.converged) and not bool(result.diverged), solver.name
         np.testing.assert_allclose(result.theta, [1.0, 1.0], atol=1e-7)
         assert np.all(np.diff(np.asarray(result.trace)) <= 1e-12)  # the loss never rises
-        assert float(result.stationarity) <= 1.5e-8
+        assert float(result.stationarity) <= 3.7e-11
 
 
 SOLVERS = {"curvature": lambda: solvers.gradient_steps(None, 50), "newton": solvers.newton, "lbfgs": solvers.lbfgs}
@@ -169,9 +169,9 @@ LEARNERS = {  # every learner with an inner solve: (constructor, init arguments)
 }
 # the default run steps each learner with one solver and each solver with several learners (one
 # compiled meta-step each); the whole matrix is slow
-DEFAULT = {("M-Shrinkage", s) for s in SOLVERS} | {("Reptile", "newton"), ("M-sigma-iMAML", "lbfgs"),
+DEFAULT = {("M-Shrinkage", s) for s in SOLVERS} | {("Reptile", "newton"), ("M-sigma-iMAML", "newton"),
                                                     ("iMAML", "curvature"), ("M-Shrinkage MAP", "newton"),
-                                                    ("Shrinkage", "lbfgs")}
+                                                    ("Shrinkage", "curvature")}
 
 
 def test_every_learner_solves_with_the_solver_it_is_given(model):
@@ -195,8 +195,8 @@ def test_every_learner_takes_a_finite_meta_step_with_each_solver(name, solver_id
     assert {"inner_stationarity", "num_unconverged"} <= set(metrics)
     if solver_id == "curvature":
         return
-    # Newton, L-BFGS: every task solved to sqrt(eps), and the step is the one at the exact solution
-    assert int(metrics["num_unconverged"]) == 0 and float(metrics["inner_stationarity"]) <= 1.5e-8
+    # Newton, L-BFGS: every task solved to eps^(2/3), and the step is the one at the exact solution
+    assert int(metrics["num_unconverged"]) == 0 and float(metrics["inner_stationarity"]) <= 3.7e-11
     if name == "M-Shrinkage":  # phi <- phi + mean_t (theta_hat_t - phi) / sigma^2
         theta_map = np.asarray(linear.posterior(sim, PHI, SIGMA)[0])
         np.testing.assert_allclose(new.params["phi"], PHI + np.mean(theta_map - PHI, axis=0) / SIGMA**2, rtol=1e-10)
