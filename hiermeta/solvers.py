@@ -166,11 +166,14 @@ def _finish(loss, theta, initial_loss, g0_norm, tol, trace, check_rise: bool) ->
     final_loss, g = jax.value_and_grad(loss)(theta_d)
     g_norm = _norm(g)
     g0_norm = g_norm if g0_norm is None else jax.lax.stop_gradient(g0_norm)
+    initial_loss = final_loss if initial_loss is None else initial_loss
     tiny = jnp.finfo(theta.dtype).tiny
     stationarity = g_norm / jnp.maximum(g0_norm, tiny)
     stationarity = jnp.where(jnp.isfinite(stationarity), stationarity, jnp.inf)
     initial_loss = jax.lax.stop_gradient(initial_loss)
-    diverged = ~jnp.isfinite(final_loss) | ~jnp.all(jnp.isfinite(theta_d))
+    # (on theta, not theta_d: with theta_d, XLA CPU fused this check so badly that it doubled the
+    # time of an M-Shrinkage meta-step on the sinusoid MLP)
+    diverged = ~jnp.isfinite(final_loss) | ~jnp.all(jnp.isfinite(theta))
     if check_rise:
         diverged |= final_loss - initial_loss > DIVERGENCE_FACTOR * (1.0 + jnp.abs(initial_loss))
     converged = ~diverged & (stationarity <= resolved_tol(tol, theta.dtype))
@@ -259,21 +262,26 @@ def gradient_steps(
         value_and_grad = jax.value_and_grad(loss)
 
         def body(carry, _):
-            theta, opt_state, g0_norm = carry
-            _, grad = value_and_grad(theta)
-            # ||g(theta_0)|| from the first step (the carry starts at -1); no step counter, so no
-            # buffer of size K (memory stays flat in K)
-            g0_norm = jnp.where(g0_norm < 0, jax.lax.stop_gradient(_norm(grad)), g0_norm)
+            theta, opt_state, (loss0, g0_norm) = carry
+            value, grad = value_and_grad(theta)
+            # the loss and ||g|| at theta_0 from the first step (the carry starts at -1): no step
+            # counter (a buffer of size K) and no separate evaluation at theta_0
+            first = g0_norm < 0
+            loss0 = jnp.where(first, jax.lax.stop_gradient(value), loss0)
+            g0_norm = jnp.where(first, jax.lax.stop_gradient(_norm(grad)), g0_norm)
             updates, opt_state = opt.update(grad, opt_state, theta)
             theta = optax.apply_updates(theta, updates)
-            return (theta, opt_state, g0_norm), (observe(theta) if observe is not None else None)
+            return (theta, opt_state, (loss0, g0_norm)), (observe(theta) if observe is not None else None)
 
         if remat:
             body = jax.checkpoint(body)
-        carry = (theta0, opt.init(theta0), -jnp.ones((), theta0.dtype))
-        (theta, _, g0_norm), records = jax.lax.scan(body, carry, None, length=n, unroll=unroll)
+        minus_one = -jnp.ones((), theta0.dtype)
+        carry = (theta0, opt.init(theta0), (minus_one, minus_one))
+        (theta, _, (loss0, g0_norm)), records = jax.lax.scan(body, carry, None, length=n, unroll=unroll)
         trace = _stack_trace(observe, theta0, records)
-        return _finish(loss, theta, loss(theta0), g0_norm if n > 0 else None, tol, trace, check_rise=True)
+        if n == 0:
+            return _finish(loss, theta, None, None, tol, trace, check_rise=True)
+        return _finish(loss, theta, loss0, g0_norm, tol, trace, check_rise=True)
 
     return InnerSolver(name, K, tol, solve)
 
