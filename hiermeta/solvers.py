@@ -171,8 +171,6 @@ def _finish(loss, theta, initial_loss, g0_norm, tol, trace, check_rise: bool) ->
     stationarity = g_norm / jnp.maximum(g0_norm, tiny)
     stationarity = jnp.where(jnp.isfinite(stationarity), stationarity, jnp.inf)
     initial_loss = jax.lax.stop_gradient(initial_loss)
-    # (on theta, not theta_d: with theta_d, XLA CPU fused this check so badly that it doubled the
-    # time of an M-Shrinkage meta-step on the sinusoid MLP)
     diverged = ~jnp.isfinite(final_loss) | ~jnp.all(jnp.isfinite(theta))
     if check_rise:
         diverged |= final_loss - initial_loss > DIVERGENCE_FACTOR * (1.0 + jnp.abs(initial_loss))
