@@ -157,7 +157,9 @@ def main(argv=None):
                  g(r["worst_posterior_sds"]), f"{r['ms_per_call']:.1f}"] for name, r in res["solvers"].items()]
         print(format_table(["solver", "max rel err", "worst stationarity", "unconverged",
                             "worst dist (post. sd)", "ms/call"], rows))
-    path = write_json(out / "inner_solvers.json", {"config": vars(args), "results": results})
+    path = write_json(out / "inner_solvers.json", {"schema": "hiermeta/inner_solvers/v1",
+                                                   "config": {**vars(args), "jax_version": jax.__version__},
+                                                   "results": results})
     print(f"\nwrote {path}")
     if not args.no_plot:
         plot(results, out / "inner_solvers.png")
