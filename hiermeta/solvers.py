@@ -202,10 +202,11 @@ def curvature_step_size(loss, theta0, iterations: int = 10) -> jax.Array:
     """``1 / lambda_max`` of the Hessian of ``loss`` at ``theta0`` (not differentiated).
 
     ``lambda_max`` (the largest |eigenvalue|) is estimated by ``iterations`` power iterations on
-    Hessian-vector products from a fixed pseudo-random start: eigenvalues below half the largest
-    are damped by ``4^-iterations``, so the estimate exceeds ``lambda_max / 2`` and the step stays
-    below the stability limit ``2 / lambda_max`` of gradient descent on a quadratic.  A zero
-    Hessian gives step 1.
+    Hessian-vector products from a fixed pseudo-random start: the weight of eigenvalues below half
+    the largest shrinks by ``4^-iterations`` against it, so unless the start is nearly orthogonal
+    to the top eigenvector the estimate exceeds ``lambda_max / 2`` and the step stays below the
+    stability limit ``2 / lambda_max`` of gradient descent on a quadratic (a solve that runs off
+    anyway is flagged as diverged).  A zero Hessian gives step 1.
     """
     theta0 = jax.lax.stop_gradient(theta0)
     _, hvp = jax.linearize(jax.grad(loss), theta0)
