@@ -3,16 +3,18 @@
 The model (Eq. 1): theta_{m,t} ~ N(phi_m, sigma_m^2 I) per module m, D_t ~ p(D | theta_t), written
 once as a NumPyro model (:class:`HierarchicalModel`); meta-learners (:mod:`hiermeta.learners`)
 share one interface (``init``, ``step``, ``inner_problem``, ``adapt``) and read every density
-from that model.
+from that model; :mod:`hiermeta.solvers` says how each task's MAP is solved and how close it got.
 """
 
-from .evaluate import LossCurve, evaluate, loss_curve
+from .evaluate import LossCurve, adapt, evaluate, loss_curve
 from .hierarchy import HierarchicalModel
 from .sites import GlobalParam
 from .linear_gaussian import LinearDesign, LinearGaussianLikelihood, linear_gaussian
 from . import empirical_bayes
 from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
-from .inner import InnerProblem, InnerResult, run_inner
+from .inner import Adaptation, InnerProblem, InnerResult, run_inner
+from . import solvers
+from .solvers import ConvergenceWarning, InnerSolver
 from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage, sigma_of
 from .learners import imaml, m_sigma_imaml, sigma_imaml
 from .partition import ModulePartition
@@ -51,6 +53,11 @@ __all__ = [
     "InnerProblem",
     "InnerResult",
     "run_inner",
+    "solvers",
+    "InnerSolver",
+    "ConvergenceWarning",
+    "Adaptation",
+    "adapt",
     "MetaLearner",
     "MetaState",
     "shrinkage",

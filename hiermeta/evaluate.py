@@ -1,25 +1,30 @@
-"""Held-out evaluation: adapt to new tasks and score fresh query data at every adaptation step.
+"""Adapting to new tasks, checked (:func:`adapt`), and held-out evaluation (:func:`evaluate`): the
+query loss at every adaptation step.
 
 The generalisation loss of task t after k steps is the negative log-likelihood per observation of
 its query data up to the likelihood's constant (for Gaussian noise: 1/2 sum_d (x_d - mu_d)^2 /
-xi_d^2), evaluated at theta_{t,k}, the k-th iterate of the learner's own inner loop from its
+xi_d^2), evaluated at theta_{t,k}, the k-th iterate of the learner's own inner solver from its
 meta-state.  Reported: the mean over tasks, its standard error, and the central 68% interval of
 the per-task losses (16th to 84th percentile).
+
+Both raise if an inner solve diverged and warn (:class:`hiermeta.ConvergenceWarning`) if one did
+not converge within its tolerance.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
 
-from .inner import run_inner
+from .inner import Adaptation, run_inner
 from .learners.base import MetaLearner, MetaState
-from .tasks import TaskBatch, check_task_batch
+from .solvers import resolved_tol, warn_unconverged
+from .tasks import TaskBatch, check_task_batch, num_tasks
 from .utils import check_count
 
-__all__ = ["LossCurve", "evaluate", "loss_curve"]
+__all__ = ["LossCurve", "evaluate", "loss_curve", "adapt"]
 
 
 class LossCurve(NamedTuple):
@@ -60,13 +65,67 @@ def loss_curve(per_task: np.ndarray) -> LossCurve:
     )
 
 
+def _num_steps(learner: MetaLearner, num_steps: Optional[int]) -> int:
+    if num_steps is None:
+        if learner.inner_solver is None:
+            raise ValueError(f"{learner.name} names no inner solver: give num_steps")
+        return int(learner.inner_solver.num_steps)
+    return check_count(num_steps, "num_steps", 0)
+
+
+def _check_solves(learner: MetaLearner, num_steps: int, diverged, converged, stationarity, dtype) -> None:
+    """Raise if a solve diverged; warn once if some did not converge."""
+    diverged, converged, stationarity = np.asarray(diverged), np.asarray(converged), np.asarray(stationarity)
+    T = diverged.shape[0]
+    if diverged.any():
+        raise ValueError(
+            f"{learner.name}: the inner solve diverged on {int(diverged.sum())} of {T} tasks within {num_steps} "
+            "steps; lower the inner learning rate, or use inner_solver=hiermeta.solvers.newton() (or lbfgs())"
+        )
+    bad = int(np.sum(~converged))
+    if bad:
+        tol = resolved_tol(getattr(learner.inner_solver, "tol", None), dtype)
+        warn_unconverged(f"{learner.name}, {num_steps} steps", f"{bad} of {T} tasks", float(np.max(stationarity)),
+                         tol, stacklevel=4)
+
+
+def _adapt(learner: MetaLearner, state: MetaState, support, num_steps: int) -> Adaptation:
+    return learner.adapt(state, support, num_steps)
+
+
+_adapt_jit = jax.jit(_adapt, static_argnums=(0, 3))
+
+
+def adapt(learner: MetaLearner, state: MetaState, support, num_steps: Optional[int] = None) -> Adaptation:
+    """Adapt ``state`` to each task of ``support`` with the learner's inner solver, checked.
+
+    The host-side ``learner.adapt``: validates ``support`` (a ``ValueError`` naming the problem,
+    before anything is compiled), runs one compiled program per (learner, shape, ``num_steps``),
+    raises ``ValueError`` if a solve diverged and warns (:class:`hiermeta.ConvergenceWarning`,
+    naming how many tasks and the worst stationarity) if one did not converge.
+
+    Args:
+      support: the tasks' support data, leading task axis T.
+      num_steps: the solver's budget (default: the learner's): K optimiser steps, or the most
+        Newton / L-BFGS iterations.
+    Returns:
+      :class:`~hiermeta.inner.Adaptation`: theta ``(T, P)``, loss, stationarity, converged, diverged.
+    """
+    learner.model.likelihood.check(support, "support")
+    num_tasks(support)
+    n = _num_steps(learner, num_steps)
+    result = _adapt_jit(learner, state, support, n)
+    _check_solves(learner, n, result.diverged, result.converged, result.stationarity, result.theta.dtype)
+    return result
+
+
 def _per_task_curves(learner: MetaLearner, params, tasks: TaskBatch, num_steps: int):
     model = learner.model
     problem = learner.inner_problem(params)
 
     def one(train_t, val_t):
         result = run_inner(problem, train_t, num_steps, lambda th: model.generalisation_loss(th, val_t))
-        return result.trace, result.diverged
+        return result.trace, result.diverged, result.converged, result.stationarity
 
     return jax.vmap(one)(tasks.train, tasks.val)
 
@@ -74,20 +133,25 @@ def _per_task_curves(learner: MetaLearner, params, tasks: TaskBatch, num_steps: 
 _per_task_curves_jit = jax.jit(_per_task_curves, static_argnums=(0, 3))
 
 
-def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps: int) -> LossCurve:
-    """Adapt ``state`` to each task's support for ``0..num_steps`` steps; score its query data.
+def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps: Optional[int] = None) -> LossCurve:
+    """Adapt ``state`` to each task's support with the learner's inner solver; score its query data
+    after every iterate ``0..num_steps``.
+
+    ``num_steps`` (default: the solver's budget) is K for gradient steps: the curve is the query
+    loss after k = 0..K optimiser steps.  For Newton and L-BFGS it is the most iterations: entry
+    k is the loss after k iterations, frozen once the solve converged, so the last entry
+    (``curve.mean[-1]``) is the loss at the solution (the MAP).
 
     Raises:
-      ValueError: malformed tasks, or an inner loop that diverged (with the count of tasks).
+      ValueError: malformed tasks, or an inner solve that diverged (with the count of tasks).
+    Warns:
+      hiermeta.ConvergenceWarning: an inner solve did not reach the solver's tolerance within
+      ``num_steps`` (with the count of tasks and the worst stationarity).
     """
-    num_steps = check_count(num_steps, "num_steps", 0)
-    T = check_task_batch(learner.model.likelihood, tasks)
-    per_task, diverged = _per_task_curves_jit(learner, state.params, tasks, num_steps)
+    n = _num_steps(learner, num_steps)
+    check_task_batch(learner.model.likelihood, tasks)
+    per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n)
     per_task, diverged = np.asarray(per_task), np.asarray(diverged)
-    if diverged.any() or not np.all(np.isfinite(per_task)):
-        bad = int(np.sum(diverged | ~np.all(np.isfinite(per_task), axis=1)))
-        raise ValueError(
-            f"{learner.name}: the inner loop diverged on {bad} of {T} tasks within {num_steps} "
-            "steps; lower the inner learning rate"
-        )
+    diverged = diverged | ~np.all(np.isfinite(per_task), axis=1)
+    _check_solves(learner, n, diverged, converged, stationarity, per_task.dtype)
     return loss_curve(per_task)

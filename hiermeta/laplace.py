@@ -6,8 +6,9 @@
 
 with L_t = -log N(theta | phi, sigma^2) - log p(D_t | theta) the inner objective of Eq. 2, read off
 the model (:meth:`HierarchicalModel.inner_objective`), so it is the MAP problem the meta-learners
-solve.  The mode is found by damped Newton steps (Levenberg-Marquardt: a step is taken only when it
-lowers L_t, the damping shrinks after a success and grows after a failure), vmapped over tasks.
+solve.  The mode is found by damped Newton steps (Levenberg-Marquardt, :func:`hiermeta.solvers.levenberg_marquardt`:
+a step is taken only when it lowers L_t, the damping shrinks after a success and grows after a
+failure), vmapped over tasks.
 On a linear-Gaussian domain L_t is quadratic, so the approximation is exact.
 """
 
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from .hierarchy import HierarchicalModel
+from .solvers import levenberg_marquardt  # the one damped-Newton loop (hiermeta.solvers.newton's too)
 
 __all__ = ["LaplaceResult", "laplace", "levenberg_marquardt"]
 
@@ -33,33 +35,6 @@ class LaplaceResult(NamedTuple):
     log_evidence: jax.Array
     grad_norm: jax.Array
     converged: jax.Array
-
-
-def levenberg_marquardt(loss, start, num_steps: int, *, damping: float = 1e-3, shrink: float = 0.1,
-                        grow: float = 10.0, strict: bool = False):
-    """Damped Newton steps ``delta = -(H + lam I)^{-1} g`` on ``loss(theta)`` from ``start``, under ``lax.scan``.
-
-    A step is kept only if it is finite and lowers the loss (``strict``) or does not raise it;
-    then ``lam *= shrink``, else ``lam *= grow`` (clipped to [1e-12, 1e12]), so it descends to a
-    local minimum.  Returns the last accepted ``theta`` and its loss.
-    """
-    grad, hess = jax.grad(loss), jax.hessian(loss)
-    eye = jnp.eye(start.shape[0], dtype=start.dtype)
-
-    def step(carry, _):
-        theta, value, lam = carry
-        delta = -jnp.linalg.solve(hess(theta) + lam * eye, grad(theta))
-        new_value = loss(theta + delta)
-        lower = (new_value < value) if strict else (new_value <= value)
-        accept = jnp.isfinite(new_value) & lower & jnp.all(jnp.isfinite(delta))
-        theta = jnp.where(accept, theta + delta, theta)
-        value = jnp.where(accept, new_value, value)
-        lam = jnp.clip(jnp.where(accept, lam * shrink, lam * grow), 1e-12, 1e12)
-        return (theta, value, lam), None
-
-    init = (start, loss(start), jnp.asarray(damping, start.dtype))
-    (theta, value, _), _ = jax.lax.scan(step, init, None, length=num_steps)
-    return theta, value
 
 
 def _one_task(model: HierarchicalModel, phi, sigma, data_t, theta0, num_steps: int, tol: float, extra=None):

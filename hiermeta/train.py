@@ -28,6 +28,7 @@ from jax.sharding import Mesh
 from .checkpoint import CheckpointError, _to_numpy, load_checkpoint, save_checkpoint
 from .learners.base import MetaLearner, MetaState, all_finite
 from .sharding import replicate, replicated, shard_tasks
+from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
 from .utils import check_count
 
@@ -393,7 +394,12 @@ def fit(
             bar.close()
     if checkpoint is not None and not chunks:  # nothing to run: still leave a checkpoint
         save(state)
-    return state, _concat(chunks)
+    history = _concat(chunks)
+    if "num_unconverged" in history and np.any(history["num_unconverged"] > 0):  # once per fit
+        bad, worst = history["num_unconverged"], history["inner_stationarity"]
+        warn_unconverged(learner.name, f"up to {bad.max()} tasks of a batch in {np.sum(bad > 0)} of {bad.size} "
+                         "meta-steps", float(worst.max()), resolved_tol(learner.inner_solver.tol, worst.dtype))
+    return state, history
 
 
 def _concat(chunks: list[dict]) -> dict:

@@ -112,7 +112,7 @@ def test_m_maml_with_equal_rates_is_maml(first_order, swirl_domain, swirl_model,
     g_shared, g_mod = one_step(shared, s_state, batch), one_step(modular, m_state, batch)
     np.testing.assert_allclose(g_mod["phi"], g_shared["phi"], rtol=1e-12)
     np.testing.assert_allclose(g_mod["log_lr"].sum(), g_shared["log_lr"][0], rtol=1e-12)  # chain rule
-    np.testing.assert_allclose(modular.adapt(m_state, batch.train, 7), shared.adapt(s_state, batch.train, 7),
+    np.testing.assert_allclose(modular.adapt(m_state, batch.train, 7).theta, shared.adapt(s_state, batch.train, 7).theta,
                                rtol=1e-12)
 
 

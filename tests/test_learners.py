@@ -60,7 +60,7 @@ def test_shrinkage_learns_one_sigma_at_the_eq4_fixed_point(trained, paper):
 def test_adapt_and_inner_problem_follow_the_interface(trained, paper_tasks):
     learner, state, _ = trained[True]
     _, batch = paper_tasks
-    theta = learner.adapt(state, batch.train, 5)
+    theta = learner.adapt(state, batch.train, 5).theta
     assert theta.shape == (25, 8)
     problem = learner.inner_problem(state.params)
     np.testing.assert_array_equal(problem.init, state.params["phi"])

@@ -92,7 +92,7 @@ def test_inner_loop_converges_to_closed_form_map(which, paper, paper_model, pape
         model, phi, sigma, lr = linear.make_model(2), np.array([0.5, -0.5]), np.array([2.0, 1.0]), 0.02
     learner = hm.m_shrinkage(model, inner_optimizer=optax.sgd(lr), inner_steps=1)
     state = learner.init(jax.random.PRNGKey(0), jnp.asarray(phi), sigma=sigma)
-    theta = jax.jit(learner.adapt, static_argnums=2)(state, data, 3000)
+    theta = jax.jit(learner.adapt, static_argnums=2)(state, data, 3000).theta
     want, _ = linear.posterior(data, phi, sigma)
     np.testing.assert_allclose(theta, want, rtol=1e-9, atol=1e-9)
 

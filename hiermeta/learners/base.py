@@ -6,24 +6,27 @@ configuration (like an optax ``GradientTransformation``):
     state            = learner.init(key, params)               # params: a pytree like the model's
     state, metrics   = learner.step(state, batch)               # one meta-iteration on a TaskBatch
     problem          = learner.inner_problem(state.params)      # how a task is adapted
-    theta            = learner.adapt(state, support, num_steps) # (T, P) adapted task parameters
+    adaptation       = learner.adapt(state, support)            # theta (T, P), stationarity, converged...
 
 ``step`` and ``adapt`` are jittable and vmap over the task axis inside; ``state`` is a
 :class:`MetaState` NamedTuple, so it can be checkpointed, sharded and passed through ``lax.scan``.
+``learner.inner_solver`` is the :class:`~hiermeta.solvers.InnerSolver` the learner adapts with
+(its budget and tolerance, for host-side checks such as :func:`hiermeta.adapt`).
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 import optax
 
 from ..hierarchy import HierarchicalModel
-from ..inner import InnerProblem, run_inner
+from ..inner import Adaptation, InnerProblem, InnerResult, run_inner
+from ..solvers import InnerSolver
 
-__all__ = ["MetaState", "MetaLearner", "make_adapt", "outer_update", "all_finite"]
+__all__ = ["MetaState", "MetaLearner", "make_adapt", "inner_metrics", "outer_update", "all_finite"]
 
 
 class MetaState(NamedTuple):
@@ -52,7 +55,8 @@ class MetaLearner(NamedTuple):
     init: Callable[..., MetaState]
     step: Callable[[MetaState, Any], tuple[MetaState, dict]]
     inner_problem: Callable[[Any], InnerProblem]
-    adapt: Callable[[MetaState, Any, int], jax.Array]
+    adapt: Callable[..., Adaptation]
+    inner_solver: Optional[InnerSolver] = None
 
 
 def all_finite(tree) -> jax.Array:
@@ -61,13 +65,27 @@ def all_finite(tree) -> jax.Array:
 
 
 def make_adapt(inner_problem: Callable[[Any], InnerProblem]):
-    """``adapt(state, support, num_steps) -> theta (T, P)`` from a learner's ``inner_problem``."""
+    """``adapt(state, support, num_steps=None) -> Adaptation`` from a learner's ``inner_problem``.
 
-    def adapt(state: MetaState, support, num_steps: int) -> jax.Array:
+    ``num_steps`` (static) overrides the inner solver's budget (K steps, or the most Newton /
+    L-BFGS iterations).  Jittable; :func:`hiermeta.adapt` is the checked host-side call.
+    """
+
+    def adapt(state: MetaState, support, num_steps: Optional[int] = None) -> Adaptation:
         problem = inner_problem(state.params)
-        return jax.vmap(lambda d: run_inner(problem, d, num_steps).theta)(support)
+        r = jax.vmap(lambda d: run_inner(problem, d, num_steps))(support)
+        return Adaptation(r.theta, r.final_loss, r.stationarity, r.converged, r.diverged)
 
     return adapt
+
+
+def inner_metrics(inner: InnerResult) -> dict:
+    """Step metrics of a batch's inner solves: ``inner_stationarity`` (the worst relative gradient
+    norm over the batch, inf if one is not finite) and ``num_unconverged`` (diverged included)."""
+    return {
+        "inner_stationarity": jnp.max(inner.stationarity),
+        "num_unconverged": jnp.sum(~inner.converged),
+    }
 
 
 def new_state(params, optimizer: optax.GradientTransformation, key) -> MetaState:

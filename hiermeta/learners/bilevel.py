@@ -5,15 +5,17 @@ along which gradient:
 
     inner   theta_hat_t = argmin_theta L_t(theta; phi, rho),
             L_t = -log N(theta | phi, diag(exp(rho))) - log p(D_t^tr | theta)      (Eq. 2),
-            approximated by K optimiser steps from phi (``run_inner``, vmapped over tasks);
+            solved from phi by the learner's inner solver (:mod:`hiermeta.solvers`: K optimiser
+            steps, Newton or L-BFGS; ``run_inner``, vmapped over tasks);
     outer   phi: along the MAP gradient  -mean_t dL_t/dphi          (Shrinkage, Algorithm 1)
                  or the PLL hypergradient mean_t dPLL_t/dphi         (sigma-iMAML, iMAML);
             rho: along the PLL hypergradient mean_t dPLL_t/drho     (learned sigma)
                  or not at all                                      (iMAML: fixed lambda = 1/sigma^2).
 
-PLL hypergradients come from :func:`hiermeta.implicit.implicit_hypergradient` at the K-step
-iterate, with the configured solver (Eq. 4 or conjugate gradient); nothing is differentiated
-through the inner steps.  This module is the machinery; each learner's file states its algorithm.
+PLL hypergradients come from :func:`hiermeta.implicit.implicit_hypergradient` at the inner
+solution, with the configured linear solver (Eq. 4 or conjugate gradient); nothing is
+differentiated through the inner steps.  Step metrics report how stationary the inner solutions
+are (``inner_stationarity``, ``num_unconverged``).  This module is the machinery; each learner's file states its algorithm.
 """
 
 from __future__ import annotations
@@ -28,7 +30,8 @@ import optax
 from ..hierarchy import HierarchicalModel
 from ..implicit import Solver, as_solver, implicit_hypergradient
 from ..inner import InnerProblem, run_inner
-from .base import MetaLearner, MetaState, make_adapt, new_state, outer_update
+from ..solvers import InnerSolver, resolve_inner_solver
+from .base import MetaLearner, MetaState, inner_metrics, make_adapt, new_state, outer_update
 
 __all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner"]
 
@@ -58,8 +61,9 @@ def gaussian_prior_learner(
     model: HierarchicalModel,
     *,
     name: str,
-    inner_optimizer: optax.GradientTransformation,
-    inner_steps: int,
+    inner_optimizer: Optional[optax.GradientTransformation] = None,
+    inner_steps: Optional[int] = None,
+    inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation],
     hypergradient: Union[str, Solver],
     phi_gradient: str,
@@ -70,6 +74,10 @@ def gaussian_prior_learner(
     """Build a learner on the bilevel problem above (see the module docstring).
 
     Args:
+      inner_solver, inner_optimizer, inner_steps: the inner solver
+        (:func:`hiermeta.solvers.resolve_inner_solver`): an ``InnerSolver``, or K steps of an
+        optax optimiser (converged at relative gradient norm 1e-2), or by default Newton (up to
+        256 parameters) or L-BFGS.
       phi_gradient: ``"map"`` (Algorithm 1's MAP step) or ``"pll"`` (the PLL hypergradient).
       hypergradient: ``"eq4"``, ``"exact"`` (conjugate gradient) or a solver of ``H v = g``.
       modular: learned sigma per module (True) or shared by all modules (False).
@@ -77,8 +85,8 @@ def gaussian_prior_learner(
       fixed_sigma: if given (> 0), sigma is fixed at this shared value and the meta-parameters
         are ``{"phi"}`` only (iMAML); otherwise ``{"phi", "log_sigma2"}``.
     """
-    if int(inner_steps) != inner_steps or int(inner_steps) < 0:
-        raise ValueError(f"inner_steps must be an integer >= 0, got {inner_steps}")
+    inner_solver = resolve_inner_solver(inner_solver, inner_optimizer, inner_steps,
+                                        num_params=model.partition.num_params)
     if phi_gradient not in ("map", "pll"):
         raise ValueError(f"phi_gradient must be 'map' or 'pll', got {phi_gradient!r}")
     initial = model.partition.check_per_module(init_sigma, "init_sigma")  # a scalar or one per module
@@ -103,7 +111,7 @@ def gaussian_prior_learner(
         return InnerProblem(
             init=params["phi"],
             loss=lambda theta, data_t: inner_loss(theta, params, data_t),
-            optimizer=inner_optimizer,
+            solver=inner_solver,
         )
 
     def init(key, params, sigma: Optional[float] = None) -> MetaState:
@@ -126,7 +134,7 @@ def gaussian_prior_learner(
 
     def step(state: MetaState, batch):
         problem = inner_problem(state.params)
-        inner = jax.vmap(lambda d: run_inner(problem, d, inner_steps))(batch.train)
+        inner = jax.vmap(lambda d: run_inner(problem, d))(batch.train)
         map_grad, pll_grad, val_log_lik, info = jax.vmap(task_terms, in_axes=(None, 0, 0, 0))(
             state.params, inner.theta, batch.train, batch.val
         )
@@ -143,6 +151,7 @@ def gaussian_prior_learner(
             "inner_loss": jnp.mean(inner.final_loss),
             "sigma": sigma_from(state.params),
             "num_diverged": num_diverged,
+            **inner_metrics(inner),
             "skipped": skipped,
             "cg_iterations": jnp.max(info.iterations),  # the most any task took
             "cg_residual": jnp.max(info.residual),  # worst relative residual of H v = g
@@ -156,4 +165,5 @@ def gaussian_prior_learner(
         step=step,
         inner_problem=inner_problem,
         adapt=make_adapt(inner_problem),
+        inner_solver=inner_solver,
     )

@@ -24,6 +24,7 @@ import optax
 
 from ..hierarchy import HierarchicalModel
 from ..implicit import Solver
+from ..solvers import InnerSolver
 from .base import MetaLearner
 from .bilevel import gaussian_prior_learner
 
@@ -34,8 +35,9 @@ def imaml(
     model: HierarchicalModel,
     *,
     lam: float,
-    inner_optimizer: optax.GradientTransformation,
-    inner_steps: int,
+    inner_optimizer: Optional[optax.GradientTransformation] = None,
+    inner_steps: Optional[int] = None,
+    inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
     hypergradient: Union[str, Solver] = "exact",
     name: Optional[str] = None,
@@ -44,7 +46,8 @@ def imaml(
 
     Args:
       lam: lambda, the proximal regularisation strength (finite, > 0).
-      inner_optimizer, inner_steps, outer_optimizer: as :func:`hiermeta.learners.shrinkage`.
+      inner_optimizer, inner_steps, inner_solver, outer_optimizer: as
+        :func:`hiermeta.learners.shrinkage`.
       hypergradient: ``"exact"`` (default; conjugate gradient), a solver such as
         ``cg_solve(damping=..., maxiter=5)``, or ``"eq4"`` (then the step is first-order MAML
         on the proximal inner problem).
@@ -56,6 +59,7 @@ def imaml(
         name=name or "iMAML",
         inner_optimizer=inner_optimizer,
         inner_steps=inner_steps,
+        inner_solver=inner_solver,
         outer_optimizer=outer_optimizer,
         hypergradient=hypergradient,
         phi_gradient="pll",

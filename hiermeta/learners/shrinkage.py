@@ -3,7 +3,7 @@
 Meta-parameters: phi (flat, ``(P,)``) and rho = log sigma^2 (``(M,)`` per module for
 M-Shrinkage, ``(1,)`` shared by all modules for Shrinkage).  Each meta-iteration:
 
-1. for each task, theta_t <- phi, then K optimiser steps on
+1. for each task, theta_t <- phi, then the inner solver on (K optimiser steps in the paper)
    L_t(theta) = -log N(theta | phi, sigma^2) - log p(D_t^tr | theta)              (Eq. 2);
 2. phi takes one outer step along the MAP gradient  mean_t dL_t/dphi = -mean_t (theta_hat_t - phi) / sigma^2;
 3. rho takes one outer step along the PLL hypergradient  mean_t dlog p(D_t^val | theta_hat_t)/d rho,
@@ -11,8 +11,9 @@ M-Shrinkage, ``(1,)`` shared by all modules for Shrinkage).  Each meta-iteration
    (``hypergradient="exact"`` or ``hiermeta.implicit.cg_solve(...)``), or by any solver of H v = g.
 
 Means over tasks (not sums) keep the outer learning rates independent of the batch size.
-Step metrics include the solver's diagnostics: ``cg_iterations`` (0 for Eq. 4) and
-``cg_residual``, the worst relative residual ``||H v - g|| / ||g||`` over the batch.
+Step metrics include the solvers' diagnostics: ``inner_stationarity`` (worst relative gradient
+norm of the inner solutions over the batch), ``num_unconverged``, ``cg_iterations`` (0 for Eq. 4)
+and ``cg_residual``, the worst relative residual ``||H v - g|| / ||g||`` over the batch.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import optax
 
 from ..hierarchy import HierarchicalModel
 from ..implicit import Solver
+from ..solvers import InnerSolver
 from .base import MetaLearner
 from .bilevel import gaussian_prior_learner, shrinkage_params, sigma_of
 
@@ -32,8 +34,9 @@ __all__ = ["shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of"]
 def shrinkage(
     model: HierarchicalModel,
     *,
-    inner_optimizer: optax.GradientTransformation,
-    inner_steps: int,
+    inner_optimizer: Optional[optax.GradientTransformation] = None,
+    inner_steps: Optional[int] = None,
+    inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
     modular: bool = False,
     init_sigma: float = 1.0,
@@ -44,8 +47,13 @@ def shrinkage(
 
     Args:
       model: the hierarchical model; its partition defines the modules.
-      inner_optimizer: optax optimiser for the K inner steps on L_t (e.g. ``optax.sgd(0.3)``).
-      inner_steps: K, the number of inner steps during meta-training.
+      inner_optimizer: optax optimiser for the K inner steps on L_t (e.g. ``optax.sgd(0.3)``);
+        a solve counts as converged at relative gradient norm 1e-2 (:mod:`hiermeta.solvers`).
+      inner_steps: K, the number of inner steps during meta-training (alone: K gradient steps
+        of size ``1 / lambda_max`` of the Hessian, :func:`hiermeta.solvers.gradient_steps`).
+      inner_solver: instead of the two above, an inner solver such as
+        :func:`hiermeta.solvers.newton` ``()`` or :func:`~hiermeta.solvers.lbfgs` ``()``.
+        With none of the three: Newton for up to 256 parameters, L-BFGS above.
       outer_optimizer: optax optimiser on ``{"phi", "log_sigma2"}`` (default Adam, lr 1e-2).
       modular: one sigma per module (True) or one sigma shared by all modules (False).
       init_sigma: initial sigma (> 0).
@@ -59,6 +67,7 @@ def shrinkage(
         name=name or default_name,
         inner_optimizer=inner_optimizer,
         inner_steps=inner_steps,
+        inner_solver=inner_solver,
         outer_optimizer=outer_optimizer,
         hypergradient=hypergradient,
         phi_gradient="map",

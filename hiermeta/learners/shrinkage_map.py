@@ -24,7 +24,8 @@ import optax
 
 from ..hierarchy import HierarchicalModel
 from ..inner import run_inner
-from .base import MetaLearner, MetaState, outer_update
+from ..solvers import InnerSolver
+from .base import MetaLearner, MetaState, inner_metrics, outer_update
 from .shrinkage import shrinkage, sigma_of
 
 __all__ = ["shrinkage_map", "m_shrinkage_map"]
@@ -33,8 +34,9 @@ __all__ = ["shrinkage_map", "m_shrinkage_map"]
 def shrinkage_map(
     model: HierarchicalModel,
     *,
-    inner_optimizer: optax.GradientTransformation,
-    inner_steps: int,
+    inner_optimizer: Optional[optax.GradientTransformation] = None,
+    inner_steps: Optional[int] = None,
+    inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
     modular: bool = True,
     init_sigma: float = 1.0,
@@ -42,8 +44,8 @@ def shrinkage_map(
 ) -> MetaLearner:
     """Build (M-)Shrinkage MAP; arguments as :func:`~hiermeta.learners.shrinkage.shrinkage`."""
     outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-2)
-    base = shrinkage(model, inner_optimizer=inner_optimizer, inner_steps=inner_steps, outer_optimizer=outer,
-                     modular=modular, init_sigma=init_sigma)
+    base = shrinkage(model, inner_optimizer=inner_optimizer, inner_steps=inner_steps, inner_solver=inner_solver,
+                     outer_optimizer=outer, modular=modular, init_sigma=init_sigma)
     M = model.partition.num_modules
 
     def joint_loss(params, theta, data_t):
@@ -51,7 +53,7 @@ def shrinkage_map(
 
     def step(state: MetaState, batch):
         problem = base.inner_problem(state.params)
-        inner = jax.vmap(lambda d: run_inner(problem, d, inner_steps))(batch.train)
+        inner = jax.vmap(lambda d: run_inner(problem, d))(batch.train)
         grads = jax.vmap(jax.grad(joint_loss), in_axes=(None, 0, 0))(state.params, inner.theta, batch.train)
         grads = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), grads)
         val_log_lik = jax.vmap(model.log_likelihood)(inner.theta, batch.val)
@@ -62,6 +64,7 @@ def shrinkage_map(
             "inner_loss": jnp.mean(inner.final_loss),
             "sigma": sigma_of(state.params, M),
             "num_diverged": num_diverged,
+            **inner_metrics(inner),
             "skipped": skipped,
         }
         return state, metrics

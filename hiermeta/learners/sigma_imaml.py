@@ -25,6 +25,7 @@ import optax
 
 from ..hierarchy import HierarchicalModel
 from ..implicit import Solver
+from ..solvers import InnerSolver
 from .base import MetaLearner
 from .bilevel import gaussian_prior_learner
 
@@ -34,8 +35,9 @@ __all__ = ["sigma_imaml", "m_sigma_imaml"]
 def sigma_imaml(
     model: HierarchicalModel,
     *,
-    inner_optimizer: optax.GradientTransformation,
-    inner_steps: int,
+    inner_optimizer: Optional[optax.GradientTransformation] = None,
+    inner_steps: Optional[int] = None,
+    inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
     modular: bool = False,
     init_sigma: float = 1.0,
@@ -55,6 +57,7 @@ def sigma_imaml(
         name=name or default_name,
         inner_optimizer=inner_optimizer,
         inner_steps=inner_steps,
+        inner_solver=inner_solver,
         outer_optimizer=outer_optimizer,
         hypergradient=hypergradient,
         phi_gradient="pll",
