@@ -18,7 +18,7 @@ through the inner steps.  This module is the machinery; each learner's file stat
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Callable, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,7 +30,31 @@ from ..implicit import Solver, as_solver, implicit_hypergradient
 from ..inner import InnerProblem, run_inner
 from .base import MetaLearner, MetaState, make_adapt, new_state, outer_update
 
-__all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner"]
+__all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner", "proximal_sgd"]
+
+
+def proximal_sgd(learning_rate: float) -> Callable[[jax.Array], optax.GradientTransformation]:
+    """Proximal gradient descent on L_t, for ``inner_optimizer=``: stable whatever sigma.
+
+    L_t = f(theta) + sum_i (theta_i - phi_i)^2 / (2 s_i), f = -log p(D_t^tr | theta), s = sigma^2 per
+    coordinate.  A gradient step on f at rate ``a`` followed by the exact proximal map of the
+    prior term is
+
+        theta <- theta - grad L_t(theta) / (1/a + 1/s),
+
+    plain gradient descent on L_t with the per-coordinate rate ``1 / (1/a + 1/s)``: ``a`` where
+    sigma is large (the module is free), ``s`` where it is small (one step puts theta at phi + s
+    times the likelihood's pull).  It converges for ``a < 2 / L`` (L the likelihood's curvature)
+    however small sigma gets, to the same MAP; plain SGD on L_t needs ``a < 2 s`` as well.
+    Returns ``prior_var -> optax transformation``; the learners call it with sigma^2 per coordinate.
+    """
+    if not np.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be finite and > 0, got {learning_rate}")
+
+    def for_prior(prior_var: jax.Array) -> optax.GradientTransformation:
+        return optax.scale(-1.0 / (1.0 / learning_rate + 1.0 / prior_var))
+
+    return for_prior
 
 
 def sigma_of(params, num_modules: int) -> jax.Array:
@@ -68,6 +92,8 @@ def gaussian_prior_learner(
     """Build a learner on the bilevel problem above (see the module docstring).
 
     Args:
+      inner_optimizer: an optax transformation, or a function ``prior_var -> transformation`` of
+        sigma^2 per coordinate (e.g. :func:`proximal_sgd`).
       phi_gradient: ``"map"`` (Algorithm 1's MAP step) or ``"pll"`` (the PLL hypergradient).
       hypergradient: ``"eq4"``, ``"exact"`` (conjugate gradient) or a solver of ``H v = g``.
       modular: learned sigma per module (True) or shared by all modules (False).
@@ -83,6 +109,9 @@ def gaussian_prior_learner(
         raise ValueError(f"init_sigma must be finite and > 0, got {init_sigma}")
     if fixed_sigma is not None and (not np.isfinite(fixed_sigma) or fixed_sigma <= 0):
         raise ValueError(f"the fixed sigma must be finite and > 0, got {fixed_sigma}")
+    if not isinstance(inner_optimizer, optax.GradientTransformation) and not callable(inner_optimizer):
+        raise ValueError("inner_optimizer must be an optax transformation or a function of the prior "
+                         "variance returning one (e.g. proximal_sgd(rate))")
     solver = as_solver(hypergradient)
     outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-2)
     M = model.partition.num_modules
@@ -97,10 +126,13 @@ def gaussian_prior_learner(
         return model.inner_objective(theta, params["phi"], sigma_from(params), data_t)
 
     def inner_problem(params) -> InnerProblem:
+        optimizer = inner_optimizer
+        if not isinstance(optimizer, optax.GradientTransformation):  # depends on sigma (proximal_sgd)
+            optimizer = optimizer(model.partition.expand(sigma_from(params) ** 2))
         return InnerProblem(
             init=params["phi"],
             loss=lambda theta, data_t: inner_loss(theta, params, data_t),
-            optimizer=inner_optimizer,
+            optimizer=optimizer,
         )
 
     def init(key, params, sigma: Optional[float] = None) -> MetaState:
