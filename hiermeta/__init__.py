@@ -19,6 +19,7 @@ from .posterior import NUTSResult, run_nuts, with_priors
 from .laplace import LaplaceResult
 from .predictive import PredictiveScores, score_draws
 from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
+from .learners import protonet
 from . import checkpoint, sharding
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .sharding import task_mesh
@@ -56,6 +57,7 @@ __all__ = [
     "imaml",
     "sigma_imaml",
     "m_sigma_imaml",
+    "protonet",
     "run_nuts",
     "with_priors",
     "NUTSResult",
