@@ -86,6 +86,7 @@ class GlyphConfig(NamedTuple):
     aspect: float = 0.08  # per-axis scale factor uniform in 1 +- aspect
     translate: float = 0.06  # fraction of the side, uniform in +-translate per axis
     duplicate_threshold: float = 0.1  # relative L1 distance below which two characters are one
+    alphabets: tuple = ()  # names from ALPHABETS to render (empty: all)
 
 
 def _font_dir() -> Path:
@@ -152,6 +153,8 @@ def _candidates(cfg: GlyphConfig):
     charmaps = [FT2Font(str(font_dir / name)).get_charmap() for name in FACES]
     out = {}
     for alphabet, ranges in ALPHABETS.items():
+        if cfg.alphabets and alphabet not in cfg.alphabets:
+            continue
         chars = []
         for lo, hi in ranges:
             for cp in range(lo, hi + 1):
@@ -248,6 +251,10 @@ def glyph_dataset(config: Optional[GlyphConfig] = None, *, cache_dir=None, use_c
             raise ValueError(f"{name} must be an integer >= 1, got {value}")
     if cfg.image_size < 8:
         raise ValueError(f"image_size must be >= 8, got {cfg.image_size}")
+    unknown = sorted(set(cfg.alphabets) - set(ALPHABETS))
+    if unknown:
+        raise ValueError(f"unknown alphabets {unknown}; choose from {sorted(ALPHABETS)}")
+    cfg = cfg._replace(alphabets=tuple(cfg.alphabets), scale=tuple(cfg.scale))
     if not 0 < cfg.em <= 1 or not 0 < cfg.scale[0] <= cfg.scale[1]:
         raise ValueError("em must lie in (0, 1] and scale must satisfy 0 < low <= high")
     path = _cache_dir(cache_dir) / f"glyphs-{_cache_key(cfg)}.npz"
