@@ -253,8 +253,9 @@ def numpy_convnet(params, images, groups, eps=1e-5):
     return features, features @ np.asarray(params["head"]["w"]) + np.asarray(params["head"]["b"])
 
 
-def test_convnet_matches_numpy_and_has_one_module_per_layer():
-    net = fewshot.convnet(ways=3, image_size=9, filters=4, blocks=2, groups=2)
+@pytest.mark.parametrize("conv", ["lax", "im2col"])
+def test_convnet_matches_numpy_and_has_one_module_per_layer(conv):
+    net = fewshot.convnet(ways=3, image_size=9, filters=4, blocks=2, groups=2, conv=conv)
     params = net.init(jax.random.PRNGKey(0))
     params["block0"]["scale"] = 1.0 + 0.1 * jnp.arange(4.0)  # non-trivial norm parameters
     params["block1"]["offset"] = 0.05 * jnp.arange(4.0)
@@ -275,7 +276,7 @@ def test_convnet_matches_numpy_and_has_one_module_per_layer():
     # 64 filters: 9 x 64 + 3 x 64, then 3 x (9 x 64 x 64 + 3 x 64), then 64 x 5 + 5
     assert fewshot.make_model(full).partition.num_params == 768 + 3 * 37_056 + 325
     for kwargs, match in ((dict(filters=6, groups=4), "must divide"), (dict(image_size=8), "at least 16 pixels"),
-                          (dict(ways=1), "ways must be")):
+                          (dict(ways=1), "ways must be"), (dict(conv="fft"), "conv must be")):
         with pytest.raises(ValueError, match=match):
             fewshot.convnet(**(dict(ways=5, image_size=28) | kwargs))
 

@@ -18,6 +18,10 @@ Episodic training: each meta-step takes one outer step on
     J(phi) = mean_t -log p(D_t^val | theta_t(phi, D_t^tr)),
 
 the query cross-entropy, differentiated through the prototypes and the query embeddings alike.
+The tasks share phi, so the step embeds every image of the batch in one call of the network
+(no per-task copies of its weights) and applies each task's prototype head to the features:
+``embed`` must treat examples independently (no batch statistics), as the likelihood's
+factorisation over observations already requires.
 A class with no support example has no prototype: its logit is set far below the others, and a
 meta-step whose query holds such a class is skipped (``num_missing`` in the metrics).
 """
@@ -29,6 +33,7 @@ from typing import Any, Callable, Mapping, Optional
 import jax
 import jax.numpy as jnp
 import numpy as np
+import numpyro.distributions as dist
 import optax
 
 from ..hierarchy import HierarchicalModel
@@ -64,7 +69,7 @@ def protonet(
         ``num_classes`` (:class:`hiermeta.families.CategoricalLikelihood`) whose logits are
         ``embed(params, x) @ params[head]["w"] + params[head]["b"]``.  Only the likelihood and
         the partition are used (no prior).
-      embed: ``(params, inputs_t) -> (N, E)`` features of one task's inputs.
+      embed: ``(params, inputs) -> (N, E)`` features of ``N`` inputs, each on its own.
       head: key of the linear head in the parameter dict: ``{"w": (E, C), "b": (C,)}``.
       outer_optimizer: optax optimiser on ``{"phi"}`` (default Adam, lr 1e-3).
 
@@ -89,38 +94,50 @@ def protonet(
     outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-3)
     part = model.partition
 
-    def task_theta(phi, support_t):
-        """theta for one task: phi with the prototype head; and the support count of each class."""
-        params = part.unravel(phi)
-        features = embed(params, support_t.inputs)
-        if features.ndim != 2 or features.shape[-1] != E:
-            raise ValueError(f"embed returned features of shape {features.shape}; the head expects (N, {E})")
+    def head_from(features, support_t):
+        """The prototype head ``(w (E, C), b (C,))`` and the support count of each class."""
         c, counts = prototypes(features, support_t.labels, support_t.mask, C)
         absent = jnp.finfo(c.dtype).min / 4  # far below every real logit, still finite
-        bias = jnp.where(counts > 0, -jnp.sum(c**2, axis=-1), absent)
-        return part.ravel({**params, head: {"w": 2.0 * c.T, "b": bias}}), counts
+        return 2.0 * c.T, jnp.where(counts > 0, -jnp.sum(c**2, axis=-1), absent), counts
+
+    def features_of(params, inputs):
+        """Embeddings of every task's inputs ``(T, N, ...)`` in one call of the shared network: ``(T, N, E)``."""
+        T, N = jax.tree_util.tree_leaves(inputs)[0].shape[:2]
+        merged = jax.tree_util.tree_map(lambda a: a.reshape((T * N,) + a.shape[2:]), inputs)
+        features = embed(params, merged)
+        if features.ndim != 2 or features.shape != (T * N, E):
+            raise ValueError(f"embed returned features of shape {features.shape}; the head expects ({T * N}, {E})")
+        return features.reshape(T, N, E)
 
     def init(key, params) -> MetaState:
         return new_state({"phi": part.ravel(params)}, outer, key)
 
-    def episode(phi, train_t, val_t):
-        theta, counts = task_theta(phi, train_t)
-        missing = jnp.sum(val_t.mask & (counts[val_t.labels] == 0))
-        return model.log_likelihood(theta, val_t), missing
-
     def meta_objective(params, batch):
-        log_lik, missing = jax.vmap(episode, in_axes=(None, 0, 0))(params["phi"], batch.train, batch.val)
-        return -jnp.mean(log_lik), jnp.sum(missing)
+        tree = part.unravel(params["phi"])
+        support, query = features_of(tree, batch.train.inputs), features_of(tree, batch.val.inputs)
+
+        def episode(f_support, f_query, train_t, val_t):
+            w, b, counts = head_from(f_support, train_t)
+            logits = f_query @ w + b  # the network's head at the prototypes: theta_t's own logits
+            labels = jnp.where(val_t.mask, val_t.labels, 0)
+            log_lik = jnp.sum(jnp.where(val_t.mask, dist.Categorical(logits=logits).log_prob(labels), 0.0))
+            hits = jnp.sum(val_t.mask & (jnp.argmax(logits, -1) == labels)) / jnp.sum(val_t.mask)
+            return log_lik, hits, jnp.sum(val_t.mask & (counts[labels] == 0))
+
+        log_lik, hits, missing = jax.vmap(episode)(support, query, batch.train, batch.val)
+        return -jnp.mean(log_lik), (jnp.mean(hits), jnp.sum(missing))
 
     def step(state: MetaState, batch):
-        (loss, missing), grads = jax.value_and_grad(meta_objective, has_aux=True)(state.params, batch)
+        (loss, (accuracy, missing)), grads = jax.value_and_grad(meta_objective, has_aux=True)(state.params, batch)
         state, skipped = outer_update(state, grads, outer, ok=missing == 0)
-        return state, {"val_log_lik": -loss, "num_missing": missing, "skipped": skipped}
+        return state, {"val_log_lik": -loss, "val_accuracy": accuracy, "num_missing": missing, "skipped": skipped}
 
     def adapt(state: MetaState, support, num_steps: int = 0) -> jax.Array:
         if num_steps != 0:
             raise ValueError(f"ProtoNet adapts in closed form (the prototypes); num_steps must be 0, got {num_steps}")
-        return jax.vmap(lambda d: task_theta(state.params["phi"], d)[0])(support)
+        tree = part.unravel(state.params["phi"])
+        w, b, _ = jax.vmap(head_from)(features_of(tree, support.inputs), support)
+        return jax.vmap(lambda w_t, b_t: part.ravel({**tree, head: {"w": w_t, "b": b_t}}))(w, b)
 
     def inner_problem(params):
         raise ValueError("ProtoNet has no inner optimisation: a task's parameters are its prototypes, "
