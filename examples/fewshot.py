@@ -62,7 +62,7 @@ def parse_args(argv=None):
     p.add_argument("--image-size", type=positive_int, help="image side in pixels (default 20, quick 16)")
     p.add_argument("--filters", type=positive_int, help="conv filters per block (default 32, quick 8)")
     p.add_argument("--blocks", type=positive_int, help="conv blocks (default 4, quick 2: less to compile)")
-    p.add_argument("--meta-steps", type=positive_int, help="meta-steps per learner and setting (default 300, quick 20)")
+    p.add_argument("--meta-steps", type=positive_int, help="meta-steps per learner and setting (default 200, quick 20)")
     p.add_argument("--batch-size", type=positive_int, help="episodes per meta-step (default 8, quick 4)")
     p.add_argument("--inner-steps", type=positive_int, default=3, help="K, adaptation steps while meta-training (default 3)")
     p.add_argument("--test-steps", type=positive_int, default=10, help="adaptation steps on test episodes (default 10)")
@@ -90,7 +90,7 @@ def parse_args(argv=None):
     args.image_size = args.image_size or (16 if args.quick else 20)
     args.filters = args.filters or (8 if args.quick else 32)
     args.blocks = args.blocks or (2 if args.quick else 4)
-    args.meta_steps = args.meta_steps or (20 if args.quick else 300)
+    args.meta_steps = args.meta_steps or (20 if args.quick else 200)
     args.batch_size = args.batch_size or (4 if args.quick else 8)
     args.test_episodes = args.test_episodes or (40 if args.quick else 600)
     return args

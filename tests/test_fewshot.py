@@ -53,11 +53,13 @@ def test_categorical_log_likelihood_matches_scipy(softmax_model):
         onehot = np.eye(C)[labels[t]]
         expected[t] = sum(stats.multinomial.logpmf(onehot[n], 1, probs[n]) for n in range(6) if mask[t, n])
         accuracy[t] = np.mean((probs.argmax(-1) == labels[t])[mask[t]])
-        one = jax.tree_util.tree_map(lambda a: a[t], data)
-        np.testing.assert_allclose(softmax_model.log_likelihood(jnp.asarray(theta[t]), one), expected[t], rtol=1e-12)
-        # the generalisation loss is the cross-entropy per observation (no constant)
-        np.testing.assert_allclose(softmax_model.generalisation_loss(jnp.asarray(theta[t]), one),
-                                   -expected[t] / mask[t].sum(), rtol=1e-12)
+    # per task, as the learners read it (one jitted program for all three tasks)
+    per_task = jax.jit(jax.vmap(lambda th, d: (softmax_model.log_likelihood(th, d),
+                                               softmax_model.generalisation_loss(th, d))))
+    log_lik, loss = per_task(jnp.asarray(theta), data)
+    np.testing.assert_allclose(log_lik, expected, rtol=1e-12)
+    # the generalisation loss is the cross-entropy per observation (no constant)
+    np.testing.assert_allclose(loss, -expected / mask.sum(axis=1), rtol=1e-12)
     # every task at once (the predictive's and NUTS's path: vmapped logits)
     np.testing.assert_allclose(task_log_likelihood(softmax_model, jnp.asarray(theta), data), expected, rtol=1e-12)
     lik = softmax_model.likelihood
@@ -71,7 +73,7 @@ def test_categorical_log_likelihood_matches_scipy(softmax_model):
     assert softmax_model.partition.names == ("b", "w")  # flattened in key order: b (C) then w (D x C)
     sd = np.where(np.arange(theta.shape[1]) < C, 0.7, 1.3)
     prior = stats.norm.logpdf(theta[0], phi, sd).sum()
-    np.testing.assert_allclose(softmax_model.inner_objective(jnp.asarray(theta[0]), phi, sigma, one),
+    np.testing.assert_allclose(jax.jit(softmax_model.inner_objective)(jnp.asarray(theta[0]), phi, sigma, one),
                                -(prior + expected[0]), rtol=1e-12)
 
 
@@ -262,11 +264,13 @@ def test_convnet_matches_numpy_and_has_one_module_per_layer(conv):
     images = jax.random.uniform(jax.random.PRNGKey(1), (5, 9, 9))
     features, logits = numpy_convnet(params, images, groups=2)
     assert net.feature_size == 2 and net.embedding_size == 16  # 9 -> 4 -> 2 (floor)
-    embed, logits_fn = jax.jit(net.embed), jax.jit(net.logits)
-    np.testing.assert_allclose(embed(params, images), features, rtol=1e-10, atol=1e-12)
-    np.testing.assert_allclose(logits_fn(params, images), logits, rtol=1e-10, atol=1e-12)
+    both = jax.jit(lambda p, x: (net.embed(p, x), net.logits(p, x)))
+    got_features, got_logits = both(params, images)
+    np.testing.assert_allclose(got_features, features, rtol=1e-10, atol=1e-12)
+    np.testing.assert_allclose(got_logits, logits, rtol=1e-10, atol=1e-12)
     # per-image normalisation: an image's logits do not depend on the rest of its batch
-    np.testing.assert_allclose(logits_fn(params, images[:2]), logits[:2], rtol=1e-12)
+    others = images.at[2:].set(jax.random.uniform(jax.random.PRNGKey(2), (3, 9, 9)))
+    np.testing.assert_allclose(both(params, others)[1][:2], logits[:2], rtol=1e-12)
     model = fewshot.make_model(net, params)
     part = model.partition
     assert part.names == ("block0", "block1", "head")

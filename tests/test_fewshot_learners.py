@@ -224,6 +224,7 @@ def test_protonet_refuses_what_it_cannot_do(tiny, steps):
     np.testing.assert_array_equal(new.params["phi"], before.params["phi"])
 
 
+@pytest.mark.slow
 def test_protonet_resumes_bit_identically(tiny, tmp_path, monkeypatch):
     learner, sample = tiny["learners"]["ProtoNet"], tiny["sample"]
     state0 = init(learner, tiny["params"])
