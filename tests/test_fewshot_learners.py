@@ -299,6 +299,7 @@ def test_fewshot_training_runs_unchanged_on_4_devices(tmp_path):
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count=4".strip()
     env["JAX_PLATFORMS"] = "cpu"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     script = tmp_path / "four.py"
     script.write_text(MESH_SCRIPT)
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
