@@ -27,6 +27,8 @@ from .errors import HiermetaWarning, PriorWarning, SamplingWarning
 from .laplace import LaplaceResult
 from .predictive import PredictiveScores, score_draws
 from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
+from .learners import protonet
+from .learners.bilevel import proximal_sgd
 from . import checkpoint, empirical_bayes, sharding
 from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from .sharding import task_mesh
@@ -81,6 +83,8 @@ __all__ = [
     "imaml",
     "sigma_imaml",
     "m_sigma_imaml",
+    "protonet",
+    "proximal_sgd",
     "run_nuts",
     "with_priors",
     "prior_summary",

@@ -18,3 +18,7 @@ from .shrinkage_map import m_shrinkage_map, shrinkage_map  # noqa: E402
 
 __all__ += ["maml", "m_maml", "fomaml", "fo_m_maml", "maml_params", "rates_of", "reptile",
             "shrinkage_map", "m_shrinkage_map"]
+
+from .protonet import protonet  # noqa: E402
+
+__all__ += ["protonet"]

@@ -20,7 +20,7 @@ are (``inner_stationarity``, ``num_unconverged``).  This module is the machinery
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import NamedTuple, Optional, Union
 
 import jax
 import jax.numpy as jnp
@@ -30,10 +30,46 @@ import optax
 from ..hierarchy import HierarchicalModel
 from ..implicit import Solver, as_solver, implicit_hypergradient
 from ..inner import InnerProblem, run_inner
-from ..solvers import InnerSolver, resolve_inner_solver
+from ..solvers import InnerSolver, gradient_steps, resolve_inner_solver
+from ..utils import check_count
 from .base import MetaLearner, MetaState, inner_metrics, make_adapt, new_state, outer_update
 
-__all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner"]
+__all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner", "proximal_sgd", "ProximalSGD"]
+
+
+class ProximalSGD(NamedTuple):
+    """Proximal gradient descent at rate ``learning_rate`` (build with :func:`proximal_sgd`)."""
+
+    learning_rate: float
+
+    def for_prior(self, prior_var) -> optax.GradientTransformation:
+        """The optax step for prior variances ``prior_var`` (sigma^2 per coordinate)."""
+        return optax.scale(-1.0 / (1.0 / self.learning_rate + 1.0 / prior_var))
+
+
+def proximal_sgd(learning_rate: float) -> ProximalSGD:
+    """Proximal gradient descent on L_t, for ``inner_optimizer=`` (with ``inner_steps=``): stable whatever sigma.
+
+    L_t = f(theta) + sum_i (theta_i - phi_i)^2 / (2 s_i), f = -log p(D_t^tr | theta), s = sigma^2 per
+    coordinate.  A gradient step on f at rate ``a`` followed by the exact proximal map of the
+    prior term is
+
+        theta <- theta - grad L_t(theta) / (1/a + 1/s),
+
+    plain gradient descent on L_t with the per-coordinate rate ``1 / (1/a + 1/s)``: ``a`` where
+    sigma is large (the module is free), ``s`` where it is small (one step puts theta at phi + s
+    times the likelihood's pull).  It converges for ``a < 2 / L`` (L the likelihood's curvature)
+    however small sigma gets, to the same MAP; plain SGD on L_t needs ``a < 2 s`` as well.
+    The Gaussian-prior learners (Shrinkage, sigma-iMAML, iMAML) build its step from their
+    current sigma at every meta-step.
+    """
+    if isinstance(learning_rate, bool) or not np.isfinite(learning_rate) or learning_rate <= 0:
+        raise ValueError(f"learning_rate must be finite and > 0, got {learning_rate}")
+    return ProximalSGD(float(learning_rate))
+
+
+def _prior_dependent_solve(*args, **kwargs):
+    raise ValueError("proximal gradient steps depend on sigma: solve with learner.inner_problem(params).solver")
 
 
 def sigma_of(params, num_modules: int) -> jax.Array:
@@ -77,7 +113,8 @@ def gaussian_prior_learner(
       inner_solver, inner_optimizer, inner_steps: the inner solver
         (:func:`hiermeta.solvers.resolve_inner_solver`): an ``InnerSolver``, or K steps of an
         optax optimiser (converged at relative gradient norm 1e-2), or by default Newton (up to
-        256 parameters) or L-BFGS.
+        256 parameters) or L-BFGS.  ``inner_optimizer`` may also be :func:`proximal_sgd` (a
+        step that depends on sigma^2 per coordinate), with ``inner_steps``.
       phi_gradient: ``"map"`` (Algorithm 1's MAP step) or ``"pll"`` (the PLL hypergradient).
       hypergradient: ``"eq4"``, ``"exact"`` (conjugate gradient) or a solver of ``H v = g``.
       modular: learned sigma per module (True) or shared by all modules (False).
@@ -85,8 +122,17 @@ def gaussian_prior_learner(
       fixed_sigma: if given (> 0), sigma is fixed at this shared value and the meta-parameters
         are ``{"phi"}`` only (iMAML); otherwise ``{"phi", "log_sigma2"}``.
     """
-    inner_solver = resolve_inner_solver(inner_solver, inner_optimizer, inner_steps,
-                                        num_params=model.partition.num_params)
+    proximal = isinstance(inner_optimizer, ProximalSGD)
+    if proximal:
+        if inner_solver is not None or inner_steps is None:
+            raise ValueError("inner_optimizer=proximal_sgd(rate) needs inner_steps= (K) and no inner_solver=")
+        inner_solver = gradient_steps(inner_optimizer.for_prior(jnp.inf), inner_steps)._replace(
+            name=f"{check_count(inner_steps, 'inner_steps', 0)} proximal gradient steps (rate {inner_optimizer.learning_rate:g})",
+            solve=_prior_dependent_solve,
+        )
+    else:
+        inner_solver = resolve_inner_solver(inner_solver, inner_optimizer, inner_steps,
+                                            num_params=model.partition.num_params)
     if phi_gradient not in ("map", "pll"):
         raise ValueError(f"phi_gradient must be 'map' or 'pll', got {phi_gradient!r}")
     initial = model.partition.check_per_module(init_sigma, "init_sigma")  # a scalar or one per module
@@ -108,10 +154,14 @@ def gaussian_prior_learner(
         return model.inner_objective(theta, params["phi"], sigma_from(params), data_t)
 
     def inner_problem(params) -> InnerProblem:
+        solver = inner_solver
+        if proximal:  # the step depends on sigma^2 per coordinate
+            prior_var = model.partition.expand(sigma_from(params) ** 2)
+            solver = gradient_steps(inner_optimizer.for_prior(prior_var), inner_solver.num_steps)
         return InnerProblem(
             init=params["phi"],
             loss=lambda theta, data_t: inner_loss(theta, params, data_t),
-            solver=inner_solver,
+            solver=solver,
         )
 
     def init(key, params, sigma: Optional[float] = None) -> MetaState:

@@ -1,0 +1,160 @@
+"""ProtoNet (Snell et al. 2017): metric-based few-shot classification on the MetaLearner interface.
+
+Meta-parameters: phi (flat ``(P,)``), the parameters of a network whose last layer is a linear
+head ``params[head] = {"w": (E, C), "b": (C,)}`` on an embedding ``f_phi(x) = embed(params, x)``
+in R^E (``C`` = the likelihood's ``num_classes``).  ProtoNet does not learn the head.  For a task
+whose support holds the examples S_k of class k:
+
+    c_k = (1 / |S_k|) sum_{x in S_k} f_phi(x)                        (class prototypes)
+    p(y = k | x) = softmax_k(-||f_phi(x) - c_k||^2)                  (squared Euclidean distance)
+
+Because ``-||f - c_k||^2 = 2 c_k . f - ||c_k||^2 - ||f||^2`` and the last term is the same for
+every class, this is the network's own linear head with ``w_k = 2 c_k``, ``b_k = -||c_k||^2``
+(Snell et al., Sec. 2.4).  ``adapt`` writes those into the head, so an adapted task is a
+``theta`` of the same model, scored by the model's own likelihood like any other learner's.
+
+Episodic training: each meta-step takes one outer step on
+
+    J(phi) = mean_t -log p(D_t^val | theta_t(phi, D_t^tr)),
+
+the query cross-entropy, differentiated through the prototypes and the query embeddings alike.
+The tasks share phi, so the step embeds every image of the batch in one call of the network
+(no per-task copies of its weights) and applies each task's prototype head to the features:
+``embed`` must treat examples independently (no batch statistics), as the likelihood's
+factorisation over observations already requires.
+A class with no support example has no prototype: its logit is set far below the others, and a
+meta-step whose query holds such a class is skipped (``num_missing`` in the metrics).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Mapping, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import numpyro.distributions as dist
+import optax
+
+from ..hierarchy import HierarchicalModel
+from ..inner import Adaptation
+from .base import MetaLearner, MetaState, new_state, outer_update
+
+__all__ = ["protonet", "prototypes"]
+
+
+def prototypes(features: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int):
+    """Mean feature of each class: ``(C, E)`` prototypes and ``(C,)`` support counts.
+
+    ``features`` ``(N, E)``, ``labels`` ``(N,)``, ``mask`` ``(N,)``; a class without support
+    examples gets a zero prototype and count 0.
+    """
+    onehot = (labels[:, None] == jnp.arange(num_classes)) & mask[:, None]
+    onehot = onehot.astype(features.dtype)
+    counts = jnp.sum(onehot, axis=0)
+    return (onehot.T @ features) / jnp.maximum(counts, 1.0)[:, None], counts
+
+
+def protonet(
+    model: HierarchicalModel,
+    *,
+    embed: Callable[[Any, Any], jax.Array],
+    head: str = "head",
+    outer_optimizer: Optional[optax.GradientTransformation] = None,
+    name: Optional[str] = None,
+) -> MetaLearner:
+    """Build ProtoNet on ``model``'s network.
+
+    Args:
+      model: the hierarchical model; its likelihood must be a classification likelihood with
+        ``num_classes`` (:class:`hiermeta.families.CategoricalLikelihood`) whose logits are
+        ``embed(params, x) @ params[head]["w"] + params[head]["b"]``.  Only the likelihood and
+        the partition are used (no prior).
+      embed: ``(params, inputs) -> (N, E)`` features of ``N`` inputs, each on its own.
+      head: key of the linear head in the parameter dict: ``{"w": (E, C), "b": (C,)}``.
+      outer_optimizer: optax optimiser on ``{"phi"}`` (default Adam, lr 1e-3).
+
+    ``adapt(state, support, 0)`` returns each task's ``theta`` with the prototype head (an
+    :class:`~hiermeta.inner.Adaptation`, every task converged);
+    ProtoNet takes no adaptation steps, so ``num_steps`` must be 0 and ``inner_problem`` raises.
+    """
+    C = getattr(model.likelihood, "num_classes", None)
+    if not isinstance(C, int):
+        raise ValueError("ProtoNet needs a classification likelihood with an integer num_classes "
+                         "(hiermeta.families.CategoricalLikelihood)")
+    if not callable(embed):
+        raise ValueError("embed must be a function (params, inputs) -> (N, E) features")
+    template = model.partition.template
+    layer = template.get(head) if isinstance(template, Mapping) else None
+    if not isinstance(layer, Mapping) or set(layer) != {"w", "b"}:
+        raise ValueError(f"ProtoNet needs a linear head params[{head!r}] = {{'w': (E, C), 'b': (C,)}}; "
+                         f"the model's parameters have top-level keys {list(template) if isinstance(template, Mapping) else type(template).__name__}")
+    E = np.shape(layer["w"])[0]
+    if np.shape(layer["w"]) != (E, C) or np.shape(layer["b"]) != (C,):
+        raise ValueError(f"head w must be (E, {C}) and b ({C},) for {C} classes; got {np.shape(layer['w'])}, "
+                         f"{np.shape(layer['b'])}")
+    outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-3)
+    part = model.partition
+
+    def head_from(features, support_t):
+        """The prototype head ``(w (E, C), b (C,))`` and the support count of each class."""
+        c, counts = prototypes(features, support_t.labels, support_t.mask, C)
+        absent = jnp.finfo(c.dtype).min / 4  # far below every real logit, still finite
+        return 2.0 * c.T, jnp.where(counts > 0, -jnp.sum(c**2, axis=-1), absent), counts
+
+    def features_of(params, inputs):
+        """Embeddings of every task's inputs ``(T, N, ...)`` in one call of the shared network: ``(T, N, E)``."""
+        T, N = jax.tree_util.tree_leaves(inputs)[0].shape[:2]
+        merged = jax.tree_util.tree_map(lambda a: a.reshape((T * N,) + a.shape[2:]), inputs)
+        features = embed(params, merged)
+        if features.ndim != 2 or features.shape != (T * N, E):
+            raise ValueError(f"embed returned features of shape {features.shape}; the head expects ({T * N}, {E})")
+        return features.reshape(T, N, E)
+
+    def init(key, params) -> MetaState:
+        return new_state({"phi": part.ravel(params)}, outer, key)
+
+    def meta_objective(params, batch):
+        tree = part.unravel(params["phi"])
+        support, query = features_of(tree, batch.train.inputs), features_of(tree, batch.val.inputs)
+
+        def episode(f_support, f_query, train_t, val_t):
+            w, b, counts = head_from(f_support, train_t)
+            logits = f_query @ w + b  # the network's head at the prototypes: theta_t's own logits
+            labels = jnp.where(val_t.mask, val_t.labels, 0)
+            log_lik = jnp.sum(jnp.where(val_t.mask, dist.Categorical(logits=logits).log_prob(labels), 0.0))
+            hits = jnp.sum(val_t.mask & (jnp.argmax(logits, -1) == labels)) / jnp.sum(val_t.mask)
+            return log_lik, hits, jnp.sum(val_t.mask & (counts[labels] == 0))
+
+        log_lik, hits, missing = jax.vmap(episode)(support, query, batch.train, batch.val)
+        return -jnp.mean(log_lik), (jnp.mean(hits), jnp.sum(missing))
+
+    def step(state: MetaState, batch):
+        (loss, (accuracy, missing)), grads = jax.value_and_grad(meta_objective, has_aux=True)(state.params, batch)
+        state, skipped = outer_update(state, grads, outer, ok=missing == 0)
+        return state, {"val_log_lik": -loss, "val_accuracy": accuracy, "num_missing": missing, "skipped": skipped}
+
+    def adapt(state: MetaState, support, num_steps: Optional[int] = 0) -> Adaptation:
+        if num_steps not in (0, None):
+            raise ValueError(f"ProtoNet adapts in closed form (the prototypes); num_steps must be 0, got {num_steps}")
+        tree = part.unravel(state.params["phi"])
+        w, b, _ = jax.vmap(head_from)(features_of(tree, support.inputs), support)
+        theta = jax.vmap(lambda w_t, b_t: part.ravel({**tree, head: {"w": w_t, "b": b_t}}))(w, b)
+        # no solve: the loss is the support's negative log-likelihood at the prototype head
+        loss = jax.vmap(lambda th, d: -model.log_likelihood(th, d))(theta, support)
+        finite = jnp.all(jnp.isfinite(theta), axis=-1) & jnp.isfinite(loss)
+        return Adaptation(theta, loss, jnp.zeros_like(loss), finite, ~finite)
+
+    def inner_problem(params):
+        raise ValueError("ProtoNet has no inner optimisation: a task's parameters are its prototypes, "
+                         "computed by learner.adapt(state, support, 0) (hiermeta.evaluate's loss curves "
+                         "over adaptation steps do not apply)")
+
+    return MetaLearner(
+        name=name or "ProtoNet",
+        model=model,
+        init=init,
+        step=step,
+        inner_problem=inner_problem,
+        adapt=adapt,
+    )
