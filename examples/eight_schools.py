@@ -80,11 +80,13 @@ def main(argv=None):
 
     # ---------------------------------------------------------------- NUTS against the exact posterior
     names = ["mu", "tau"] + [f"theta[{s}]" for s in es.SCHOOLS]
+    # the same quantities as labelled by ArviZ (phi[param], sigma[module], theta[param, task]; P = M = 1)
+    labels = ["phi[0]", f"sigma[{model.partition.names[0]}]"] + [f"theta[0, {s}]" for s in es.SCHOOLS]
     want_mean = np.concatenate([[exact.mu_mean, exact.tau_mean], exact.theta_mean])
     want_sd = np.concatenate([[exact.mu_sd, exact.tau_sd], exact.theta_sd])
     tables, rows = {}, []
     for name, result in runs.items():
-        table = hp.summary(result, ["phi", "sigma", "theta"])
+        table = hp.summary(result, ["phi", "sigma", "theta"]).loc[labels]
         tables[name] = table
         for i, label in enumerate(names):
             r = table.iloc[i]

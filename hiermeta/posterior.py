@@ -9,7 +9,8 @@ non-centred (``theta = mean + L z``, ``z ~ N(0, I)``, ``L L^T`` the prior covari
 (parallel over devices when there are enough, vectorised on one device otherwise).  The result
 holds the draws grouped by chain, the sampler statistics, the per-task log-likelihood, and an
 ArviZ object (``InferenceData`` on ArviZ 0.x, ``xarray.DataTree`` on ArviZ >= 1) whose
-dimensions are named: ``param`` (flat coordinates of theta / phi), ``module`` (sigma), ``task``.
+dimensions are named: ``param`` (flat coordinates of theta / phi), ``module`` (sigma), ``task``
+(built in :mod:`hiermeta.arviz_io`, re-exported here: :func:`to_arviz`, :func:`summary`).
 
 NUTS needs a proper posterior: give the model proper priors (:func:`with_priors`: a wide normal
 on phi, a half-Cauchy or half-normal on sigma) unless the sites are held fixed.
@@ -30,10 +31,11 @@ from numpyro.distributions import constraints
 from numpyro.handlers import condition, trace
 from numpyro.infer import MCMC, NUTS
 
+from .arviz_io import SUMMARY_COLUMNS, _use_datatree, param_names, summary, to_arviz  # noqa: F401  (re-exported)
 from .errors import PriorWarning, SamplingWarning
 from .hierarchy import HierarchicalModel
 from .priors import prior_tail_check, with_priors
-from .tasks import GaussianData, num_tasks
+from .tasks import num_tasks
 from .utils import check_count
 
 __all__ = [
@@ -44,11 +46,9 @@ __all__ = [
     "sampling_diagnostics",
     "to_arviz",
     "summary",
+    "param_names",
     "SUMMARY_COLUMNS",
 ]
-
-# the az.summary columns shared by ArviZ 0.x and 1.x (their interval columns differ)
-SUMMARY_COLUMNS = ("mean", "sd", "mcse_mean", "mcse_sd", "ess_bulk", "ess_tail", "r_hat")
 
 _EXTRA_FIELDS = ("diverging", "num_steps", "accept_prob", "energy", "potential_energy", "adapt_state.step_size")
 _STAT_NAMES = {  # NumPyro field -> ArviZ sample_stats name
@@ -304,106 +304,3 @@ def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndar
         "messages": messages,
         "prior_conflicts": tail,
     }
-
-
-# ---------------------------------------------------------------------------- ArviZ
-
-
-_SITE_DIMS = {
-    "phi": ("param",),
-    "sigma": ("module",),
-    "theta": ("task", "param"),
-    "theta_decentered": ("task", "param"),
-}
-
-
-def _use_datatree() -> bool:
-    import arviz as az
-
-    major = int(str(getattr(az, "__version__", "0")).split(".")[0])
-    return major >= 1 or not hasattr(az, "InferenceData")
-
-
-def to_arviz(
-    samples: Mapping[str, np.ndarray],
-    model: HierarchicalModel,
-    *,
-    log_likelihood: Optional[np.ndarray] = None,
-    stats: Optional[Mapping[str, np.ndarray]] = None,
-    data: Any = None,
-    constant: Optional[Mapping[str, np.ndarray]] = None,
-    task_names: Optional[Sequence[str]] = None,
-    datatree: Optional[bool] = None,
-):
-    """Draws grouped by chain (site -> ``(C, S, ...)``) as an ArviZ object with named dimensions.
-
-    Groups: ``posterior`` (``phi[param]``, ``sigma[module]``, ``theta[task, param]``),
-    ``log_likelihood`` (``obs[task]``, the task likelihood per task, for LOO over tasks),
-    ``sample_stats``, ``observed_data`` (for :class:`~hiermeta.GaussianData`: ``obs[task,
-    observation, dim]``) and ``constant_data`` (sites held fixed).  Coordinates: ``param`` 0..P-1
-    with ``param_module`` (the module of each coordinate), ``module`` (module names), ``task``.
-    Returns ``arviz.InferenceData`` on ArviZ 0.x and ``xarray.DataTree`` on ArviZ >= 1
-    (``datatree`` overrides the choice).
-    """
-    import xarray as xr
-
-    part = model.partition
-    sites = {k: np.asarray(v) for k, v in samples.items()}
-    if not sites:
-        raise ValueError("no draws to convert")
-    C, S = next(iter(sites.values())).shape[:2]
-    T = None
-    for name in ("theta", "theta_decentered"):
-        if name in sites:
-            T = sites[name].shape[2]
-    if T is None and log_likelihood is not None:
-        T = np.shape(log_likelihood)[2]
-    coords = {
-        "chain": np.arange(C),
-        "draw": np.arange(S),
-        "param": np.arange(part.num_params),
-        "param_module": ("param", [part.names[i] for i in part.index]),
-        "module": list(part.names),
-    }
-    if T is not None:
-        coords["task"] = list(task_names) if task_names is not None else np.arange(T)
-    dims = _SITE_DIMS
-
-    def dataset(arrays: Mapping[str, np.ndarray], sample_dims=("chain", "draw"), extra_dims=None):
-        variables = {}
-        for name, arr in arrays.items():
-            arr = np.asarray(arr)
-            site_dims = (extra_dims or {}).get(name, dims.get(name))
-            if site_dims is None or len(site_dims) != arr.ndim - len(sample_dims):
-                site_dims = tuple(f"{name}_dim_{i}" for i in range(arr.ndim - len(sample_dims)))
-            variables[name] = (tuple(sample_dims) + tuple(site_dims), arr)
-        used = {d for v in variables.values() for d in v[0]}
-        cs = {k: v for k, v in coords.items() if (k in used or (isinstance(v, tuple) and v[0] in used))}
-        return xr.Dataset(variables, coords=cs)
-
-    groups = {"posterior": dataset(sites)}
-    if log_likelihood is not None:
-        groups["log_likelihood"] = dataset({"obs": log_likelihood}, extra_dims={"obs": ("task",)})
-    if stats:
-        groups["sample_stats"] = dataset(dict(stats))
-    if isinstance(data, GaussianData):
-        groups["observed_data"] = dataset(
-            {"obs": np.asarray(data.obs)}, sample_dims=(), extra_dims={"obs": ("task", "observation", "dim")}
-        )
-    if constant:
-        groups["constant_data"] = dataset(dict(constant), sample_dims=(),
-                                          extra_dims={"theta": ("task", "param")})
-    if datatree if datatree is not None else _use_datatree():
-        return xr.DataTree.from_dict(groups)
-    import arviz as az
-
-    return az.InferenceData(**groups)
-
-
-def summary(result_or_data, var_names: Sequence[str] = ("phi", "sigma")):
-    """``az.summary`` restricted to the columns ArviZ 0.x and 1.x share (:data:`SUMMARY_COLUMNS`)."""
-    import arviz as az
-
-    idata = result_or_data.inference_data if isinstance(result_or_data, NUTSResult) else result_or_data
-    table = az.summary(idata, var_names=list(var_names))
-    return table[[c for c in SUMMARY_COLUMNS if c in table.columns]]

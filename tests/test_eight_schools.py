@@ -1,6 +1,7 @@
 """Eight schools: NUTS on the hierarchical model against the exact posterior by quadrature;
 type-II ML and the predictive-likelihood (data-fission) estimates against the library."""
 
+import arviz as az
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -42,9 +43,11 @@ def nuts_run():
 
 
 def test_nuts_matches_quadrature_within_monte_carlo_error(nuts_run):
-    _, result = nuts_run
+    model, result = nuts_run
     ex = es.exact_posterior()
     table = hp.summary(result, ["phi", "sigma", "theta"])
+    assert len(table) == 10
+    table = table.loc[["phi[0]", f"sigma[{model.partition.names[0]}]"] + [f"theta[0, {s}]" for s in es.SCHOOLS]]
     want_mean = np.concatenate([[ex.mu_mean, ex.tau_mean], ex.theta_mean])
     want_sd = np.concatenate([[ex.mu_sd, ex.tau_sd], ex.theta_sd])
     z_mean = (table["mean"].to_numpy() - want_mean) / table["mcse_mean"].to_numpy()
@@ -59,6 +62,11 @@ def test_nuts_matches_quadrature_within_monte_carlo_error(nuts_run):
     assert idata.posterior["sigma"].dims == ("chain", "draw", "module")
     assert list(idata.posterior["task"].values) == es.SCHOOLS
     assert idata.log_likelihood["obs"].dims == ("chain", "draw", "task")
+    # plain az.summary on the object (every posterior variable) labels the same rows with the same numbers
+    plain = az.summary(idata, round_to="none")
+    assert set(table.index) < set(plain.index) and "theta_decentered[0, A]" in plain.index
+    np.testing.assert_allclose(plain.loc[table.index, "mean"].to_numpy(dtype=float), table["mean"].to_numpy(dtype=float),
+                               rtol=1e-12)
 
 
 def test_type2_ml_is_at_the_boundary_and_the_library_agrees():

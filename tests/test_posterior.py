@@ -102,7 +102,9 @@ def test_nuts_with_fixed_sigma_matches_closed_form_posterior(fixed_sigma_run):
     table = hp.summary(result, ["phi", "theta"])
     want_mean = np.concatenate([phi_m, th_m.ravel()])
     want_sd = np.sqrt(np.concatenate([np.diag(phi_c), np.diagonal(th_c, axis1=1, axis2=2).ravel()]))
-    assert len(table) == want_mean.size == 21  # rows: phi[0..2], theta[t, p] in C order
+    assert len(table) == want_mean.size == 21
+    # rows by label (phi[p], theta[p, t]) in the closed forms' order: phi, then task by task
+    table = table.loc[[f"phi[{p}]" for p in range(3)] + [f"theta[{p}, {t}]" for t in range(6) for p in range(3)]]
     z_mean = (table["mean"].to_numpy() - want_mean) / table["mcse_mean"].to_numpy()
     z_sd = (table["sd"].to_numpy() - want_sd) / table["mcse_sd"].to_numpy()
     z = z_threshold(2 * want_mean.size)  # 3.77
@@ -120,12 +122,13 @@ def test_arviz_conversion_names_task_param_and_module_dims(fixed_sigma_run):
     data, model, result = fixed_sigma_run
     idata = result.inference_data
     post = idata.posterior
-    assert post["theta"].dims == ("chain", "draw", "task", "param")
+    assert post["theta"].dims == ("chain", "draw", "param", "task")
     assert post["phi"].dims == ("chain", "draw", "param")
+    np.testing.assert_array_equal(post["theta"].sel(task=4, param=1).values, result.samples["theta"][:, :, 4, 1])
     assert "sigma" not in post  # held fixed: in constant_data, by module
     assert idata.constant_data["sigma"].dims == ("module",)
     assert list(idata.constant_data["module"].values) == list(model.partition.names)
-    assert list(post["param_module"].values) == [model.partition.names[i] for i in (0, 0, 1)]
+    assert list(idata.constant_data["param_module"].values) == [model.partition.names[i] for i in (0, 0, 1)]
     assert idata.log_likelihood["obs"].dims == ("chain", "draw", "task")
     assert idata.observed_data["obs"].dims == ("task", "observation", "dim")
     assert int(idata.sample_stats["diverging"].sum()) == result.num_divergences
@@ -133,7 +136,7 @@ def test_arviz_conversion_names_task_param_and_module_dims(fixed_sigma_run):
     tree = hp.to_arviz(result.samples, model, log_likelihood=result.log_likelihood, stats=result.stats,
                        data=data, constant=result.fixed, task_names=list("abcdef"), datatree=True)
     assert isinstance(tree, xr.DataTree)
-    assert tree["posterior"]["theta"].dims == ("chain", "draw", "task", "param")
+    assert tree["posterior"]["theta"].dims == ("chain", "draw", "param", "task")
     assert list(tree["posterior"]["task"].values) == list("abcdef")
     assert tree["log_likelihood"]["obs"].dims == ("chain", "draw", "task")
 
