@@ -10,7 +10,7 @@ from .evaluate import LossCurve, evaluate, loss_curve
 from .hierarchy import HierarchicalModel
 from .sites import GlobalParam
 from .linear_gaussian import LinearDesign, LinearGaussianLikelihood, linear_gaussian
-from . import empirical_bayes
+from . import empirical_bayes, families
 from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
 from .inner import InnerProblem, InnerResult, run_inner
 from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage
@@ -38,6 +38,7 @@ __all__ = [
     "LinearGaussianLikelihood",
     "linear_gaussian",
     "empirical_bayes",
+    "families",
     "type2_ml",
     "Type2MLResult",
     "EmpiricalBayesWarning",

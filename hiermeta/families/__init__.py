@@ -1,0 +1,13 @@
+"""Task likelihoods ("families") for users' own data: one module per family.
+
+Each family is a :class:`~hiermeta.TaskLikelihood` built from a design and a link, with a
+``make_data`` that validates user input, so every learner, NUTS, type-II ML (exact, Laplace or
+quadrature) and the predictive scores work on it unchanged.  See docs/families.md.
+"""
+
+from .base import GLMData, GLMLikelihood  # noqa: F401
+from .bernoulli import BernoulliLikelihood, bernoulli  # noqa: F401
+from .binomial import BinomialLikelihood, binomial  # noqa: F401
+from .gaussian import GaussianFamily, gaussian  # noqa: F401
+from .poisson import PoissonLikelihood, poisson  # noqa: F401
+from .student_t import StudentTLikelihood, student_t  # noqa: F401
