@@ -25,12 +25,12 @@ predictive likelihood beside type-II ML.  Writes epil.json and epil.png.
 
 from __future__ import annotations
 
-import argparse
 import os
-import time
+import sys
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")  # see README: jaxlib CPU deadlock
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # glmm_heldout, also when loaded from elsewhere
 
 import jax  # noqa: E402
 
@@ -41,25 +41,10 @@ import numpy as np  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import families as fam  # noqa: E402
-from hiermeta.report import format_table, write_json  # noqa: E402
 
 import glmm_heldout as study  # noqa: E402
 
 NAMES = ["(Intercept)", "lbase", "trt", "lbase:trt", "lage", "V4", "sd(subject)"]
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="one fold, fewer draws and meta-steps (smoke run)")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
-    p.add_argument("--folds", type=int, help="held-out folds to run (default all 4; quick 1)")
-    p.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
-    p.add_argument("--warmup", type=int, help="NUTS warm-up per chain (default 1000; quick 300)")
-    p.add_argument("--samples", type=int, help="NUTS draws per chain (default 1000; quick 300)")
-    p.add_argument("--meta-steps", type=int, help="meta-steps of the PLL learners (default 1500; quick 300)")
-    p.add_argument("--no-plot", action="store_true", help="no figure")
-    return p.parse_args(argv)
 
 
 def load():
@@ -97,51 +82,7 @@ def learner_spec():
 
 
 def main(argv=None):
-    args = parse_args(argv)
-    hm.enable_compilation_cache()
-    warmup = args.warmup or (300 if args.quick else 1000)
-    samples = args.samples or (300 if args.quick else 1000)
-    meta_steps = args.meta_steps or (300 if args.quick else 1500)
-    num_folds = args.folds or (1 if args.quick else None)
-    out = Path(args.out)
-    t_start = time.perf_counter()
-    model, data = load()
-
-    fits = study.type2_fits(model, data)
-    nuts, nuts_seconds, priors = study.run_nuts(model, data, jax.random.PRNGKey(args.seed), warmup, samples,
-                                                args.chains)
-    print(f"NUTS on all patients: {args.chains} x {samples} draws, {nuts.num_divergences} divergences, max r-hat "
-          f"{nuts.diagnostics['max_r_hat']:.3f}, min ESS {nuts.diagnostics['min_ess']:.0f}, {nuts_seconds:.1f}s\n"
-          f"priors (data-scaled):\n{priors}")
-    headers, rows, draws = study.estimates_table(NAMES, fits, nuts)
-    print("\nEstimates (log scale): type-II ML (standard errors from the observed information), NUTS posterior")
-    print(format_table(headers, rows, 4))
-    print("\nMaximised log-likelihood: " + ", ".join(f"{a} {f.log_marginal:.5f}" for a, (f, _) in fits.items()))
-
-    print(f"\nHeld-out visits ({'all 4 folds' if num_folds is None else f'{num_folds} fold(s)'})")
-    result = study.heldout_study(model, data, learner_spec(), num_folds=num_folds, warmup=warmup, samples=samples,
-                                 chains=args.chains, meta_steps=meta_steps, seed=args.seed)
-    print()
-    summary = study.print_scores(result["scores"])
-    total = time.perf_counter() - t_start
-    print(f"total {total:.1f}s")
-
-    payload = {
-        "schema": "hiermeta/epil/v1",
-        "config": {**vars(args), "warmup": warmup, "samples": samples, "meta_steps": meta_steps,
-                   "jax_version": jax.__version__},
-        "type2_ml": {a: {"fit": f._asdict(), **timing} for a, (f, timing) in fits.items()},
-        "estimates": {"headers": headers, "rows": rows},
-        "nuts": {"seconds": nuts_seconds, "diagnostics": dict(nuts.diagnostics), "priors": priors,
-                 "num_divergences": nuts.num_divergences},
-        "heldout": {"summary": summary, "folds": result["folds"]},
-        "timings_seconds": {"total": total},
-    }
-    path = write_json(out / "epil.json", payload)
-    print(f"wrote {path}")
-    if not args.no_plot:
-        print(f"wrote {study.plot(out / 'epil.png', 'epil', NAMES, fits, draws, {}, summary)}")
-    return payload
+    return study.main("epil", __doc__, load, NAMES, learner_spec(), argv, groups="patients")
 
 
 if __name__ == "__main__":

