@@ -90,7 +90,7 @@ def learner_spec():
         return model.partition.unravel(jnp.asarray(model.likelihood.initial_values(support, model)["phi"]))
 
     return study.LearnerSpec(build=lambda support, eb: (model, modular(support)), query=modular, init=init,
-                             inner_lr=0.02, inner_steps=300)
+                             inner_lr=0.005, inner_steps=1000)
 
 
 def main(argv=None):

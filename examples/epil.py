@@ -78,7 +78,7 @@ def learner_spec():
         return jnp.asarray(model.likelihood.initial_values(support, model)["phi"])
 
     return study.LearnerSpec(build=lambda support, eb: (model, intercept_only(support, eb)), query=intercept_only,
-                             init=init, inner_lr=0.01, inner_steps=300)
+                             init=init, inner_lr=0.004, inner_steps=1000)
 
 
 def main(argv=None):
