@@ -10,7 +10,7 @@ from .evaluate import LossCurve, adapt, evaluate, loss_curve
 from .hierarchy import HierarchicalModel
 from .sites import GlobalParam
 from .linear_gaussian import LinearDesign, LinearGaussianLikelihood, linear_gaussian
-from . import empirical_bayes
+from . import empirical_bayes, families, marginal
 from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
 from .inner import Adaptation, InnerProblem, InnerResult, run_inner
 from . import solvers
@@ -44,6 +44,8 @@ __all__ = [
     "LinearGaussianLikelihood",
     "linear_gaussian",
     "empirical_bayes",
+    "families",
+    "marginal",
     "type2_ml",
     "Type2MLResult",
     "EmpiricalBayesWarning",

@@ -1,4 +1,5 @@
-"""Exact empirical Bayes (type-II maximum likelihood) where the marginal likelihood is tractable.
+"""Empirical Bayes (type-II maximum likelihood): exact where the marginal likelihood is closed form,
+by the Laplace approximation or adaptive Gauss-Hermite quadrature for any other likelihood.
 
     (phi_hat, sigma_hat, ...) = argmax sum_t log p(D_t | phi, sigma, C, gamma, g)      (ML)
 
@@ -11,7 +12,14 @@ effects*) are integrated out too, under a flat prior, as lme4 and statsmodels do
     log L_REML(v) = log L_ML(psi_hat(v), v) + k/2 log(2 pi) - 1/2 log|H_psi(v)|,
 
 ``v`` the variance parameters, ``psi`` the ``k`` fixed effects and ``H_psi = -d^2 log L_ML / d psi^2``
-(exact: ``log L_ML`` is quadratic in psi for a linear-Gaussian likelihood).
+(exact: ``log L_ML`` is quadratic in psi for a linear-Gaussian likelihood).  REML is defined here
+only for that exact case.
+
+Each task's ``log p(D_t | ...)`` is, by ``approximation``: ``"exact"`` (the likelihood's closed-form
+``log_marginal``, a linear-Gaussian likelihood), ``"laplace"`` or ``"agq"`` (adaptive
+Gauss-Hermite quadrature with ``num_nodes`` nodes, one scalar random effect), both from
+:mod:`hiermeta.marginal` (a Newton solve of each task's mode, differentiated implicitly);
+``"auto"`` is exact where available, else Laplace (``"agq"`` when ``num_nodes > 1`` is given).
 
 Optimised in the unconstrained space (log sigma, NumPyro's bijections for the other sites) by
 L-BFGS-B (SciPy, driving one jitted value-and-gradient per model, compiled once and reused across
@@ -38,6 +46,7 @@ from jax.flatten_util import ravel_pytree
 
 from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
+from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .sites import constrain, unconstrain
 
 __all__ = [
@@ -66,6 +75,13 @@ class Type2MLResult(NamedTuple):
       singular: what sits on a boundary: the modules whose sigma can be set to exactly 0 without
         lowering the objective by more than ``tol`` per task, and correlation sites with a
         correlation of +-1 (lme4's "boundary (singular) fit").
+      approximation: ``"exact"``, ``"laplace"`` or ``"agq"``; num_nodes: quadrature nodes (1 for Laplace).
+      not_positive_definite: tasks whose Laplace Hessian at the mode is not positive definite at
+        the estimate (the approximation is not valid there; a warning says so).
+      inner_converged: every task's Newton solve of its mode converged at the estimate (True for exact).
+      fixed_effects_se: for ``"laplace"``/``"agq"`` from the inverse of the full observed information
+        (every optimised parameter, sigma included; lme4's ``use.hessian = TRUE``), its Hessian by
+        central differences of the exact gradient.
     """
 
     phi: np.ndarray
@@ -80,6 +96,10 @@ class Type2MLResult(NamedTuple):
     phi_se: Optional[np.ndarray] = None
     fixed_effects_se: dict = {}
     singular: tuple = ()
+    approximation: str = "exact"
+    num_nodes: int = 1
+    not_positive_definite: tuple = ()
+    inner_converged: bool = True
 
     def correlation(self, k: int = 0) -> np.ndarray:
         """The estimated correlation matrix of correlated block ``k`` (``C = L L^T``)."""
@@ -90,18 +110,40 @@ class Type2MLResult(NamedTuple):
 # ---------------------------------------------------------------------------- marginal likelihood
 
 
-def log_marginal_likelihood(model: HierarchicalModel, phi, sigma, data, extra=None) -> jax.Array:
+def resolve_approximation(model: HierarchicalModel, approximation: str = "auto", num_nodes=None) -> tuple:
+    """``(approximation, num_nodes)`` after ``"auto"`` and validation (``ValueError`` naming the problem)."""
+    exact = callable(getattr(model.likelihood, "log_marginal", None))
+    if approximation == "auto":
+        approximation = "exact" if exact else ("agq" if num_nodes is not None and num_nodes > 1 else "laplace")
+    if approximation == "exact":
+        if not exact:
+            raise ValueError(
+                f"{type(model.likelihood).__name__} has no closed-form marginal likelihood (a log_marginal "
+                "method); use approximation='laplace' or 'agq' (or a linear-Gaussian likelihood: "
+                "hiermeta.linear_gaussian)"
+            )
+        if num_nodes not in (None, 1):
+            raise ValueError(f"the exact marginal likelihood takes no quadrature nodes; got num_nodes={num_nodes}")
+        return "exact", 1
+    if approximation not in ("laplace", "agq"):
+        raise ValueError(f"approximation must be 'auto', 'exact', 'laplace' or 'agq', got {approximation!r}")
+    return approximation, check_approximation(approximation, num_nodes, model.partition.num_params)
+
+
+def log_marginal_likelihood(model: HierarchicalModel, phi, sigma, data, extra=None, *,
+                            approximation: str = "auto", num_nodes: Optional[int] = None) -> jax.Array:
     """``log p(D_t | phi, sigma, extra)`` per task ``(T,)``, each task's theta integrated out.
 
-    Closed form for a likelihood that provides ``log_marginal(data, prior_mean, prior_scale_tril,
-    globals)`` (:class:`~hiermeta.LinearGaussianLikelihood`); jittable and differentiable.
+    ``approximation="exact"``: the closed form of a likelihood that provides ``log_marginal(data,
+    prior_mean, prior_scale_tril, globals)`` (:class:`~hiermeta.LinearGaussianLikelihood`);
+    ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.marginal`, for any
+    likelihood; ``"auto"``: exact where available, else Laplace.  Jittable and differentiable.
     """
+    approximation, num_nodes = resolve_approximation(model, approximation, num_nodes)
+    if approximation != "exact":
+        return approximate_log_marginal(model, phi, sigma, data, extra, approximation=approximation,
+                                        num_nodes=num_nodes)
     lik = model.likelihood
-    if not callable(getattr(lik, "log_marginal", None)):
-        raise ValueError(
-            f"{type(lik).__name__} has no closed-form marginal likelihood (a log_marginal method); "
-            "exact type-II ML needs one (a linear-Gaussian likelihood: hiermeta.linear_gaussian)"
-        )
     mean = model.prior_mean(phi, extra, model.task_covariates(data))
     L = model.prior_scale_tril(jnp.broadcast_to(sigma, (model.partition.num_modules,)), extra)
     return lik.log_marginal(data, mean, L, model.globals_of(extra))
@@ -116,7 +158,7 @@ def _fixed_effect_sites(model: HierarchicalModel) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_objective(model: HierarchicalModel, method: str):
+def _compiled_objective(model: HierarchicalModel, method: str, approximation: str = "exact", num_nodes: int = 1):
     """The layout of the optimised vector and the jitted objective, built once per model and method.
 
     ``u`` is the flat unconstrained vector of the optimised sites (phi, log sigma, the other
@@ -156,7 +198,8 @@ def _compiled_objective(model: HierarchicalModel, method: str):
 
     def neg_ml(u, psi, data):
         phi, sigma, extra = split(u, psi)
-        return -jnp.sum(log_marginal_likelihood(model, phi, sigma, data, extra))
+        return -jnp.sum(log_marginal_likelihood(model, phi, sigma, data, extra, approximation=approximation,
+                                                num_nodes=num_nodes))
 
     def objective(u, data, psi0):
         if not fixed_sites:
@@ -172,7 +215,10 @@ def _compiled_objective(model: HierarchicalModel, method: str):
         (value, psi_hat), grad = jax.value_and_grad(objective, has_aux=True)(u, data, psi0)
         return value / num_tasks, grad / num_tasks, psi_hat
 
-    return value_and_grad, pack, split
+    size = ravel_pytree(opt_template)[0].shape[0]
+    layout = {name: np.rint(np.asarray(index)).astype(int).ravel()
+              for name, index in unravel_opt(jnp.arange(size, dtype=ravel_pytree(opt_template)[0].dtype)).items()}
+    return value_and_grad, pack, split, layout
 
 
 def _check_init(model: HierarchicalModel, init: Optional[Mapping[str, Any]]) -> dict:
@@ -211,6 +257,8 @@ def type2_ml(
     data,
     *,
     method: str = "ML",
+    approximation: str = "auto",
+    num_nodes: Optional[int] = None,
     init: Optional[Mapping[str, Any]] = None,
     max_iter: int = 1000,
     tol: float = 1e-6,
@@ -221,13 +269,19 @@ def type2_ml(
     Args:
       data: every task's observations (support and query merged), with a leading task axis.
       method: ``"ML"`` (maximise the marginal likelihood) or ``"REML"`` (integrate the fixed
-        effects phi, gamma, beta out first; lme4's and statsmodels' default for linear mixed models).
+        effects phi, gamma, beta out first; lme4's and statsmodels' default for linear mixed
+        models; exact linear-Gaussian likelihoods only).
+      approximation: each task's marginal likelihood: ``"exact"`` (closed form), ``"laplace"``,
+        ``"agq"`` (adaptive Gauss-Hermite quadrature, one scalar random effect, ``num_nodes``
+        nodes as lme4's ``nAGQ``), or ``"auto"`` (exact where the likelihood has a closed form, else
+        Laplace, or AGQ when ``num_nodes > 1``); see :mod:`hiermeta.marginal`.
       init: starting values (constrained): ``phi``, ``sigma`` and any site of
         :meth:`~hiermeta.HierarchicalModel.hyper_sites`; the rest start on the data's scale
-        when the likelihood can say (:class:`~hiermeta.LinearGaussianLikelihood`), else at
-        ``phi = 0``, ``sigma = 1`` and each site's default.
+        when the likelihood can say (its ``initial_values``), else at ``phi = 0``, ``sigma = 1``
+        and each site's default.
       tol: the largest gradient component of the mean objective per task at which it has converged.
-      warn: warn (:class:`EmpiricalBayesWarning`) when it did not converge or ended on a boundary.
+      warn: warn (:class:`EmpiricalBayesWarning`) when it did not converge, ended on a boundary, or
+        (Laplace, AGQ) a task's Hessian is not positive definite or its mode was not found.
     """
     if method not in ("ML", "REML"):
         raise ValueError(f"method must be 'ML' or 'REML', got {method!r}")
@@ -236,15 +290,19 @@ def type2_ml(
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
     model.likelihood.check(data, "data")
-    if not callable(getattr(model.likelihood, "log_marginal", None)):
-        log_marginal_likelihood(model, None, None, data)  # raises: no closed form
+    approximation, num_nodes = resolve_approximation(model, approximation, num_nodes)
+    if method == "REML" and approximation != "exact":
+        raise ValueError(
+            f"REML is defined here only for an exact linear-Gaussian marginal likelihood; with "
+            f"approximation={approximation!r} use method='ML' (as lme4's glmer does)"
+        )
     T = int(jax.tree_util.tree_leaves(data)[0].shape[0])
     part = model.partition
     start = {"phi": np.zeros(part.num_params), "sigma": np.ones(part.num_modules),
              **{n: s.init for n, s in model.hyper_sites().items()}}
     start.update(_default_start(model, data))
     start.update(_check_init(model, init))
-    value_and_grad, pack, split = _compiled_objective(model, method)
+    value_and_grad, pack, split, layout = _compiled_objective(model, method, approximation, num_nodes)
     x0, psi0 = pack(start)
 
     def fun(x):
@@ -260,14 +318,25 @@ def type2_ml(
     gnorm = float(np.max(np.abs(grad))) if grad.size else 0.0
     phi, sigma, extra = split(jnp.asarray(result.x), psi_hat)
     fe_sites = _fixed_effect_sites(model)
-    se = _fixed_effect_errors(model, phi, sigma, extra, data, fe_sites)
+    if approximation == "exact":
+        se = _fixed_effect_errors(model, phi, sigma, extra, data, fe_sites)
+    else:
+        se = _observed_information_errors(lambda x: fun(x)[1] * T, np.asarray(result.x), layout, fe_sites)
     estimate = {"phi": np.asarray(phi), "sigma": np.asarray(sigma), **{n: np.asarray(v) for n, v in extra.items()}}
 
     def mean_objective(values):
         u, psi = pack(values)
         return float(value_and_grad(u, data, psi, T)[0])
 
-    singular = _boundary(model, estimate, value, mean_objective, tol)
+    # a sigma of exactly 0 has no Laplace approximation (the prior is a point mass); 1e-8 on the
+    # link scale is 0 for every purpose
+    singular = _boundary(model, estimate, value, mean_objective, tol, zero=0.0 if approximation == "exact" else 1e-8)
+    not_pd, inner_ok = (), True
+    if approximation != "exact":
+        info = compiled_marginal_info(model, approximation, num_nodes if approximation == "agq" else None)(
+            phi, sigma, data, extra)
+        not_pd = tuple(int(t) for t in np.flatnonzero(~np.asarray(info.hessian_pd)))
+        inner_ok = bool(np.all(np.asarray(info.converged)))
     converged = bool(gnorm <= tol) and bool(np.isfinite(value))
     out = Type2MLResult(
         phi=np.asarray(phi),
@@ -282,21 +351,60 @@ def type2_ml(
         phi_se=se.get("phi"),
         fixed_effects_se=se,
         singular=singular,
+        approximation=approximation,
+        num_nodes=num_nodes,
+        not_positive_definite=not_pd,
+        inner_converged=inner_ok,
     )
     if warn:
+        label = method if approximation == "exact" else f"{method} ({approximation}" + (
+            f", {num_nodes} nodes)" if approximation == "agq" else ")")
         if not converged:
             warnings.warn(
-                f"type-II {method} did not converge: largest gradient component {gnorm:.3g} > tol {tol:g} "
+                f"type-II {label} did not converge: largest gradient component {gnorm:.3g} > tol {tol:g} "
                 f"after {out.num_iterations} iterations ({out.message}); the estimates are not the optimum",
                 EmpiricalBayesWarning, stacklevel=2,
             )
         if singular:
             warnings.warn(
-                f"type-II {method} ended on a boundary (singular fit): {', '.join(singular)}; the data do "
+                f"type-II {label} ended on a boundary (singular fit): {', '.join(singular)}; the data do "
                 "not support that variation (lme4 reports this as 'boundary (singular) fit')",
                 EmpiricalBayesWarning, stacklevel=2,
             )
+        if not_pd:
+            warnings.warn(
+                f"type-II {label}: the Hessian of the inner objective at the mode is not positive definite "
+                f"for task(s) {list(not_pd[:10])}: the {approximation} approximation is not valid there "
+                "(a saddle, or a likelihood that is not log-concave); its log-determinant was floored",
+                EmpiricalBayesWarning, stacklevel=2,
+            )
+        if not inner_ok:
+            warnings.warn(
+                f"type-II {label}: the Newton solve of some task's mode did not converge at the estimate; "
+                "the approximate marginal likelihood there is not reliable",
+                EmpiricalBayesWarning, stacklevel=2,
+            )
     return out
+
+
+def _observed_information_errors(gradient, x, layout: dict, names) -> dict:
+    """Standard errors of the fixed-effect sites from the inverse of the full observed information
+    ``H = d^2 (-log L) / du^2`` over every optimised coordinate ``u``, by central differences of the
+    exact gradient (step ``1e-4 max(1, |u_i|)``, symmetrised).  Empty if ``H`` is not positive definite."""
+    k = x.shape[0]
+    H = np.empty((k, k))
+    for i in range(k):
+        h = 1e-4 * max(1.0, abs(x[i]))
+        e = np.zeros(k)
+        e[i] = h
+        H[:, i] = (gradient(x + e) - gradient(x - e)) / (2 * h)
+    H = 0.5 * (H + H.T)
+    try:
+        np.linalg.cholesky(H)
+    except np.linalg.LinAlgError:
+        return {}
+    cov = np.linalg.inv(H)
+    return {n: np.sqrt(np.diag(cov)[layout[n]]) for n in names if n in layout}
 
 
 def _fixed_effect_errors(model, phi, sigma, extra, data, names) -> dict:
@@ -318,12 +426,13 @@ def _fixed_effect_errors(model, phi, sigma, extra, data, names) -> dict:
     return {n: np.asarray(v) for n, v in unravel(jnp.asarray(se)).items()}
 
 
-def _boundary(model, estimate: dict, value: float, mean_objective, tol: float) -> tuple:
-    """What sits on the boundary: modules whose sigma can be set to exactly 0 without lowering the
-    objective by more than ``tol`` per task, and correlations within 1e-4 of +-1."""
+def _boundary(model, estimate: dict, value: float, mean_objective, tol: float, zero: float = 0.0) -> tuple:
+    """What sits on the boundary: modules whose sigma can be set to ``zero`` (exactly 0 where the
+    marginal likelihood allows it) without lowering the objective by more than ``tol`` per task,
+    and correlations within 1e-4 of +-1."""
     names = []
     for m, name in enumerate(model.partition.names):
-        at_zero = dict(estimate, sigma=np.where(np.arange(len(estimate["sigma"])) == m, 0.0, estimate["sigma"]))
+        at_zero = dict(estimate, sigma=np.where(np.arange(len(estimate["sigma"])) == m, zero, estimate["sigma"]))
         with np.errstate(divide="ignore"):
             if mean_objective(at_zero) <= value + tol:
                 names.append(f"sigma[{name}]")

@@ -13,14 +13,20 @@ new support's evidence ``p(D^tr | phi_s, sigma_s)`` (so the hyperposterior is al
 new task's own support: exact self-normalised importance sampling when that evidence is exact).
 
 Scores, per held-out task: the joint log predictive density of its query data,
-``log p(D^val_t | ...)`` (reported per query observation), and the probability integral
-transform (PIT) of every query scalar, ``F(x)`` under the predictive; a central interval of
-level ``q`` covers ``x`` iff ``|F(x) - 1/2| <= q/2``, so calibration is the fraction covered.
+``log p(D^val_t | ...)`` (reported per query observation), for any task likelihood, and the
+probability integral transform (PIT) of every query scalar, ``F(x)`` under the predictive; a
+central interval of level ``q`` covers ``x`` iff ``|F(x) - 1/2| <= q/2``, so calibration is the
+fraction covered.  For a discrete outcome ``F`` jumps, so the PIT is *randomised*,
+``u = F(x - 1) + V (F(x) - F(x - 1))`` with ``V ~ U(0, 1)`` (uniform exactly when the predictive is
+calibrated; Czado, Gneiting and Held 2009), and the central interval ``[l, u]`` of level ``q``
+(``l`` the smallest count with ``F(l) >= (1 - q)/2``, ``u`` the smallest with ``F(u) >= (1 + q)/2``)
+covers ``x`` iff ``F(x) >= (1 - q)/2`` and ``F(x - 1) < (1 + q)/2`` (at least ``q`` when calibrated).
+For binary outcomes the Brier score ``(P(x = 1) - x)^2`` is reported too.
 """
 
 from __future__ import annotations
 
-from typing import NamedTuple, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -41,30 +47,57 @@ __all__ = [
     "full_bayes_laplace_draws",
     "full_bayes_importance_draws",
     "coverage",
+    "interval_coverage",
 ]
 
 
 class PredictiveScores(NamedTuple):
     """``log_pred`` ``(T,)``: log p(D^val_t | ...) joint over the task's query data;
-    ``pit`` ``(T, N, D)``: predictive CDF at every query scalar (NaN at padding);
-    ``num_obs`` ``(T,)``: query observations per task."""
+    ``pit`` ``(T, N, D)`` (Gaussian) or ``(T, N)`` (the GLM families): predictive CDF at every query
+    scalar, randomised for discrete outcomes (NaN at padding; None when the likelihood has no CDF);
+    ``num_obs`` ``(T,)``: query observations per task; for discrete outcomes ``cdf_below`` and
+    ``cdf_at`` ``(T, N)``: the predictive ``F(x - 1)`` and ``F(x)`` (interval coverage); for binary
+    outcomes ``brier`` ``(T, N)``: ``(P(x = 1) - x)^2`` (NaN at padding)."""
 
     log_pred: np.ndarray
-    pit: np.ndarray
+    pit: Optional[np.ndarray]
     num_obs: np.ndarray
+    cdf_below: Optional[np.ndarray] = None
+    cdf_at: Optional[np.ndarray] = None
+    brier: Optional[np.ndarray] = None
 
     def summary(self, levels: Sequence[float] = (0.5, 0.9)) -> dict:
-        """Mean over tasks of log_pred / num_obs, its standard error, and coverage per level."""
+        """Mean over tasks of log_pred / num_obs and its standard error; coverage per level (from the
+        PIT); for discrete outcomes the coverage of the central predictive intervals; the mean Brier score."""
         per_obs = np.asarray(self.log_pred) / np.asarray(self.num_obs)
         T = per_obs.shape[0]
-        return {
+        out = {
             "lpd_per_obs": float(per_obs.mean()),
             "lpd_sem": float(per_obs.std(ddof=1) / np.sqrt(T)) if T > 1 else 0.0,
-            "coverage": {float(q): c for q, c in zip(levels, coverage(self.pit, levels))},
         }
+        if self.pit is not None:
+            out["coverage"] = {float(q): c for q, c in zip(levels, coverage(self.pit, levels))}
+        if self.cdf_at is not None:
+            out["interval_coverage"] = {float(q): c for q, c in zip(
+                levels, interval_coverage(self.cdf_below, self.cdf_at, levels))}
+        if self.brier is not None:
+            b = np.asarray(self.brier, dtype=float)
+            out["brier"] = float(np.nanmean(b))
+        return out
 
     def per_obs(self) -> np.ndarray:
         return np.asarray(self.log_pred) / np.asarray(self.num_obs)
+
+
+def interval_coverage(cdf_below, cdf_at, levels: Sequence[float]) -> list[float]:
+    """Fraction of discrete observations inside the central predictive interval of each level:
+    ``x`` is inside iff ``F(x) >= (1 - q)/2`` and ``F(x - 1) < (1 + q)/2`` (NaN entries are padding)."""
+    lo, hi = np.asarray(cdf_below, dtype=float), np.asarray(cdf_at, dtype=float)
+    keep = np.isfinite(lo) & np.isfinite(hi)
+    if not keep.any():
+        raise ValueError("no observations to score")
+    lo, hi = lo[keep], hi[keep]
+    return [float(np.mean((hi >= (1 - q) / 2) & (lo < (1 + q) / 2))) for q in levels]
 
 
 def coverage(pit, levels: Sequence[float]) -> list[float]:
@@ -116,38 +149,90 @@ def score_gaussian_mixture(log_pred_components, mean, sd, query: GaussianData, l
     return PredictiveScores(np.asarray(log_pred), np.asarray(pit), np.asarray(jnp.sum(query.mask, -1)))
 
 
-def score_draws(model: HierarchicalModel, draws, query, log_weights=None) -> PredictiveScores:
-    """Scores of the predictive ``sum_s w_ts p(. | theta_ts)`` from draws ``(T, S, P)``.
+def _globals_per_draw(model: HierarchicalModel, extra: Optional[Mapping[str, Any]], S: int) -> dict:
+    """The likelihood's global parameters as ``(S, ...)`` arrays: one value for every draw, or one per draw."""
+    if not model.global_params:
+        return {}
+    g = model.globals_of(extra)
+    out = {}
+    for name, spec in model.global_params.items():
+        value = jnp.asarray(g[name])
+        shape = tuple(spec.shape)
+        if value.shape == shape:
+            value = jnp.broadcast_to(value, (S,) + shape)
+        elif value.shape != (S,) + shape:
+            raise ValueError(f"extra[{name!r}] must have shape {shape} (shared by the draws) or {(S,) + shape} "
+                             f"(one per draw), got {value.shape}")
+        out[name] = value
+    return out
 
-    ``log p(D^val_t | .) = logsumexp_s(log w_ts + log p(D^val_t | theta_ts))`` (normalised weights;
-    draws or log-weights that are not finite get weight 0) for any task likelihood; the PIT needs a :class:`~hiermeta.GaussianLikelihood` (the predictive
-    CDF of a scalar is then ``sum_s w_ts Phi((x - mu_ts) / xi)``).
+
+def score_draws(model: HierarchicalModel, draws, query, log_weights=None, extra=None, key=None) -> PredictiveScores:
+    """Scores of the predictive ``sum_s w_ts p(. | theta_ts, g_s)`` from draws ``(T, S, P)``.
+
+    ``log p(D^val_t | .) = logsumexp_s(log w_ts + log p(D^val_t | theta_ts, g_s))`` (normalised
+    weights; draws or log-weights that are not finite get weight 0) for any task likelihood.
+    ``extra``: the likelihood's global parameters (e.g. ``beta``, ``noise_sd``), each shared by the
+    draws (its site's shape) or one per draw (``(S, ...)``, e.g. NUTS draws).  The PIT, per query
+    scalar ``F(x) = sum_s w_ts F(x | theta_ts, g_s)``, needs the likelihood's predictive CDF: a
+    :class:`~hiermeta.GaussianLikelihood` or a family of :mod:`hiermeta.families` (any likelihood
+    with a ``cdf(theta, data, value, g)`` method and a ``discrete`` flag); for a discrete one it
+    is randomised with ``key`` (default ``PRNGKey(0)``) and the interval bounds and, for a binary
+    one (``binary``), the Brier score are returned too.  Without a CDF, ``pit`` is None.
     """
     draws = jnp.asarray(draws)
     if draws.ndim != 3 or draws.shape[-1] != model.partition.num_params:
         raise ValueError(f"draws must have shape (tasks, draws, {model.partition.num_params}), got {draws.shape}")
     T, S, _ = draws.shape
     model.likelihood.check(query, "query data")
+    g = _globals_per_draw(model, extra, S)
     lw = jnp.zeros((T, S)) if log_weights is None else jnp.asarray(log_weights)
     # a draw that is not finite (e.g. from a failed approximation) gets weight 0
     ok = jnp.all(jnp.isfinite(draws), axis=-1) & jnp.isfinite(lw)
+    for value in g.values():
+        ok = ok & jnp.all(jnp.isfinite(value.reshape(S, -1)), axis=-1)[None, :]
     draws = jnp.where(ok[..., None], draws, 0.0)
     lw = _normalise(jnp.where(ok, lw, -jnp.inf), (T, S))
-    log_lik = task_log_likelihood(model, jnp.swapaxes(draws, 0, 1), query).T  # (T, S)
+    log_lik = task_log_likelihood(model, jnp.swapaxes(draws, 0, 1), query, g or None).T  # (T, S)
     log_pred = logsumexp(lw + log_lik, axis=-1)
     lik = model.likelihood
-    if not isinstance(lik, GaussianLikelihood):
-        raise ValueError("PIT scores need a GaussianLikelihood; use log_pred only for other likelihoods")
+    num_obs = np.asarray(lik.num_observations(query))
     unravel = jax.vmap(model.partition.unravel)
+    per_draw = (jnp.swapaxes(draws, 0, 1), g)  # (S, T, P), {name: (S, ...)}
+    if isinstance(lik, GaussianLikelihood):
 
-    def means(th_s):  # (T, P) -> (T, N, D)
-        return lik.mean(unravel(th_s), query)
+        def moments(args):  # (T, P) -> (T, N, D)
+            th_s, g_s = args
+            return lik.mean(unravel(th_s), query, g_s), lik.sd(query, g_s)
 
-    mu = jax.lax.map(means, jnp.swapaxes(draws, 0, 1), batch_size=64)  # (S, T, N, D)
-    mu = jnp.swapaxes(mu, 0, 1)
-    sd = jnp.broadcast_to(query.noise_sd[:, None], mu.shape)
-    pit = mixture_pit(query.obs, mu, sd, lw, query.mask)
-    return PredictiveScores(np.asarray(log_pred), np.asarray(pit), np.asarray(lik.num_observations(query)))
+        mu, sd = jax.lax.map(moments, per_draw, batch_size=64)  # (S, T, N, D)
+        pit = mixture_pit(query.obs, jnp.swapaxes(mu, 0, 1), jnp.swapaxes(sd, 0, 1), lw, query.mask)
+        return PredictiveScores(np.asarray(log_pred), np.asarray(pit), num_obs)
+    if not callable(getattr(lik, "cdf", None)):
+        return PredictiveScores(np.asarray(log_pred), None, num_obs)
+    discrete, binary = bool(getattr(lik, "discrete", False)), bool(getattr(lik, "binary", False))
+    y = jnp.asarray(query.response)
+    weights = jnp.exp(lw)  # (T, S)
+
+    def cdfs(args):  # one draw: F(y), F(y - 1), P(y = 1), each (T, N)
+        th_s, g_s = args
+        theta = unravel(th_s)
+        at = lik.cdf(theta, query, y, g_s or None)
+        below = lik.cdf(theta, query, y - 1.0, g_s or None) if discrete else at
+        one = 1.0 - lik.cdf(theta, query, jnp.zeros_like(y), g_s or None) if binary else at
+        return at, below, one
+
+    at, below, one = jax.lax.map(cdfs, per_draw, batch_size=64)  # (S, T, N)
+    mix = lambda f: jnp.einsum("ts,stn->tn", weights, f)
+    at, below, p_one = mix(at), mix(below), mix(one)
+    mask = jnp.asarray(query.mask)
+    nan = lambda a: np.asarray(jnp.where(mask, a, jnp.nan))
+    if not discrete:
+        return PredictiveScores(np.asarray(log_pred), nan(at), num_obs)
+    v = jax.random.uniform(jax.random.PRNGKey(0) if key is None else key, y.shape, dtype=at.dtype)
+    pit = below + v * (at - below)
+    brier = nan((p_one - y) ** 2) if binary else None
+    return PredictiveScores(np.asarray(log_pred), nan(pit), num_obs, nan(below), nan(at), brier)
 
 
 def gaussian_draws(key, mean, cov, num_draws: int):
