@@ -17,7 +17,7 @@ herd sd), the three period effects unpooled fixed effects beta (``num_fixed=3``)
   ``period`` (the three period effects: does the period effect vary by herd?); M-Shrinkage and
   M-sigma-iMAML learn one sigma per module by the predictive likelihood;
 * compares the MAP plug-in, the EB posterior and the full posterior on held-out observations (each
-  herd's periods held out in turn; see examples/glmm_heldout.py) and writes cbpp.json, cbpp.png.
+  herd's periods held out in turn; see examples/_glmm_heldout.py) and writes cbpp.json, cbpp.png.
 
     python examples/cbpp.py             # about 5 minutes on 2 CPU cores
     python examples/cbpp.py --quick     # one fold, fewer draws and meta-steps
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")  # see README: jaxlib CPU deadlock
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # glmm_heldout, also when loaded from elsewhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _glmm_heldout, also when loaded from elsewhere
 
 import jax  # noqa: E402
 
@@ -42,7 +42,12 @@ import numpy as np  # noqa: E402
 import hiermeta as hm  # noqa: E402
 from hiermeta import families as fam  # noqa: E402
 
-import glmm_heldout as study  # noqa: E402
+import _glmm_heldout as study  # noqa: E402
+
+
+def build_parser():
+    return study.build_parser('cbpp', __doc__)
+
 
 NAMES = ["(Intercept)", "period2", "period3", "period4", "sd(herd)"]
 # lme4 1.1-38's printed Laplace fit (docs/reference/glmer.html of lme4/lme4), glmmML's Laplace

@@ -13,7 +13,7 @@ the five other coefficients unpooled fixed effects beta (``num_fixed=5``).  The 
 type-II ML by the Laplace approximation and by adaptive Gauss-Hermite quadrature (25 nodes),
 samples the full posterior by NUTS (data-scaled priors), and compares the MAP plug-in, the EB
 posterior and the full posterior on held-out visits (each patient's visits held out in turn; see
-examples/glmm_heldout.py).  The paper's learners do not learn unpooled globals yet: for them theta_t
+examples/_glmm_heldout.py).  The paper's learners do not learn unpooled globals yet: for them theta_t
 is the patient's intercept and the five covariates enter as an offset at the fold's type-II ML
 coefficients (a hook: with learners that learn beta they become fixed effects again), so
 Shrinkage (Eq. 4) and sigma-iMAML (the exact hypergradient) estimate the patient sd by the
@@ -30,7 +30,7 @@ import sys
 from pathlib import Path
 
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")  # see README: jaxlib CPU deadlock
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # glmm_heldout, also when loaded from elsewhere
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _glmm_heldout, also when loaded from elsewhere
 
 import jax  # noqa: E402
 
@@ -42,7 +42,12 @@ import numpy as np  # noqa: E402
 import hiermeta as hm  # noqa: E402
 from hiermeta import families as fam  # noqa: E402
 
-import glmm_heldout as study  # noqa: E402
+import _glmm_heldout as study  # noqa: E402
+
+
+def build_parser():
+    return study.build_parser('epil', __doc__)
+
 
 NAMES = ["(Intercept)", "lbase", "trt", "lbase:trt", "lage", "V4", "sd(subject)"]
 

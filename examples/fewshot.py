@@ -21,7 +21,6 @@ meta-steps per learner (published Omniglot runs take tens of thousands).
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -36,57 +35,53 @@ import hiermeta as hm  # noqa: E402
 from hiermeta.implicit import cg_solve  # noqa: E402
 from hiermeta.learners import rates_of, sigma_of  # noqa: E402
 from hiermeta.learners.bilevel import proximal_sgd  # noqa: E402
-from hiermeta.report import format_table, pyplot, save_figure, write_json  # noqa: E402
+from hiermeta.report import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 from models import fewshot, glyphs  # noqa: E402
 
 LEARNERS = ("M-Shrinkage", "M-sigma-iMAML", "MAML", "FOMAML", "Reptile", "iMAML", "ProtoNet")
 SIGMA_LEARNERS = ("M-Shrinkage", "M-sigma-iMAML")
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny network, few steps and episodes")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and episodes (default 0)")
-    p.add_argument("--ways", type=positive_int, nargs="+", default=[5], help="classes per episode (default 5)")
-    p.add_argument("--shots", type=positive_int, nargs="+", default=[1, 5], help="support images per class (default 1 5)")
-    p.add_argument("--queries", type=positive_int, default=5, help="query images per class (default 5)")
-    p.add_argument("--learners", nargs="+", default=list(LEARNERS), choices=LEARNERS, help="learners to run (default all)")
-    p.add_argument("--image-size", type=positive_int, help="image side in pixels (default 20, quick 16)")
-    p.add_argument("--filters", type=positive_int, help="conv filters per block (default 32, quick 8)")
-    p.add_argument("--blocks", type=positive_int, help="conv blocks (default 4, quick 2: less to compile)")
-    p.add_argument("--meta-steps", type=positive_int, help="meta-steps per learner and setting (default 200, quick 20)")
-    p.add_argument("--batch-size", type=positive_int, help="episodes per meta-step (default 8, quick 4)")
-    p.add_argument("--inner-steps", type=positive_int, default=3, help="K, adaptation steps while meta-training (default 3)")
-    p.add_argument("--test-steps", type=positive_int, default=10, help="adaptation steps on test episodes (default 10)")
-    p.add_argument("--inner-lr", type=float, default=0.4,
-                   help="inner SGD rate on the MEAN support cross-entropy, MAML's Omniglot value (default 0.4); "
+    p.add_argument("--out", default="results", help="output directory for fewshot.json and fewshot.png")
+    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and episodes")
+    p.add_argument("--ways", type=count(2), nargs="+", default=[5], help="classes per episode")
+    p.add_argument("--shots", type=count(1), nargs="+", default=[1, 5], help="support images per class")
+    p.add_argument("--queries", type=count(1), default=5, help="query images per class")
+    p.add_argument("--learners", nargs="+", choices=LEARNERS, help="learners to run (default all)")
+    p.add_argument("--image-size", type=count(8), help="image side in pixels (default 20, quick 16)")
+    p.add_argument("--filters", type=count(1), help="conv filters per block (default 32, quick 8)")
+    p.add_argument("--blocks", type=count(1), help="conv blocks (default 4, quick 2: less to compile)")
+    p.add_argument("--meta-steps", type=count(1), help="meta-steps per learner and setting (default 200, quick 20)")
+    p.add_argument("--batch-size", type=count(1), help="episodes per meta-step (default 8, quick 4)")
+    p.add_argument("--inner-steps", type=count(1), default=3, help="K, adaptation steps while meta-training")
+    p.add_argument("--test-steps", type=count(1), default=10, help="adaptation steps on test episodes")
+    p.add_argument("--inner-lr", type=positive_float, default=0.4,
+                   help="inner SGD rate on the MEAN support cross-entropy, MAML's Omniglot value; "
                         "the rate on the summed log-likelihood is this / (ways * shots)")
-    p.add_argument("--outer-lr", type=float, default=3e-3, help="Adam rate on the network's phi (default 3e-3)")
-    p.add_argument("--sigma-lr", type=float, default=0.03, help="Adam rate on log sigma^2 (default 0.03)")
-    p.add_argument("--init-sigma", type=float, default=1.0, help="initial sigma of every layer (default 1)")
-    p.add_argument("--imaml-lambda", type=float, default=2.0,
-                   help="iMAML's lambda on the MEAN support cross-entropy (default 2, as Rajeswaran et al.)")
-    p.add_argument("--cg-iterations", type=positive_int, default=5, help="CG iterations of the exact hypergradients (default 5)")
-    p.add_argument("--test-episodes", type=positive_int, help="test episodes per learner and setting (default 600, quick 40)")
+    p.add_argument("--outer-lr", type=positive_float, default=3e-3, help="Adam rate on the network's phi")
+    p.add_argument("--sigma-lr", type=positive_float, default=0.03, help="Adam rate on log sigma^2")
+    p.add_argument("--init-sigma", type=positive_float, default=1.0, help="initial sigma of every layer")
+    p.add_argument("--imaml-lambda", type=positive_float, default=2.0,
+                   help="iMAML's lambda on the MEAN support cross-entropy (Rajeswaran et al.'s value)")
+    p.add_argument("--cg-iterations", type=count(1), default=5, help="CG iterations of the exact hypergradients")
+    p.add_argument("--test-episodes", type=count(2), help="test episodes per learner and setting (default 600, quick 40)")
     p.add_argument("--omniglot", help="Omniglot root (images_background/, images_evaluation/) instead of the glyph set")
     p.add_argument("--checkpoint-dir", help="directory for one checkpoint per learner and setting")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir")
-    p.add_argument("--devices", type=positive_int, help="split each batch of episodes over this many devices")
+    p.add_argument("--devices", type=count(1), help="split each batch of episodes over this many devices")
     p.add_argument("--no-plot", action="store_true", help="skip the figure")
+    return p
+
+
+def parse_args(argv=None):
+    p = build_parser()
     args = p.parse_args(argv)
     if args.resume and not args.checkpoint_dir:
         p.error("--resume needs --checkpoint-dir")
-    for name in ("inner_lr", "outer_lr", "sigma_lr", "init_sigma", "imaml_lambda"):
-        if not getattr(args, name) > 0:
-            p.error(f"--{name.replace('_', '-')} must be > 0")
+    args.learners = args.learners or list(LEARNERS)
     args.image_size = args.image_size or (16 if args.quick else 20)
     args.filters = args.filters or (8 if args.quick else 32)
     args.blocks = args.blocks or (2 if args.quick else 4)

@@ -18,7 +18,6 @@ of one compiled call.  Data:
 
 from __future__ import annotations
 
-import argparse
 import os
 import time
 import warnings
@@ -36,18 +35,22 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import solvers  # noqa: E402
-from hiermeta.report import format_table, pyplot, save_figure, write_json  # noqa: E402
+from hiermeta.report import format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
 
 NOISE_MS = 25.6
 
 
-def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser():
+    p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="200 paper-domain tasks instead of 1000")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--no-plot", action="store_true")
-    return p.parse_args(argv)
+    p.add_argument("--out", default="results", help="output directory for inner_solvers.json and inner_solvers.png")
+    p.add_argument("--no-plot", action="store_true", help="write no figure")
+    return p
+
+
+def parse_args(argv=None):
+    return build_parser().parse_args(argv)
 
 
 def sleepstudy():

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
-NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py"))
+NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py") if not p.stem.startswith("_"))  # _name: shared by studies
 
 
 def load(name):

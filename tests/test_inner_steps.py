@@ -86,7 +86,7 @@ def test_shrinkage_meta_step_takes_exactly_k_inner_steps(paper_model, tasks):
     phi_short, rho_short = expected(K - 1)
     assert far(phi_short, phi_k) and far(rho_short, rho_k)
     # adapt runs the same K steps
-    theta = learner.adapt(new, tasks.train, K)
+    theta = learner.adapt(new, tasks.train, K).theta
     np.testing.assert_allclose(theta, map_iterates(phi_k, np.exp(0.5 * rho_k), tasks.train, K)[-1], **TOL)
 
 

@@ -36,7 +36,7 @@ from hiermeta import marginal
 from hiermeta.families import GLMData
 from hiermeta.learners import sigma_of
 from hiermeta.predictive import score_draws
-from hiermeta.report import format_table, write_json
+from hiermeta.report import count, format_table, study_parser, write_json
 
 LEVELS = (0.5, 0.9)
 
@@ -289,30 +289,30 @@ def plot(path, title, names, fits, draws, references, summary):
 # ---------------------------------------------------------------------------- the script both examples run
 
 
-def parse_args(description: str, argv=None):
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+def build_parser(name: str, description: str) -> argparse.ArgumentParser:
+    """The command line of ``examples/NAME.py`` (cbpp, epil)."""
+    p = study_parser(description)
     p.add_argument("--quick", action="store_true", help="one fold, fewer draws and meta-steps (smoke run)")
-    p.add_argument("--out", default="results", help="output directory (default: results/)")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed (default 0)")
-    p.add_argument("--folds", type=int, help="held-out folds to run (default all; quick 1)")
-    p.add_argument("--chains", type=int, default=4, help="NUTS chains (default 4)")
-    p.add_argument("--warmup", type=int, help="NUTS warm-up per chain (default 1000; quick 300)")
-    p.add_argument("--samples", type=int, help="NUTS draws per chain (default 1000; quick 300)")
-    p.add_argument("--meta-steps", type=int, help="meta-steps of the PLL learners (default 1500; quick 300)")
+    p.add_argument("--out", default="results", help=f"output directory for {name}.json and {name}.png")
+    p.add_argument("--seed", type=int, default=0, help="PRNG seed")
+    p.add_argument("--folds", type=count(1), help="held-out folds to run (default all; quick 1)")
+    p.add_argument("--chains", type=count(1), default=4, help="NUTS chains")
+    p.add_argument("--warmup", type=count(1), help="NUTS warm-up per chain (default 1000; quick 300)")
+    p.add_argument("--samples", type=count(1), help="NUTS draws per chain (default 1000; quick 300)")
+    p.add_argument("--meta-steps", type=count(1), help="meta-steps of the PLL learners (default 1500; quick 300)")
     p.add_argument("--no-plot", action="store_true", help="no figure")
-    args = p.parse_args(argv)
-    for name in ("folds", "chains", "warmup", "samples", "meta_steps"):
-        value = getattr(args, name)
-        if value is not None and value < 1:
-            p.error(f"--{name.replace('_', '-')} must be >= 1, got {value}")
-    return args
+    return p
+
+
+def parse_args(name: str, description: str, argv=None):
+    return build_parser(name, description).parse_args(argv)
 
 
 def main(name: str, description: str, load: Callable, names, spec: LearnerSpec, argv=None, *,
          references: Optional[dict] = None, published_loglik: Optional[dict] = None, groups: str = "groups") -> dict:
     """Type-II ML (Laplace, AGQ), NUTS and the held-out study on one data set; prints the tables and
     writes ``NAME.json`` and ``NAME.png`` to ``--out``."""
-    args = parse_args(description, argv)
+    args = parse_args(name, description, argv)
     hm.enable_compilation_cache()
     warmup = args.warmup or (300 if args.quick else 1000)
     samples = args.samples or (300 if args.quick else 1000)
