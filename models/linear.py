@@ -45,6 +45,7 @@ __all__ = [
     "expected_loss",
     "expected_eq4_gradient",
     "fit_type2_ml",
+    "reference_losses",
     "merge_splits",
     "posterior_given_sigma",
     "query_predictive",
@@ -266,6 +267,15 @@ def fit_type2_ml(data: GaussianData, model: HierarchicalModel, phi0=None, sigma0
     if sigma0 is not None:
         init["sigma"] = sigma0
     return type2_ml(model, data, init=init, **kwargs)
+
+
+def reference_losses(model: HierarchicalModel, tasks: TaskBatch, phi, sigma):
+    """The generalisation loss of the exact estimators on each task ``(T,)`` twice: the Bayes oracle
+    (posterior mean under the true ``phi``, ``sigma``) and the MLE (``sigma = inf``, flat prior)."""
+    oracle_mean, _ = posterior(tasks.train, phi, sigma)
+    mle_mean, _ = posterior(tasks.train, phi, jnp.full(jnp.shape(sigma), jnp.inf))
+    task_loss = jax.vmap(model.generalisation_loss)
+    return task_loss(oracle_mean, tasks.val), task_loss(mle_mean, tasks.val)
 
 
 # ---------------------------------------------------------------------------- for hiermeta.posterior
