@@ -22,6 +22,7 @@ parent sees it (interpreter start and exit included).
     python benchmarks/startup.py             # the full job, 3 cold/warm pairs
     python benchmarks/startup.py --quick     # the job's --quick, 1 pair
     python benchmarks/startup.py --job-args "--meta-steps 100"   # other arguments for the job
+    python benchmarks/startup.py --baseline ../old-checkout          # interleaved with another checkout
 """
 
 from __future__ import annotations
@@ -52,16 +53,17 @@ HIT = "/jax/compilation_cache/cache_hits"
 # ---------------------------------------------------------------------------- the child process
 
 
-def child(result_path: str, job_args: list[str]) -> None:
-    """Run the job in this process, counting compiles per phase; write the record to ``result_path``."""
+def child(result_path: str, root: str, job_args: list[str]) -> None:
+    """Run the job of the checkout at ``root`` in this process, counting compiles per phase; write the
+    record to ``result_path``."""
     import jax.monitoring
 
     events = []  # (perf_counter at the end of the event, name, seconds)
     jax.monitoring.register_event_duration_secs_listener(
         lambda event, duration_secs, **kw: events.append((time.perf_counter(), event, float(duration_secs))))
     jax.monitoring.register_event_listener(lambda event, **kw: events.append((time.perf_counter(), event, 0.0)))
-    sys.path.insert(0, str(ROOT))
-    sys.path.insert(0, str(JOB.parent))
+    sys.path.insert(0, root)
+    sys.path.insert(0, os.path.join(root, "examples"))
     import linear_toy  # noqa: E402 (the job's module: jax, hiermeta, models, ...)
 
     t_imported = time.perf_counter()
@@ -95,14 +97,15 @@ def child(result_path: str, job_args: list[str]) -> None:
 # ---------------------------------------------------------------------------- the parent
 
 
-def run_once(cache_dir: str, job_args: list[str], out_dir: str) -> dict:
+def run_once(cache_dir: str, job_args: list[str], out_dir: str, root: Path = ROOT) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json", delete=False) as f:
         result_path = f.name
     env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=cache_dir)
     env.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", result_path, "--", *job_args, "--out", out_dir]
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", result_path, str(root), "--", *job_args,
+           "--out", out_dir]
     t0 = time.perf_counter()
-    done = subprocess.run(cmd, env=env, cwd=str(ROOT), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    done = subprocess.run(cmd, env=env, cwd=str(root), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     wall = time.perf_counter() - t0
     if done.returncode:
         print(done.stdout[-4000:])
@@ -138,34 +141,50 @@ def main() -> None:
 
     p = parser(__doc__)
     p.add_argument("--job-args", default=None, help="arguments for examples/linear_toy.py (default: none; quick: --quick)")
+    p.add_argument("--baseline", default=None,
+                   help="another checkout (e.g. an older commit) whose job runs interleaved with this one's, "
+                        "each cold/warm pair of it right after this checkout's")
     args = p.parse_args()
     repeats = args.repeats or (1 if args.quick else 3)
     job_args = shlex.split(args.job_args) if args.job_args is not None else (["--quick"] if args.quick else [])
-    cold, warm = [], []
+    roots = {"this checkout": ROOT}
+    if args.baseline:
+        roots["baseline"] = Path(args.baseline).resolve()
+    runs = {label: {"cold": [], "warm": []} for label in roots}
     with tempfile.TemporaryDirectory() as scratch:
         for r in range(repeats):
-            cache = tempfile.mkdtemp(dir=scratch, prefix="cache")
-            for label, runs in (("cold", cold), ("warm", warm)):
-                runs.append(run_once(cache, job_args, os.path.join(scratch, "out")))
-                print(f"  pair {r + 1}/{repeats} {label}: {runs[-1]['process_seconds']:.1f} s, "
-                      f"{runs[-1]['total']['compiles']} compiles", flush=True)
-    summary = {"cold": summarise(cold), "warm": summarise(warm)}
-    rows = []
-    for name in summary["cold"]:
-        c, w = summary["cold"][name], summary["warm"].get(name, {})
-        rows.append([name, c["seconds"], c.get("compiles", ""), c.get("compile_s", ""), c.get("trace_s", ""),
-                     w.get("seconds", ""), w.get("compiles", ""), w.get("cache_hits", "")])
-    print(f"\nexamples/linear_toy.py {' '.join(job_args)}: medians of {repeats} cold/warm pairs (seconds)")
-    print(format_table(["phase", "cold s", "cold compiles", "XLA s", "trace s", "warm s", "warm compiles",
-                        "warm cache hits"], rows, 2))
+            for label, root in roots.items():
+                cache = tempfile.mkdtemp(dir=scratch, prefix="cache")
+                for kind in ("cold", "warm"):
+                    record = run_once(cache, job_args, os.path.join(scratch, "out"), root)
+                    runs[label][kind].append(record)
+                    print(f"  pair {r + 1}/{repeats} {label} {kind}: {record['process_seconds']:.1f} s, "
+                          f"{record['total']['compiles']} compiles", flush=True)
+    summary = {label: {kind: summarise(rs) for kind, rs in kinds.items()} for label, kinds in runs.items()}
+    for label in roots:
+        rows = []
+        for name in summary[label]["cold"]:
+            c, w = summary[label]["cold"][name], summary[label]["warm"].get(name, {})
+            rows.append([name, c["seconds"], c.get("compiles", ""), c.get("compile_s", ""), c.get("trace_s", ""),
+                         w.get("seconds", ""), w.get("compiles", ""), w.get("cache_hits", "")])
+        print(f"\n{label} ({roots[label]}): examples/linear_toy.py {' '.join(job_args)}: "
+              f"medians of {repeats} cold/warm pairs (seconds)")
+        print(format_table(["phase", "cold s", "cold compiles", "XLA s", "trace s", "warm s", "warm compiles",
+                            "warm cache hits"], rows, 2))
+    if args.baseline:
+        print("\nratios baseline / this checkout, median over pairs of the ratio within a pair (process seconds)")
+        for kind in ("cold", "warm"):
+            ratios = [b["process_seconds"] / a["process_seconds"]
+                      for a, b in zip(runs["this checkout"][kind], runs["baseline"][kind])]
+            print(f"  {kind}: {statistics.median(ratios):.2f}x")
     write_results(args, "startup", {"job": ["examples/linear_toy.py", *job_args], "repeats": repeats,
-                                    "summary": summary, "cold_runs": cold, "warm_runs": warm})
+                                    "roots": {k: str(v) for k, v in roots.items()}, "summary": summary, "runs": runs})
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 2 and sys.argv[1] == "--child":
-        rest = sys.argv[3:]
-        child(sys.argv[2], rest[1:] if rest[:1] == ["--"] else rest)
+    if len(sys.argv) > 3 and sys.argv[1] == "--child":
+        rest = sys.argv[4:]
+        child(sys.argv[2], sys.argv[3], rest[1:] if rest[:1] == ["--"] else rest)
     else:
         sys.path.insert(0, str(HERE))
         main()
