@@ -97,3 +97,81 @@ def test_statistics_log_marginal_equals_per_observation_and_dense(case):
     L0 = model.prior_scale_tril(jnp.asarray(sigma) * jnp.arange(len(sigma)), extra)
     np.testing.assert_allclose(lik.log_marginal_from_statistics(stats, mean, L0, g),
                                lik.log_marginal(data, mean, L0, g), rtol=1e-11, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["ML", "REML"])
+def test_chunked_objective_equals_unchunked_and_per_observation(method):
+    """T = 7 tasks in chunks of 3 (the last chunk holds 1 task and 2 padding slots) against one chunk
+    and against the per-observation objective: value, gradient and profiled fixed effects."""
+    model, data, phi, sigma, extra = random_case(2)
+    start = {"phi": phi, "sigma": sigma, **extra}
+    T = 7
+    results = []
+    for statistics, chunk in ((False, None), (True, None), (True, 3)):
+        objective = eb._compiled_objective(model, method, "exact", 1, statistics)
+        u, psi = objective.pack(start)
+        inputs = eb.task_statistics(model, data, chunk) if statistics else data
+        if chunk:
+            assert inputs.valid.shape == (3, 3) and int(inputs.valid.sum()) == T
+        results.append([np.asarray(a) for a in objective.value_and_grad(u, inputs, psi, jnp.asarray(float(T)))])
+    for other in results[1:]:
+        for a, b in zip(other, results[0]):
+            np.testing.assert_allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_padding_holds_no_observations():
+    """Every statistic of a padding slot is zero and it is flagged invalid."""
+    model, data, *_ = random_case(3)
+    stats = eb.task_statistics(model, data, 4)  # 7 tasks: chunks of 4, one padding slot
+    assert not bool(stats.valid[1, 3])
+    for name, leaf in stats.stats._asdict().items():
+        if leaf is not None and name != "task_covariates":
+            assert np.all(np.asarray(leaf)[1, 3] == 0), name
+
+
+_COMPILES = []
+jax.monitoring.register_event_duration_secs_listener(
+    lambda event, duration, **kw: _COMPILES.append(event) if event == "/jax/core/compile/backend_compile_duration" else None)
+jax.monitoring.register_event_listener(
+    lambda event, **kw: _COMPILES.append(event) if event == "/jax/compilation_cache/cache_hits" else None)
+
+
+def compile_requests():
+    """Programs handed to the backend so far (compiled, or read from the persistent cache)."""
+    return _COMPILES.count("/jax/core/compile/backend_compile_duration")
+
+
+def test_type2_ml_called_again_compiles_nothing():
+    rng = np.random.default_rng(4)
+    T, N = 40, 6
+    Z = np.stack([np.ones((T, N)), rng.normal(size=(T, N))], -1)
+    theta = np.array([1.0, -0.5]) + rng.normal(size=(T, 2)) * [1.0, 0.5]
+    y = np.einsum("tnp,tp->tn", Z, theta) + 0.7 * rng.normal(size=(T, N))
+    lik = hm.linear_gaussian(noise="learned")
+    model = hm.HierarchicalModel(lik, hm.ModulePartition.from_labels((0.0, 0.0), ("a", "b")), correlated=[("a", "b")])
+    data = lik.make_data(y, np.ones((T, N), bool), Z)
+    first = hm.type2_ml(model, data)
+    shifted = lik.make_data(y + 0.1, np.ones((T, N), bool), Z)  # new values, same shapes
+    before = compile_requests()
+    again = hm.type2_ml(model, shifted)
+    assert compile_requests() == before, "the second call compiled a program"
+    assert first.converged and again.converged
+    assert again.phi[0] == pytest.approx(first.phi[0] + 0.1, abs=1e-6)  # an intercept shift moves phi only
+    np.testing.assert_allclose(again.sigma, first.sigma, rtol=1e-5)
+
+
+def test_legacy_driver_compiles_once():
+    rng = np.random.default_rng(5)
+    xbar = rng.normal(size=30) * 2 + 1
+
+    def log_marginal(phi, sigma, data):  # x_t ~ N(phi, sigma^2 + 1)
+        var = sigma[0] ** 2 + 1.0
+        return jnp.sum(-0.5 * ((data - phi[0]) ** 2 / var + jnp.log(2 * jnp.pi * var)))
+
+    fit = eb.type2_maximum_likelihood(log_marginal, [0.0], [1.0], jnp.asarray(xbar), num_tasks=30)
+    shifted = jnp.asarray(xbar + 1)
+    before = compile_requests()
+    eb.type2_maximum_likelihood(log_marginal, [0.0], [1.0], shifted, num_tasks=30)
+    assert compile_requests() == before
+    assert fit.phi[0] == pytest.approx(xbar.mean(), abs=1e-5)  # closed form: the mean, var = max(s^2 - 1, 0)
+    assert fit.sigma[0] ** 2 == pytest.approx(max(xbar.var() - 1.0, 0.0), rel=1e-4)
