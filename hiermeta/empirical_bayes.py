@@ -34,6 +34,7 @@ does not, and SciPy already ships with JAX.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -49,6 +50,17 @@ from .hierarchy import HierarchicalModel
 from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .sites import constrain, unconstrain
 from .utils import check_count
+
+try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
+    from threadpoolctl import threadpool_limits as _threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn / statsmodels installs
+    _threadpool_limits = None
+
+
+def _serial_blas():
+    """One BLAS thread while SciPy's L-BFGS-B runs (3x faster per call on a busy 2-core machine)."""
+    return _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
+
 
 __all__ = [
     "Type2MLResult",
@@ -329,7 +341,7 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
     size = ravel_pytree(opt_template)[0].shape[0]
     layout = {name: np.rint(np.asarray(index)).astype(int).ravel()
               for name, index in unravel_opt(jnp.arange(size, dtype=ravel_pytree(opt_template)[0].dtype)).items()}
-    return _Objective(value_and_grad, pack, split, layout, fixed_effect_hessian)
+    return _Objective(value_and_grad, pack, jax.jit(split), layout, fixed_effect_hessian)
 
 
 def _check_init(model: HierarchicalModel, init: Optional[Mapping[str, Any]]) -> dict:
@@ -434,10 +446,11 @@ def type2_ml(
         value, grad, _ = value_and_grad(jnp.asarray(x), inputs, psi0, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    result = scipy.optimize.minimize(
-        fun, np.asarray(x0), jac=True, method="L-BFGS-B",
-        options={"maxiter": int(max_iter), "gtol": tol, "ftol": 0.0},
-    )
+    with _serial_blas():
+        result = scipy.optimize.minimize(
+            fun, np.asarray(x0), jac=True, method="L-BFGS-B",
+            options={"maxiter": int(max_iter), "gtol": tol, "ftol": 0.0},
+        )
     value, grad, psi_hat = value_and_grad(jnp.asarray(result.x), inputs, psi0, num)
     value, grad = float(value), np.asarray(grad)
     gnorm = float(np.max(np.abs(grad))) if grad.size else 0.0
@@ -629,9 +642,10 @@ def type2_maximum_likelihood(
         value, grad = value_and_grad(jnp.asarray(x), data, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    result = scipy.optimize.minimize(
-        fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0}
-    )
+    with _serial_blas():
+        result = scipy.optimize.minimize(
+            fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0}
+        )
     value, grad = fun(result.x)
     gnorm = float(np.max(np.abs(grad)))
     return Type2MLResult(
