@@ -175,3 +175,45 @@ def test_legacy_driver_compiles_once():
     assert compile_requests() == before
     assert fit.phi[0] == pytest.approx(xbar.mean(), abs=1e-5)  # closed form: the mean, var = max(s^2 - 1, 0)
     assert fit.sigma[0] ** 2 == pytest.approx(max(xbar.var() - 1.0, 0.0), rel=1e-4)
+
+
+def test_mle_reference_is_least_squares(paper, paper_model):
+    """An infinite prior sd is the flat prior: linear.posterior gives each task's weighted least
+    squares (it was NaN: the Woodbury form multiplied inf by 0), and reference_losses uses it."""
+    from models import linear
+
+    _, tasks = linear.sample_tasks(paper, jax.random.PRNGKey(7), 30)
+    mle, _ = linear.posterior(tasks.train, paper.phi, np.full(paper.num_params, np.inf))
+    A = np.asarray(tasks.train.inputs).reshape(30, -1, paper.num_params)
+    w = np.asarray(tasks.train.noise_sd).reshape(30, -1) ** -2.0
+    x = np.asarray(tasks.train.obs).reshape(30, -1)
+    expected = np.stack([np.linalg.solve(A[t].T @ (w[t, :, None] * A[t]), A[t].T @ (w[t] * x[t])) for t in range(30)])
+    np.testing.assert_allclose(np.asarray(mle), expected, rtol=1e-9, atol=1e-9)
+    oracle, mle_loss = linear.reference_losses(paper_model, tasks, paper.phi, paper.sigma)
+    np.testing.assert_allclose(np.asarray(mle_loss), np.asarray(jax.vmap(paper_model.generalisation_loss)(mle, tasks.val)),
+                               rtol=1e-12)
+    assert np.all(np.isfinite(np.asarray(oracle)))
+
+
+@pytest.mark.slow
+def test_hundred_thousand_groups_in_chunks():
+    """10^5 groups x 10 observations (correlated intercept and slope, learned noise): converges near
+    the truth, and the estimate does not depend on the chunk size (one that does not divide T)."""
+    rng = np.random.default_rng(8)
+    T, N = 100_000, 10
+    x = np.arange(N, dtype=float)
+    cov = np.array([[625.0, 30.0], [30.0, 36.0]])
+    theta = np.array([250.0, 10.0]) + rng.standard_normal((T, 2)) @ np.linalg.cholesky(cov).T
+    y = theta[:, :1] + theta[:, 1:] * x + 25.0 * rng.standard_normal((T, N))
+    lik = hm.linear_gaussian(noise="learned")
+    model = hm.HierarchicalModel(lik, hm.ModulePartition.from_labels((0.0, 0.0), ("a", "b")), correlated=[("a", "b")])
+    data = lik.make_data(y, np.ones((T, N), bool), np.broadcast_to(np.stack([np.ones(N), x], -1), (T, N, 2)))
+    fit = hm.type2_ml(model, data)
+    other = hm.type2_ml(model, data, chunk_size=3001)
+    assert fit.converged and other.converged
+    np.testing.assert_allclose(fit.phi, [250.0, 10.0], atol=0.3)
+    np.testing.assert_allclose(fit.sigma, [25.0, 6.0], rtol=0.02)
+    np.testing.assert_allclose(fit.extra["noise_sd"], 25.0, rtol=0.01)
+    np.testing.assert_allclose(other.phi, fit.phi, rtol=1e-6)
+    np.testing.assert_allclose(other.sigma, fit.sigma, rtol=1e-5)
+    assert other.log_marginal == pytest.approx(fit.log_marginal, abs=1e-4)
