@@ -257,11 +257,13 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
     sites unconstrained); for REML the fixed effects ``psi`` (phi, gamma, beta) are not in ``u``
     but profiled by one exact Newton step inside (the objective is quadratic in them).  ``data``
     is the tasks' data, or with ``statistics`` their :class:`TaskStatistics`, the sum over tasks
-    then a ``lax.map`` over chunks (a single chunk is evaluated without a loop).  The backward pass
-    keeps each chunk's residuals (O(P^2) numbers per task, the order of the statistics themselves):
-    rematerialising them with ``jax.checkpoint`` would bound that to one chunk, but on jaxlib 0.10
-    (CPU) that program deadlocks XLA's runtime (reproduced with 2000 tasks, P = 8: 2 of 3 runs hung,
-    0 of 3 without it).
+    then over chunks (a single chunk is evaluated without a loop).  For ML the value and gradient
+    are accumulated chunk by chunk in a ``lax.scan`` (each chunk differentiated on its own), so the
+    memory beyond the statistics is one chunk's.  REML (and the fixed effects' Hessian) differentiate
+    a ``lax.map`` over chunks, whose backward pass keeps each chunk's residuals (O(P^2) numbers per
+    task, the order of the statistics): rematerialising them with ``jax.checkpoint`` would bound that
+    too, but on jaxlib 0.10 (CPU) that program deadlocks XLA's runtime (reproduced with 2000 tasks,
+    P = 8: 2 of 3 runs hung, 0 of 3 without it).
     """
     sites = model.hyper_sites()
     part = model.partition
@@ -320,8 +322,24 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
         log_det = 2.0 * jnp.sum(jnp.log(jnp.diag(jnp.linalg.cholesky(H))))
         return value(psi_hat) + 0.5 * log_det - 0.5 * psi0.shape[0] * jnp.log(2.0 * jnp.pi), psi_hat
 
+    def chunkwise_value_and_grad(u, data, psi0):
+        """ML on statistics in several chunks: each chunk's value and gradient in turn, summed in a
+        ``lax.scan`` (nothing of a chunk is kept for a backward pass: memory is one chunk's)."""
+
+        def body(carry, chunk):
+            stats, valid = chunk
+            one = TaskStatistics(jax.tree_util.tree_map(lambda a: a[None], stats), valid[None])
+            value, grad = jax.value_and_grad(neg_ml)(u, psi0, one)
+            return (carry[0] + value, carry[1] + grad), None
+
+        (value, grad), _ = jax.lax.scan(body, (jnp.zeros((), u.dtype), jnp.zeros_like(u)), (data.stats, data.valid))
+        return value, grad
+
     @jax.jit
     def value_and_grad(u, data, psi0, num_tasks):
+        if statistics and not fixed_sites and data.valid.shape[0] > 1:
+            value, grad = chunkwise_value_and_grad(u, data, psi0)
+            return value / num_tasks, grad / num_tasks, psi0
         (value, psi_hat), grad = jax.value_and_grad(objective, has_aux=True)(u, data, psi0)
         return value / num_tasks, grad / num_tasks, psi_hat
 
