@@ -13,6 +13,7 @@ beside the Bayes oracle and the MLE.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -31,6 +32,17 @@ from hiermeta.report import count, format_table, plot_loss_curves, positive_floa
 from models import linear  # noqa: E402
 
 REPORT_STEPS = (0, 25, 50, 100, 200)
+PHASES: list = []  # (name, start, end) in time.perf_counter() seconds, one entry per phase of the last main()
+
+
+@contextlib.contextmanager
+def phase(name: str):
+    """Record the wall time of one phase of the job (benchmarks/startup.py reads ``PHASES``)."""
+    start = time.perf_counter()
+    try:
+        yield
+    finally:
+        PHASES.append((name, start, time.perf_counter()))
 
 
 def build_parser():
@@ -57,155 +69,162 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    hm.enable_compilation_cache()
-    pick = lambda value, quick, full: value if value is not None else (quick if args.quick else full)
-    meta_steps = pick(args.meta_steps, 300, 3000)
-    test_tasks = pick(args.test_tasks, 200, 1000)
-    type2_tasks = pick(args.type2_tasks, 2000, 10000)
-    out = Path(args.out)
+    PHASES.clear()
     t_start = time.perf_counter()
+    with phase("setup"):
+        hm.enable_compilation_cache()
+        pick = lambda value, quick, full: value if value is not None else (quick if args.quick else full)
+        meta_steps = pick(args.meta_steps, 300, 3000)
+        test_tasks = pick(args.test_tasks, 200, 1000)
+        type2_tasks = pick(args.type2_tasks, 2000, 10000)
+        out = Path(args.out)
 
-    domain = linear.paper_domain()
-    model = linear.make_model(domain.num_params)  # every coordinate its own module
-    key_train, key_test, key_type2, key_init = jax.random.split(jax.random.PRNGKey(args.seed), 4)
-    sample_batch = lambda key: linear.sample_tasks(domain, key, args.batch_size)[1]
-    schedule = optax.cosine_decay_schedule(args.outer_lr, meta_steps, alpha=0.1)
-    config = dict(
-        inner_optimizer=optax.sgd(args.inner_lr),
-        inner_steps=args.inner_steps,
-        outer_optimizer=optax.adam(schedule),
-        init_sigma=1.0,
-    )
-    learners = {
-        "Shrinkage": hm.shrinkage(model, modular=False, **config),
-        "M-Shrinkage": hm.m_shrinkage(model, **config),
-        "M-sigma-iMAML": hm.m_sigma_imaml(model, **config),  # exact hypergradient (CG) for phi and sigma
-    }
+        domain = linear.paper_domain()
+        model = linear.make_model(domain.num_params)  # every coordinate its own module
+        key_train, key_test, key_type2, key_init = jax.random.split(jax.random.PRNGKey(args.seed), 4)
+        sample_batch = lambda key: linear.sample_tasks(domain, key, args.batch_size)[1]
+        schedule = optax.cosine_decay_schedule(args.outer_lr, meta_steps, alpha=0.1)
+        config = dict(
+            inner_optimizer=optax.sgd(args.inner_lr),
+            inner_steps=args.inner_steps,
+            outer_optimizer=optax.adam(schedule),
+            init_sigma=1.0,
+        )
+        learners = {
+            "Shrinkage": hm.shrinkage(model, modular=False, **config),
+            "M-Shrinkage": hm.m_shrinkage(model, **config),
+            "M-sigma-iMAML": hm.m_sigma_imaml(model, **config),  # exact hypergradient (CG) for phi and sigma
+        }
+
+    # ---------------------------------------------------------------- the tasks of type-II ML and evaluation
+    with phase("sampling"):
+        _, type2_batch = linear.sample_tasks(domain, key_type2, type2_tasks)
+        _, test = linear.sample_tasks(domain, key_test, test_tasks)
 
     # ---------------------------------------------------------------- meta-training
     states, histories, train_seconds = {}, {}, {}
-    for name, learner in learners.items():
-        t0 = time.perf_counter()
-        state = learner.init(key_init, jnp.zeros(domain.num_params))
-        state, history = hm.fit(learner, state, sample_batch, meta_steps, data_key=key_train, description=name)
-        train_seconds[name] = time.perf_counter() - t0
-        states[name], histories[name] = state, history
-        print(f"[{time.perf_counter() - t_start:6.1f}s] meta-trained {name}: {meta_steps} steps "
-              f"in {train_seconds[name]:.1f}s ({int(state.num_skipped)} skipped)")
+    with phase("training"):
+        for name, learner in learners.items():
+            t0 = time.perf_counter()
+            state = learner.init(key_init, jnp.zeros(domain.num_params))
+            state, history = hm.fit(learner, state, sample_batch, meta_steps, data_key=key_train, description=name)
+            train_seconds[name] = time.perf_counter() - t0
+            states[name], histories[name] = state, history
+            print(f"[{time.perf_counter() - t_start:6.1f}s] meta-trained {name}: {meta_steps} steps "
+                  f"in {train_seconds[name]:.1f}s ({int(state.num_skipped)} skipped)")
 
     # ---------------------------------------------------------------- exact type-II ML
-    t0 = time.perf_counter()
-    _, type2_batch = linear.sample_tasks(domain, key_type2, type2_tasks)
-    type2 = linear.fit_type2_ml(linear.merge_splits(type2_batch), model)
-    type2_seconds = time.perf_counter() - t0
-    print(f"[{time.perf_counter() - t_start:6.1f}s] type-II ML on {type2_tasks} tasks: "
-          f"{type2.num_iterations} L-BFGS iterations, |grad| {type2.grad_norm:.1e}")
+    with phase("type-II ML"):
+        t0 = time.perf_counter()
+        type2 = linear.fit_type2_ml(linear.merge_splits(type2_batch), model)
+        type2_seconds = time.perf_counter() - t0
+        print(f"[{time.perf_counter() - t_start:6.1f}s] type-II ML on {type2_tasks} tasks: "
+              f"{type2.num_iterations} L-BFGS iterations, |grad| {type2.grad_norm:.1e}")
 
     # ---------------------------------------------------------------- held-out evaluation
-    m_learner = learners["M-Shrinkage"]
-    fixed = {  # the same inner loop, at fixed (phi, sigma)
-        "Type-II ML (MAP)": shrinkage_params(model, type2.phi, type2.sigma),
-        "Oracle (MAP)": shrinkage_params(model, domain.phi, domain.sigma),
-    }
-    _, test = linear.sample_tasks(domain, key_test, test_tasks)
-    curves = {}
-    for name, learner in learners.items():
-        curves[name] = hm.evaluate(learner, states[name], test, args.test_steps)
-    for name, params in fixed.items():
-        curves[name] = hm.evaluate(m_learner, states["M-Shrinkage"]._replace(params=params), test, args.test_steps)
-    print(f"[{time.perf_counter() - t_start:6.1f}s] evaluated {len(curves)} methods on {test_tasks} "
-          f"held-out tasks, 0..{args.test_steps} steps")
+    with phase("evaluation"):
+        m_learner = learners["M-Shrinkage"]
+        fixed = {  # the same inner loop, at fixed (phi, sigma)
+            "Type-II ML (MAP)": shrinkage_params(model, type2.phi, type2.sigma),
+            "Oracle (MAP)": shrinkage_params(model, domain.phi, domain.sigma),
+        }
+        curves = {}
+        for name, learner in learners.items():
+            curves[name] = hm.evaluate(learner, states[name], test, args.test_steps)
+        for name, params in fixed.items():
+            curves[name] = hm.evaluate(m_learner, states["M-Shrinkage"]._replace(params=params), test, args.test_steps)
+        print(f"[{time.perf_counter() - t_start:6.1f}s] evaluated {len(curves)} methods on {test_tasks} "
+              f"held-out tasks, 0..{args.test_steps} steps")
 
-    # exact references: closed-form expectations and the exact estimators on these same tasks
-    oracle_mean, _ = linear.posterior(test.train, domain.phi, domain.sigma)
-    mle_mean, _ = linear.posterior(test.train, domain.phi, np.full(domain.num_params, np.inf))
-    task_loss = jax.vmap(model.generalisation_loss)
-    oracle_tasks = np.asarray(task_loss(oracle_mean, test.val))
-    mle_tasks = np.asarray(task_loss(mle_mean, test.val))
-    sem = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))
-    shared_eq4 = float(np.exp(brentq(lambda ls: linear.expected_eq4_gradient(domain, np.exp(ls)).sum(), -3.0, 5.0)))
-    shared_opt = float(np.exp(minimize_scalar(lambda ls: linear.expected_loss(domain, domain.phi, np.exp(ls)),
-                                              bounds=(-3.0, 5.0), method="bounded").x))
-    references = {
-        "shared_sigma": {"eq4_fixed_point": shared_eq4, "pll_optimum": shared_opt},
-        "oracle": {"expected": linear.expected_loss(domain, domain.phi, domain.sigma),
-                   "held_out": float(oracle_tasks.mean()), "held_out_sem": sem(oracle_tasks)},
-        "mle": {"expected": linear.expected_loss(domain, domain.phi, np.inf),
-                "held_out": float(mle_tasks.mean()), "held_out_sem": sem(mle_tasks)},
-    }
+        # exact references: closed-form expectations and the exact estimators on these same tasks
+        oracle_tasks, mle_tasks = (np.asarray(a) for a in linear.reference_losses(model, test, domain.phi, domain.sigma))
+        sem = lambda x: float(np.std(x, ddof=1) / np.sqrt(len(x)))
+        shared_eq4 = float(np.exp(brentq(lambda ls: linear.expected_eq4_gradient(domain, np.exp(ls)).sum(), -3.0, 5.0)))
+        shared_opt = float(np.exp(minimize_scalar(lambda ls: linear.expected_loss(domain, domain.phi, np.exp(ls)),
+                                                  bounds=(-3.0, 5.0), method="bounded").x))
+        references = {
+            "shared_sigma": {"eq4_fixed_point": shared_eq4, "pll_optimum": shared_opt},
+            "oracle": {"expected": linear.expected_loss(domain, domain.phi, domain.sigma),
+                       "held_out": float(oracle_tasks.mean()), "held_out_sem": sem(oracle_tasks)},
+            "mle": {"expected": linear.expected_loss(domain, domain.phi, np.inf),
+                    "held_out": float(mle_tasks.mean()), "held_out_sem": sem(mle_tasks)},
+        }
 
     # ---------------------------------------------------------------- report
-    learned = {
-        name: (np.asarray(states[name].params["phi"]), np.asarray(sigma_of(states[name].params, model.partition.num_modules)))
-        for name in learners
-    }
-    learned["Type-II ML"] = (type2.phi, type2.sigma)
-    steps = [s for s in REPORT_STEPS if s <= args.test_steps]
-    last = args.test_steps
+    with phase("report"):
+        learned = {
+            name: (np.asarray(states[name].params["phi"]), np.asarray(sigma_of(states[name].params, model.partition.num_modules)))
+            for name in learners
+        }
+        learned["Type-II ML"] = (type2.phi, type2.sigma)
+        steps = [s for s in REPORT_STEPS if s <= args.test_steps]
+        last = args.test_steps
 
-    print("\nLearned sigma per module (truth first); phi error = max_m |phi_m - 1|")
-    sigma_rows = [["truth", *domain.sigma, 0.0]]
-    sigma_rows += [[name, *sigma, np.max(np.abs(phi - domain.phi))] for name, (phi, sigma) in learned.items()]
-    print(format_table(["method", *[f"s{m + 1}" for m in range(domain.num_params)], "phi err"], sigma_rows, 2))
-    print(sigma_verdict(args.quick, meta_steps, list(learners), shared_eq4, shared_opt))
+        print("\nLearned sigma per module (truth first); phi error = max_m |phi_m - 1|")
+        sigma_rows = [["truth", *domain.sigma, 0.0]]
+        sigma_rows += [[name, *sigma, np.max(np.abs(phi - domain.phi))] for name, (phi, sigma) in learned.items()]
+        print(format_table(["method", *[f"s{m + 1}" for m in range(domain.num_params)], "phi err"], sigma_rows, 2))
+        print(sigma_verdict(args.quick, meta_steps, list(learners), shared_eq4, shared_opt))
 
-    print(f"\nGeneralisation loss on {test_tasks} held-out tasks (mean over tasks; +- is the SEM at "
-          f"step {last}); exact E[loss] is the closed-form expectation for the converged MAP")
-    loss_rows = []
-    expected_at = {name: linear.expected_loss(domain, phi, sigma) for name, (phi, sigma) in learned.items()}
-    expected_at["Type-II ML (MAP)"] = expected_at.pop("Type-II ML")
-    expected_at["Oracle (MAP)"] = references["oracle"]["expected"]
-    for name, curve in curves.items():
-        row = [name, *[curve.at(s) for s in steps], f"+-{curve.sem[last]:.3f}", expected_at[name]]
-        loss_rows.append(row)
-    for ref, label in (("oracle", "Bayes oracle (posterior mean)"), ("mle", "MLE")):
-        r = references[ref]
-        loss_rows.append([label, *["" for _ in steps[:-1]], r["held_out"], f"+-{r['held_out_sem']:.3f}", r["expected"]])
-    print(format_table(["method", *[f"k={s}" for s in steps], "sem", "exact E[loss]"], loss_rows))
+        print(f"\nGeneralisation loss on {test_tasks} held-out tasks (mean over tasks; +- is the SEM at "
+              f"step {last}); exact E[loss] is the closed-form expectation for the converged MAP")
+        loss_rows = []
+        expected_at = {name: linear.expected_loss(domain, phi, sigma) for name, (phi, sigma) in learned.items()}
+        expected_at["Type-II ML (MAP)"] = expected_at.pop("Type-II ML")
+        expected_at["Oracle (MAP)"] = references["oracle"]["expected"]
+        for name, curve in curves.items():
+            row = [name, *[curve.at(s) for s in steps], f"+-{curve.sem[last]:.3f}", expected_at[name]]
+            loss_rows.append(row)
+        for ref, label in (("oracle", "Bayes oracle (posterior mean)"), ("mle", "MLE")):
+            r = references[ref]
+            loss_rows.append([label, *["" for _ in steps[:-1]], r["held_out"], f"+-{r['held_out_sem']:.3f}", r["expected"]])
+        print(format_table(["method", *[f"k={s}" for s in steps], "sem", "exact E[loss]"], loss_rows))
 
-    print()
-    for name in ("M-Shrinkage", "M-sigma-iMAML"):
-        gap = curves[name].per_task[:, last] - oracle_tasks
-        print(f"{name} minus Bayes oracle at step {last}, paired over the same tasks: "
-              f"{gap.mean():+.4f} +- {sem(gap):.4f}")
-    h = histories["M-sigma-iMAML"]
-    print(f"M-sigma-iMAML conjugate gradient: at most {int(h['cg_iterations'].max())} iterations per task, "
-          f"worst relative residual {float(h['cg_residual'].max()):.1e} over {meta_steps} meta-steps")
-    print(f"total {time.perf_counter() - t_start:.1f}s")
+        print()
+        for name in ("M-Shrinkage", "M-sigma-iMAML"):
+            gap = curves[name].per_task[:, last] - oracle_tasks
+            print(f"{name} minus Bayes oracle at step {last}, paired over the same tasks: "
+                  f"{gap.mean():+.4f} +- {sem(gap):.4f}")
+        h = histories["M-sigma-iMAML"]
+        print(f"M-sigma-iMAML conjugate gradient: at most {int(h['cg_iterations'].max())} iterations per task, "
+              f"worst relative residual {float(h['cg_residual'].max()):.1e} over {meta_steps} meta-steps")
+        print(f"total {time.perf_counter() - t_start:.1f}s")
 
     # ---------------------------------------------------------------- JSON + figure
-    every = max(1, meta_steps // 200)
-    payload = {
-        "schema": "hiermeta/linear_toy/v1",
-        "config": {**{k: v for k, v in vars(args).items()}, "meta_steps": meta_steps, "test_tasks": test_tasks,
-                   "type2_tasks": type2_tasks, "outer_schedule": "adam, cosine decay to 0.1x", "init_sigma": 1.0,
-                   "modules": list(model.partition.names), "jax_version": jax.__version__},
-        "truth": {"phi": domain.phi, "sigma": domain.sigma, "noise_sd": domain.noise_sd, "design": domain.design},
-        "references": references,
-        "methods": {},
-        "timings_seconds": {"train": train_seconds, "type2_ml": type2_seconds,
-                            "total": time.perf_counter() - t_start},
-    }
-    for name, curve in curves.items():
-        entry = {"curve": curve, "expected_loss_at_convergence": expected_at[name]}
-        base = {"Type-II ML (MAP)": "Type-II ML", "Oracle (MAP)": None}.get(name, name)
-        if base is not None:
-            entry["phi"], entry["sigma"] = learned[base]
-        if name in histories:
-            h = histories[name]
-            entry["training"] = {"every": every, "sigma": h["sigma"][::every],
-                                 "val_log_lik": h["val_log_lik"][::every],
-                                 "num_skipped": int(states[name].num_skipped),
-                                 "max_cg_iterations": int(h["cg_iterations"].max()),
-                                 "max_cg_residual": float(h["cg_residual"].max())}
-        if name == "Type-II ML (MAP)":
-            entry["type2_ml"] = {"log_marginal": type2.log_marginal, "iterations": type2.num_iterations,
-                                 "grad_norm": type2.grad_norm, "converged": type2.converged}
-        payload["methods"][name] = entry
-    path = write_json(out / "linear_toy.json", payload)
-    print(f"wrote {path}")
-    if not args.no_plot:
-        print(f"wrote {plot(out / 'linear_toy.png', curves, references, learned, domain)}")
+    with phase("report"):
+        every = max(1, meta_steps // 200)
+        payload = {
+            "schema": "hiermeta/linear_toy/v1",
+            "config": {**{k: v for k, v in vars(args).items()}, "meta_steps": meta_steps, "test_tasks": test_tasks,
+                       "type2_tasks": type2_tasks, "outer_schedule": "adam, cosine decay to 0.1x", "init_sigma": 1.0,
+                       "modules": list(model.partition.names), "jax_version": jax.__version__},
+            "truth": {"phi": domain.phi, "sigma": domain.sigma, "noise_sd": domain.noise_sd, "design": domain.design},
+            "references": references,
+            "methods": {},
+            "timings_seconds": {"train": train_seconds, "type2_ml": type2_seconds,
+                                "total": time.perf_counter() - t_start},
+        }
+        for name, curve in curves.items():
+            entry = {"curve": curve, "expected_loss_at_convergence": expected_at[name]}
+            base = {"Type-II ML (MAP)": "Type-II ML", "Oracle (MAP)": None}.get(name, name)
+            if base is not None:
+                entry["phi"], entry["sigma"] = learned[base]
+            if name in histories:
+                h = histories[name]
+                entry["training"] = {"every": every, "sigma": h["sigma"][::every],
+                                     "val_log_lik": h["val_log_lik"][::every],
+                                     "num_skipped": int(states[name].num_skipped),
+                                     "max_cg_iterations": int(h["cg_iterations"].max()),
+                                     "max_cg_residual": float(h["cg_residual"].max())}
+            if name == "Type-II ML (MAP)":
+                entry["type2_ml"] = {"log_marginal": type2.log_marginal, "iterations": type2.num_iterations,
+                                     "grad_norm": type2.grad_norm, "converged": type2.converged}
+            payload["methods"][name] = entry
+        path = write_json(out / "linear_toy.json", payload)
+        print(f"wrote {path}")
+    with phase("plotting"):
+        if not args.no_plot:
+            print(f"wrote {plot(out / 'linear_toy.png', curves, references, learned, domain)}")
     return payload
 
 

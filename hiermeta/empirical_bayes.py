@@ -34,6 +34,7 @@ does not, and SciPy already ships with JAX.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -48,6 +49,18 @@ from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
 from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .sites import constrain, unconstrain
+from .utils import check_count
+
+try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
+    from threadpoolctl import threadpool_limits as _threadpool_limits
+except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn / statsmodels installs
+    _threadpool_limits = None
+
+
+def _serial_blas():
+    """One BLAS thread while SciPy's L-BFGS-B runs (3x faster per call on a busy 2-core machine)."""
+    return _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
+
 
 __all__ = [
     "Type2MLResult",
@@ -55,6 +68,9 @@ __all__ = [
     "type2_ml",
     "log_marginal_likelihood",
     "type2_maximum_likelihood",
+    "task_statistics",
+    "TaskStatistics",
+    "uses_statistics",
 ]
 
 
@@ -157,16 +173,97 @@ def _fixed_effect_sites(model: HierarchicalModel) -> tuple:
     return tuple(names + [n for n in model.global_params if n in linear])
 
 
+DEFAULT_CHUNK_SIZE = 2048
+
+
+class TaskStatistics(NamedTuple):
+    """Every task's sufficient statistics in chunks of equal size (:func:`task_statistics`).
+
+    ``stats``: the likelihood's statistics (e.g. :class:`~hiermeta.LinearGaussianStatistics`), each
+    leaf ``(num_chunks, chunk_size, ...)``; ``valid`` ``(num_chunks, chunk_size)``: False on the
+    padding that fills the last chunk (those slots hold zero statistics and are never counted).
+    """
+
+    stats: Any
+    valid: Any
+
+    @property
+    def num_tasks(self) -> int:
+        return int(np.sum(np.asarray(self.valid)))
+
+
+def uses_statistics(model: HierarchicalModel, data, approximation: str = "exact") -> bool:
+    """Whether type-II ML of ``model`` on ``data`` runs on per-task sufficient statistics: an exact
+    marginal likelihood whose likelihood computes them (:class:`~hiermeta.LinearGaussianLikelihood`)."""
+    lik = model.likelihood
+    if approximation != "exact" or not all(callable(getattr(lik, name, None)) for name in
+                                           ("sufficient_statistics", "log_marginal_from_statistics", "noise_groups")):
+        return False
+    return lik.noise_groups(tuple(np.shape(data.obs)[1:])) is not None
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled_objective(model: HierarchicalModel, method: str, approximation: str = "exact", num_nodes: int = 1):
+def _compiled_statistics(likelihood):
+    return jax.jit(likelihood.sufficient_statistics)
+
+
+def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = None) -> TaskStatistics:
+    """The per-task sufficient statistics of ``data``, computed chunk by chunk.
+
+    One compiled program for every chunk of ``chunk_size`` tasks (default: all ``T`` tasks in one
+    chunk up to 4096, else ``DEFAULT_CHUNK_SIZE``; the last chunk is padded with masked-out copies of its last task),
+    so the memory of the computation is that of one chunk of observations; the result holds
+    O(P^2 + K^2) numbers per task whatever the number of observations.
+    """
+    from .tasks import num_tasks as count_tasks
+
+    T = count_tasks(data)
+    C = T if chunk_size is None and T <= 2 * DEFAULT_CHUNK_SIZE else min(check_count(
+        chunk_size or DEFAULT_CHUNK_SIZE, "chunk_size", 1), T)
+    n_chunks = -(-T // C)
+    z = model.task_covariates(data)
+    host = jax.tree_util.tree_map(np.asarray, (data, z))
+    fn = _compiled_statistics(model.likelihood)
+    out = None
+    for i in range(n_chunks):
+        lo, hi = i * C, min((i + 1) * C, T)
+        pad = C - (hi - lo)
+        chunk_data, chunk_z = jax.tree_util.tree_map(
+            lambda a: np.pad(a[lo:hi], [(0, pad)] + [(0, 0)] * (a.ndim - 1), mode="edge") if pad else a[lo:hi], host)
+        if pad:
+            chunk_data = chunk_data._replace(mask=np.where((np.arange(C) < hi - lo)[:, None], chunk_data.mask, False))
+        stats = fn(chunk_data, chunk_z)
+        if out is None:
+            out = jax.tree_util.tree_map(lambda a: np.empty((n_chunks,) + a.shape, a.dtype), stats)
+        jax.tree_util.tree_map(lambda dst, a: dst.__setitem__(i, np.asarray(a)), out, stats)
+    valid = (np.arange(n_chunks * C) < T).reshape(n_chunks, C)
+    return TaskStatistics(jax.tree_util.tree_map(jnp.asarray, out), jnp.asarray(valid))
+
+
+class _Objective(NamedTuple):
+    value_and_grad: Callable  # (u, data, psi0, num_tasks) -> (mean negative objective, gradient, psi_hat)
+    pack: Callable  # start values -> (u0, psi0)
+    split: Callable  # (u, psi) -> constrained (phi, sigma, extra)
+    layout: dict  # site -> indices in u
+    fixed_effect_hessian: Callable  # (phi, sigma, extra, data) -> -d^2 log L_ML / d psi^2 over the fixed effects
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_objective(model: HierarchicalModel, method: str, approximation: str = "exact", num_nodes: int = 1,
+                        statistics: bool = False) -> _Objective:
     """The layout of the optimised vector and the jitted objective, built once per model and method.
 
     ``u`` is the flat unconstrained vector of the optimised sites (phi, log sigma, the other
     sites unconstrained); for REML the fixed effects ``psi`` (phi, gamma, beta) are not in ``u``
-    but profiled by one exact Newton step inside (the objective is quadratic in them).  Returns
-    ``(value_and_grad, pack, split)``: ``value_and_grad(u, data, psi0, T)`` -> mean negative
-    objective per task, its gradient and the profiled psi; ``pack(start)`` -> ``(u0, psi0)``;
-    ``split(u, psi)`` -> constrained ``(phi, sigma, extra)``.
+    but profiled by one exact Newton step inside (the objective is quadratic in them).  ``data``
+    is the tasks' data, or with ``statistics`` their :class:`TaskStatistics`, the sum over tasks
+    then over chunks (a single chunk is evaluated without a loop).  For ML the value and gradient
+    are accumulated chunk by chunk in a ``lax.scan`` (each chunk differentiated on its own), so the
+    memory beyond the statistics is one chunk's.  REML (and the fixed effects' Hessian) differentiate
+    a ``lax.map`` over chunks, whose backward pass keeps each chunk's residuals (O(P^2) numbers per
+    task, the order of the statistics): rematerialising them with ``jax.checkpoint`` would bound that
+    too, but on jaxlib 0.10 (CPU) that program deadlocks XLA's runtime (reproduced with 2000 tasks,
+    P = 8: 2 of 3 runs hung, 0 of 3 without it).
     """
     sites = model.hyper_sites()
     part = model.partition
@@ -196,10 +293,25 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
         extra.update({n: values[n] for n in fixed_sites if n in sites})
         return values["phi"], jnp.exp(values["log_sigma"]), extra
 
+    def neg_log_marginal(phi, sigma, extra, data):
+        if not statistics:
+            return -jnp.sum(log_marginal_likelihood(model, phi, sigma, data, extra, approximation=approximation,
+                                                    num_nodes=num_nodes))
+        lik = model.likelihood
+        L = model.prior_scale_tril(jnp.broadcast_to(sigma, (part.num_modules,)), extra)
+        g = model.globals_of(extra)
+
+        def chunk(args):
+            stats, valid = args
+            mean = model.prior_mean(phi, extra, stats.task_covariates)
+            return jnp.sum(jnp.where(valid, lik.log_marginal_from_statistics(stats, mean, L, g), 0.0))
+
+        if data.valid.shape[0] == 1:  # one chunk: no loop
+            return -chunk(jax.tree_util.tree_map(lambda a: a[0], (data.stats, data.valid)))
+        return -jnp.sum(jax.lax.map(chunk, (data.stats, data.valid)))
+
     def neg_ml(u, psi, data):
-        phi, sigma, extra = split(u, psi)
-        return -jnp.sum(log_marginal_likelihood(model, phi, sigma, data, extra, approximation=approximation,
-                                                num_nodes=num_nodes))
+        return neg_log_marginal(*split(u, psi), data)
 
     def objective(u, data, psi0):
         if not fixed_sites:
@@ -210,15 +322,44 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
         log_det = 2.0 * jnp.sum(jnp.log(jnp.diag(jnp.linalg.cholesky(H))))
         return value(psi_hat) + 0.5 * log_det - 0.5 * psi0.shape[0] * jnp.log(2.0 * jnp.pi), psi_hat
 
+    def chunkwise_value_and_grad(u, data, psi0):
+        """ML on statistics in several chunks: each chunk's value and gradient in turn, summed in a
+        ``lax.scan`` (nothing of a chunk is kept for a backward pass: memory is one chunk's)."""
+
+        def body(carry, chunk):
+            stats, valid = chunk
+            one = TaskStatistics(jax.tree_util.tree_map(lambda a: a[None], stats), valid[None])
+            value, grad = jax.value_and_grad(neg_ml)(u, psi0, one)
+            return (carry[0] + value, carry[1] + grad), None
+
+        (value, grad), _ = jax.lax.scan(body, (jnp.zeros((), u.dtype), jnp.zeros_like(u)), (data.stats, data.valid))
+        return value, grad
+
     @jax.jit
     def value_and_grad(u, data, psi0, num_tasks):
+        if statistics and not fixed_sites and data.valid.shape[0] > 1:
+            value, grad = chunkwise_value_and_grad(u, data, psi0)
+            return value / num_tasks, grad / num_tasks, psi0
         (value, psi_hat), grad = jax.value_and_grad(objective, has_aux=True)(u, data, psi0)
         return value / num_tasks, grad / num_tasks, psi_hat
+
+    fe_names = _fixed_effect_sites(model)
+
+    @jax.jit
+    def fixed_effect_hessian(phi, sigma, extra, data):
+        values = {"phi": phi, **extra}
+        psi, unravel = ravel_pytree({n: values[n] for n in fe_names})
+
+        def f(p):
+            v = unravel(p)
+            return neg_log_marginal(v["phi"], sigma, {**extra, **{n: v[n] for n in fe_names if n != "phi"}}, data)
+
+        return jax.hessian(f)(psi)
 
     size = ravel_pytree(opt_template)[0].shape[0]
     layout = {name: np.rint(np.asarray(index)).astype(int).ravel()
               for name, index in unravel_opt(jnp.arange(size, dtype=ravel_pytree(opt_template)[0].dtype)).items()}
-    return value_and_grad, pack, split, layout
+    return _Objective(value_and_grad, pack, jax.jit(split), layout, fixed_effect_hessian)
 
 
 def _check_init(model: HierarchicalModel, init: Optional[Mapping[str, Any]]) -> dict:
@@ -263,6 +404,7 @@ def type2_ml(
     max_iter: int = 1000,
     tol: float = 1e-6,
     warn: bool = True,
+    chunk_size: Optional[int] = None,
 ) -> Type2MLResult:
     """Type-II maximum likelihood (or REML) of every hyperparameter of ``model`` on ``data``.
 
@@ -282,6 +424,13 @@ def type2_ml(
       tol: the largest gradient component of the mean objective per task at which it has converged.
       warn: warn (:class:`EmpiricalBayesWarning`) when it did not converge, ended on a boundary, or
         (Laplace, AGQ) a task's Hessian is not positive definite or its mode was not found.
+      chunk_size: tasks per chunk for an exact linear-Gaussian likelihood, whose objective runs on
+        per-task sufficient statistics computed once (:func:`task_statistics`) and summed chunk by
+        chunk: memory beyond the statistics is one chunk's, time linear in the number of tasks.
+        Default ``min(T, 4096)``.  The result does not depend on it (to rounding).
+
+    One compiled objective per (model, method, data shape, chunk size): calling again with data of
+    the same shape compiles nothing.
     """
     if method not in ("ML", "REML"):
         raise ValueError(f"method must be 'ML' or 'REML', got {method!r}")
@@ -302,38 +451,47 @@ def type2_ml(
              **{n: s.init for n, s in model.hyper_sites().items()}}
     start.update(_default_start(model, data))
     start.update(_check_init(model, init))
-    value_and_grad, pack, split, layout = _compiled_objective(model, method, approximation, num_nodes)
-    x0, psi0 = pack(start)
+    statistics = uses_statistics(model, data, approximation)
+    if chunk_size is not None:
+        check_count(chunk_size, "chunk_size", 1)
+    objective = _compiled_objective(model, method, approximation, num_nodes, statistics)
+    value_and_grad, split, layout = objective.value_and_grad, objective.split, objective.layout
+    x0, psi0 = objective.pack(start)
+    inputs = task_statistics(model, data, chunk_size) if statistics else data
+    num = jnp.asarray(float(T))
 
     def fun(x):
-        value, grad, _ = value_and_grad(jnp.asarray(x), data, psi0, T)
+        value, grad, _ = value_and_grad(jnp.asarray(x), inputs, psi0, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    result = scipy.optimize.minimize(
-        fun, np.asarray(x0), jac=True, method="L-BFGS-B",
-        options={"maxiter": int(max_iter), "gtol": tol, "ftol": 0.0},
-    )
-    value, grad, psi_hat = value_and_grad(jnp.asarray(result.x), data, psi0, T)
+    with _serial_blas():
+        result = scipy.optimize.minimize(
+            fun, np.asarray(x0), jac=True, method="L-BFGS-B",
+            options={"maxiter": int(max_iter), "gtol": tol, "ftol": 0.0},
+        )
+    value, grad, psi_hat = value_and_grad(jnp.asarray(result.x), inputs, psi0, num)
     value, grad = float(value), np.asarray(grad)
     gnorm = float(np.max(np.abs(grad))) if grad.size else 0.0
     phi, sigma, extra = split(jnp.asarray(result.x), psi_hat)
     fe_sites = _fixed_effect_sites(model)
     if approximation == "exact":
-        se = _fixed_effect_errors(model, phi, sigma, extra, data, fe_sites)
+        se = _fixed_effect_errors(model, objective, phi, sigma, extra, inputs, fe_sites)
     else:
         se = _observed_information_errors(lambda x: fun(x)[1] * T, np.asarray(result.x), layout, fe_sites)
     estimate = {"phi": np.asarray(phi), "sigma": np.asarray(sigma), **{n: np.asarray(v) for n, v in extra.items()}}
 
-    def mean_objective(values):
-        u, psi = pack(values)
-        return float(value_and_grad(u, data, psi, T)[0])
+    def objective_at_sigma(sigma_values):  # the mean objective with sigma replaced, the rest at the estimate
+        u = np.array(result.x, dtype=float)
+        with np.errstate(divide="ignore"):
+            u[layout["log_sigma"]] = np.log(sigma_values)
+        return float(value_and_grad(jnp.asarray(u), inputs, psi_hat, num)[0])
 
     # a sigma of exactly 0 has no Laplace approximation (the prior is a point mass); 1e-8 on the
     # link scale is 0 for every purpose
-    singular = _boundary(model, estimate, value, mean_objective, tol, zero=0.0 if approximation == "exact" else 1e-8)
+    singular = _boundary(model, estimate, value, objective_at_sigma, tol, zero=0.0 if approximation == "exact" else 1e-8)
     not_pd, inner_ok = (), True
     if approximation != "exact":
-        info = compiled_marginal_info(model, approximation, num_nodes if approximation == "agq" else None)(
+        info = _marginal_info(model, approximation, num_nodes if approximation == "agq" else None)(
             phi, sigma, data, extra)
         not_pd = tuple(int(t) for t in np.flatnonzero(~np.asarray(info.hessian_pd)))
         inner_ok = bool(np.all(np.asarray(info.converged)))
@@ -407,34 +565,40 @@ def _observed_information_errors(gradient, x, layout: dict, names) -> dict:
     return {n: np.sqrt(np.diag(cov)[layout[n]]) for n in names if n in layout}
 
 
-def _fixed_effect_errors(model, phi, sigma, extra, data, names) -> dict:
-    """``sqrt(diag(H^-1))`` for the fixed effects, ``H = -d^2 log L_ML / d psi^2`` at the estimate."""
-    values = {"phi": phi, **extra}
-    psi, unravel = ravel_pytree({n: values[n] for n in names})
-
-    def neg_ml(p):
-        v = unravel(p)
-        ex = {**extra, **{n: v[n] for n in names if n != "phi"}}
-        return -jnp.sum(log_marginal_likelihood(model, v["phi"], sigma, data, ex))
-
-    H = np.asarray(jax.hessian(neg_ml)(psi))
+def _fixed_effect_errors(model, objective: _Objective, phi, sigma, extra, data, names) -> dict:
+    """``sqrt(diag(H^-1))`` for the fixed effects, ``H = -d^2 log L_ML / d psi^2`` at the estimate
+    (``data``: the tasks' data or their :class:`TaskStatistics`, as the objective takes)."""
+    H = np.asarray(objective.fixed_effect_hessian(phi, sigma, extra, data))
     try:
         cov = np.linalg.inv(H)
     except np.linalg.LinAlgError:
         return {}
     se = np.sqrt(np.clip(np.diag(cov), 0.0, None))
-    return {n: np.asarray(v) for n, v in unravel(jnp.asarray(se)).items()}
+    values = {"phi": np.asarray(phi), **{n: np.asarray(v) for n, v in extra.items()}}
+    out, start = {}, 0
+    for n in sorted(names):  # the order of ravel_pytree over a dict
+        size = values[n].size
+        out[n] = se[start:start + size].reshape(values[n].shape)
+        start += size
+    return out
 
 
-def _boundary(model, estimate: dict, value: float, mean_objective, tol: float, zero: float = 0.0) -> tuple:
+@functools.lru_cache(maxsize=32)
+def _marginal_info(model: HierarchicalModel, approximation: str, num_nodes):
+    """:func:`~hiermeta.marginal.compiled_marginal_info`, built once per model and approximation."""
+    return compiled_marginal_info(model, approximation, num_nodes)
+
+
+def _boundary(model, estimate: dict, value: float, objective_at_sigma, tol: float, zero: float = 0.0) -> tuple:
     """What sits on the boundary: modules whose sigma can be set to ``zero`` (exactly 0 where the
     marginal likelihood allows it) without lowering the objective by more than ``tol`` per task,
-    and correlations within 1e-4 of +-1."""
+    and correlations within 1e-4 of +-1.  ``objective_at_sigma(sigma)``: the mean objective with
+    sigma replaced, every other parameter at the estimate."""
     names = []
     for m, name in enumerate(model.partition.names):
-        at_zero = dict(estimate, sigma=np.where(np.arange(len(estimate["sigma"])) == m, zero, estimate["sigma"]))
+        at_zero = np.where(np.arange(len(estimate["sigma"])) == m, zero, estimate["sigma"])
         with np.errstate(divide="ignore"):
-            if mean_objective(at_zero) <= value + tol:
+            if objective_at_sigma(at_zero) <= value + tol:
                 names.append(f"sigma[{name}]")
     for k in range(len(model.correlation_blocks)):
         L = np.asarray(estimate[f"corr_chol_{k}"])
@@ -446,6 +610,21 @@ def _boundary(model, estimate: dict, value: float, mean_objective, tol: float, z
 
 
 # ---------------------------------------------------------------------------- the low-level driver
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_hand_written(log_marginal: Callable, num_params: int) -> Callable:
+    """The jitted mean objective of :func:`type2_maximum_likelihood`, built once per ``log_marginal``."""
+
+    @jax.jit
+    def value_and_grad(x, data, num_tasks):
+        def objective(x):
+            phi, log_sigma = x[:num_params], x[num_params:]
+            return -log_marginal(phi, jnp.exp(log_sigma), data) / num_tasks
+
+        return jax.value_and_grad(objective)(x)
+
+    return value_and_grad
 
 
 def type2_maximum_likelihood(
@@ -463,6 +642,7 @@ def type2_maximum_likelihood(
     The low-level form of :func:`type2_ml` for a marginal likelihood written by hand (phi and
     sigma only).  ``data`` is passed to ``log_marginal`` as a traced argument (never baked into the
     compiled program); ``num_tasks`` scales the objective to a mean per task (``tol`` is per task).
+    The compiled objective is built once per ``log_marginal`` function and reused by later calls.
     """
     if jnp.zeros(()).dtype != jnp.float64:
         warnings.warn("type-II ML is meant for float64: enable jax_enable_x64", stacklevel=2)
@@ -473,21 +653,17 @@ def type2_maximum_likelihood(
     P = int(np.size(phi0))
     x0 = np.concatenate([np.asarray(phi0, float).ravel(), np.log(sigma0).ravel()])
 
-    @jax.jit
-    def value_and_grad(x, data):
-        def objective(x):
-            phi, log_sigma = x[:P], x[P:]
-            return -log_marginal(phi, jnp.exp(log_sigma), data) / num_tasks
-
-        return jax.value_and_grad(objective)(x)
+    value_and_grad = _compiled_hand_written(log_marginal, P)
+    num = jnp.asarray(float(num_tasks))
 
     def fun(x):
-        value, grad = value_and_grad(jnp.asarray(x), data)
+        value, grad = value_and_grad(jnp.asarray(x), data, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    result = scipy.optimize.minimize(
-        fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0}
-    )
+    with _serial_blas():
+        result = scipy.optimize.minimize(
+            fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0}
+        )
     value, grad = fun(result.x)
     gnorm = float(np.max(np.abs(grad)))
     return Type2MLResult(

@@ -17,6 +17,25 @@ r = x - Z m_t - X beta - offset, F = Z^T W Z, b = Z^T W r and Sigma = L L^T, B =
 (the matrix determinant lemma and Woodbury written with L, so a singular Sigma — a sigma at 0 —
 is handled exactly).  This is lme4's / statsmodels' linear mixed model with the random effects
 ``theta_t - m_t``.
+
+Sufficient statistics.  None of F, b, r^T W r needs the observations once these sums are known
+(:meth:`LinearGaussianLikelihood.sufficient_statistics`), with W0 the known part of the weights
+(1 / known sd^2, or 1 / relative scale^2 when the noise sd s_g is learned; g the noise group of an
+observed scalar: one group for a scalar noise sd, one per dimension for ``noise_shape=(D,)``) and
+y = x - offset:
+
+    Z^T W0 Z,  Z^T W0 X,  X^T W0 X,  Z^T W0 y,  X^T W0 y,  y^T W0 y,  n       per task and noise group
+
+so that, with W = W0 / s_g^2 summed over groups and e = y - Z m_t - X beta = r,
+
+    F = Z^T W Z,   b = Z^T W y - F m_t - Z^T W X beta,
+    r^T W r = y^T W y - 2 m_t^T Z^T W y - 2 beta^T X^T W y + m_t^T F m_t + 2 m_t^T Z^T W X beta
+              + beta^T X^T W X beta,
+    sum log sd^2 = sum_observed log known^2 + sum_g n_g log s_g^2.
+
+:meth:`~LinearGaussianLikelihood.log_marginal_from_statistics` evaluates the log marginal above
+from them: O(P^2 + K^2) work per task whatever its number of observations, which is what
+type-II ML over many tasks iterates on (:func:`hiermeta.type2_ml`).
 """
 
 from __future__ import annotations
@@ -33,7 +52,7 @@ from numpyro.distributions import constraints
 from .sites import GlobalParam
 from .tasks import GaussianData, GaussianLikelihood
 
-__all__ = ["LinearDesign", "LinearGaussianLikelihood", "linear_gaussian"]
+__all__ = ["LinearDesign", "LinearGaussianLikelihood", "LinearGaussianStatistics", "linear_gaussian"]
 
 
 class LinearDesign(NamedTuple):
@@ -47,6 +66,28 @@ class LinearDesign(NamedTuple):
 
 def _design(inputs) -> LinearDesign:
     return inputs if isinstance(inputs, LinearDesign) else LinearDesign(inputs)
+
+
+class LinearGaussianStatistics(NamedTuple):
+    """Per-task sufficient statistics of a linear-Gaussian likelihood (the module docstring): leading
+    task axis ``T`` and noise-group axis ``G``; ``K = num_fixed`` (the ``X`` fields are None for 0).
+
+    Attributes:
+      ZZ ``(T, G, P, P)``, ZX ``(T, G, P, K)``, XX ``(T, G, K, K)``, Zy ``(T, G, P)``,
+      Xy ``(T, G, K)``, yy ``(T, G)``: the weighted sums with the known weights W0;
+      count ``(T, G)``: observed scalars; log_det_known ``(T,)``: sum of log(known sd^2) over them;
+      task_covariates ``(T, Q)`` or None.
+    """
+
+    ZZ: Any
+    Zy: Any
+    yy: Any
+    count: Any
+    log_det_known: Any
+    ZX: Any = None
+    XX: Any = None
+    Xy: Any = None
+    task_covariates: Any = None
 
 
 def _check_columns(Z, P: int) -> None:
@@ -230,12 +271,84 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         log_det_noise = jnp.sum(jnp.where(observed, 2.0 * jnp.log(sd), 0.0), axis=(1, 2))
         return F, b, quad, log_det_noise, jnp.sum(observed, axis=(1, 2))
 
-    def log_marginal(self, data: GaussianData, prior_mean, prior_scale_tril, g: Optional[Mapping] = None):
-        """``log p(D_t | m_t, Sigma = L L^T, g)`` per task ``(T,)``, theta integrated out exactly.
+    def noise_groups(self, shape: tuple) -> Optional[np.ndarray]:
+        """Index ``(N, D)`` of the learned noise sd ``s_g`` each observed scalar of a task of ``shape``
+        ``(N, D)`` uses (``g`` in ``0..G-1``, row-major over ``noise_shape``); None when the noise is
+        known or its shape varies over tasks (then there are no per-task statistics)."""
+        if self.noise != "learned":
+            return np.zeros(tuple(shape), dtype=int)
+        noise_shape = tuple(self.global_params["noise_sd"].shape)
+        if len(noise_shape) > len(shape):
+            return None
+        try:
+            return np.broadcast_to(np.arange(int(np.prod(noise_shape))).reshape(noise_shape), tuple(shape))
+        except ValueError:
+            return None
 
-        ``prior_mean`` ``(P,)`` or ``(T, P)``; ``prior_scale_tril`` ``L`` ``(P, P)``.
-        """
-        F, b, quad, log_det_noise, n = self._sufficient(data, prior_mean, g)
+    def sufficient_statistics(self, data: GaussianData, task_covariates=None) -> LinearGaussianStatistics:
+        """The per-task sums from which :meth:`log_marginal_from_statistics` gives the log marginal
+        (module docstring).  Jittable; padding (``mask`` False) counts nowhere."""
+        design = _design(data.inputs)
+        Z = design.random
+        groups = self.noise_groups(data.obs.shape[1:])
+        if groups is None:
+            raise ValueError(
+                f"a learned noise sd of shape {tuple(self.global_params['noise_sd'].shape)} does not broadcast to "
+                f"one task's observations {tuple(data.obs.shape[1:])}: no per-task sufficient statistics"
+            )
+        onehot = jnp.asarray(groups[..., None] == np.arange(int(groups.max()) + 1), Z.dtype)  # (N, D, G)
+        observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
+        w = jnp.where(observed, data.noise_sd, 1.0) ** -2.0
+        w = jnp.where(observed, w, 0.0)  # (T, N, D)
+        y = jnp.where(observed, data.obs - (0.0 if design.offset is None else design.offset), 0.0)
+        wg = jnp.einsum("tnd,ndg->tndg", w, onehot)
+        out = dict(
+            ZZ=jnp.einsum("tndp,tndg,tndq->tgpq", Z, wg, Z),
+            Zy=jnp.einsum("tndp,tndg,tnd->tgp", Z, wg, y),
+            yy=jnp.einsum("tndg,tnd->tg", wg, y**2),
+            count=jnp.einsum("tnd,ndg->tg", observed.astype(Z.dtype), onehot),
+            log_det_known=jnp.sum(jnp.where(observed, 2.0 * jnp.log(jnp.where(observed, data.noise_sd, 1.0)), 0.0),
+                                  axis=(1, 2)),
+            task_covariates=task_covariates,
+        )
+        if self.num_fixed:
+            X = design.fixed
+            out.update(ZX=jnp.einsum("tndp,tndg,tndk->tgpk", Z, wg, X),
+                       XX=jnp.einsum("tndk,tndg,tndl->tgkl", X, wg, X),
+                       Xy=jnp.einsum("tndk,tndg,tnd->tgk", X, wg, y))
+        return LinearGaussianStatistics(**out)
+
+    def log_marginal_from_statistics(self, stats: LinearGaussianStatistics, prior_mean, prior_scale_tril,
+                                     g: Optional[Mapping] = None):
+        """:meth:`log_marginal` from :meth:`sufficient_statistics` instead of the observations: the same
+        value (to rounding), O(P^2 + K^2) per task."""
+        G = stats.count.shape[-1]
+        if self.noise == "learned":
+            s2 = jnp.reshape(jnp.asarray(g["noise_sd"]) ** 2, (-1,))
+            inv = jnp.broadcast_to(1.0 / s2, (G,))
+            log_s2 = jnp.broadcast_to(jnp.log(s2), (G,))
+        else:
+            inv, log_s2 = jnp.ones(G), jnp.zeros(G)
+        F = jnp.einsum("tgpq,g->tpq", stats.ZZ, inv)
+        Zy = jnp.einsum("tgp,g->tp", stats.Zy, inv)
+        quad = jnp.einsum("tg,g->t", stats.yy, inv)
+        m = jnp.broadcast_to(prior_mean, Zy.shape)
+        Fm = jnp.einsum("tpq,tq->tp", F, m)
+        b = Zy - Fm
+        quad = quad - 2.0 * jnp.sum(m * Zy, -1) + jnp.sum(m * Fm, -1)
+        if self.num_fixed:
+            beta = g["beta"]
+            ZXb = jnp.einsum("tgpk,g,k->tp", stats.ZX, inv, beta)
+            XXb = jnp.einsum("tgkl,g,l->tk", stats.XX, inv, beta)
+            Xy = jnp.einsum("tgk,g->tk", stats.Xy, inv)
+            b = b - ZXb
+            quad = quad + 2.0 * jnp.sum(m * ZXb, -1) - 2.0 * (Xy @ beta) + XXb @ beta
+        log_det_noise = stats.log_det_known + stats.count @ log_s2
+        return self._log_marginal_core(F, b, quad, log_det_noise, jnp.sum(stats.count, -1), prior_scale_tril)
+
+    @staticmethod
+    def _log_marginal_core(F, b, quad, log_det_noise, n, prior_scale_tril):
+        """The log marginal from ``F``, ``b``, ``r^T W r``, ``sum log sd^2`` and ``n`` (module docstring)."""
         L = jnp.asarray(prior_scale_tril)
         B = jnp.eye(L.shape[0]) + jnp.einsum("pi,tpq,qj->tij", L, F, L)
         chol = jnp.linalg.cholesky(B)
@@ -243,6 +356,13 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         z = jax.scipy.linalg.solve_triangular(chol, c[..., None], lower=True)[..., 0]
         log_det_B = 2.0 * jnp.sum(jnp.log(jnp.diagonal(chol, axis1=-2, axis2=-1)), axis=-1)
         return -0.5 * (quad - jnp.sum(z**2, -1) + log_det_B + log_det_noise + n * jnp.log(2.0 * jnp.pi))
+
+    def log_marginal(self, data: GaussianData, prior_mean, prior_scale_tril, g: Optional[Mapping] = None):
+        """``log p(D_t | m_t, Sigma = L L^T, g)`` per task ``(T,)``, theta integrated out exactly.
+
+        ``prior_mean`` ``(P,)`` or ``(T, P)``; ``prior_scale_tril`` ``L`` ``(P, P)``.
+        """
+        return self._log_marginal_core(*self._sufficient(data, prior_mean, g), prior_scale_tril)
 
     def posterior(self, data: GaussianData, prior_mean, prior_scale_tril, g: Optional[Mapping] = None):
         """Posterior of each task's theta: mean (= MAP) ``(T, P)`` and covariance ``(T, P, P)``."""

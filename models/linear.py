@@ -45,6 +45,7 @@ __all__ = [
     "expected_loss",
     "expected_eq4_gradient",
     "fit_type2_ml",
+    "reference_losses",
     "merge_splits",
     "posterior_given_sigma",
     "query_predictive",
@@ -138,36 +139,44 @@ def make_data(obs, design, noise_sd, mask=None) -> GaussianData:
     return GaussianData.create(obs, noise_sd, inputs=np.array(design), mask=mask)
 
 
+@jax.jit
 def merge_splits(batch: TaskBatch) -> GaussianData:
     """All observations of each task (support and query together), for the marginal likelihood."""
     return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=1), batch.train, batch.val)
 
 
-def _gaussian_split(domain: LinearDomain, key, theta, n) -> GaussianData:
+def _gaussian_split(design, noise_sd, key, theta, n) -> GaussianData:
     T = theta.shape[0]
-    D = domain.design.shape[0]
-    mean = theta @ jnp.asarray(domain.design).T  # (T, D)
-    noise = jnp.broadcast_to(jnp.asarray(domain.noise_sd, theta.dtype), (T, n, D))
+    D = design.shape[0]
+    mean = theta @ design.T  # (T, D)
+    noise = jnp.broadcast_to(noise_sd, (T, n, D))
     obs = mean[:, None, :] + noise * jax.random.normal(key, (T, n, D), theta.dtype)
-    design = jnp.broadcast_to(jnp.asarray(domain.design, theta.dtype), (T, n) + domain.design.shape)
-    return GaussianData(obs=obs, noise_sd=noise, mask=jnp.ones((T, n), bool), inputs=design)
+    return GaussianData(obs=obs, noise_sd=noise, mask=jnp.ones((T, n), bool),
+                        inputs=jnp.broadcast_to(design, (T, n) + design.shape))
+
+
+@jax.jit(static_argnames=("num_tasks", "n_train", "n_val"))
+def _sample_tasks(phi, sigma, design, noise_sd, key, num_tasks: int, n_train: int, n_val: int):
+    """One compiled program per (num_tasks, split sizes, domain shape): the draws of :func:`sample_tasks`."""
+    k_theta, k_train, k_val = jax.random.split(key, 3)
+    theta = phi + sigma * jax.random.normal(k_theta, (num_tasks, phi.shape[0]), phi.dtype)
+    batch = TaskBatch(
+        train=_gaussian_split(design, noise_sd, k_train, theta, n_train),
+        val=_gaussian_split(design, noise_sd, k_val, theta, n_val),
+    )
+    return theta, batch
 
 
 def sample_tasks(domain: LinearDomain, key, num_tasks: int) -> tuple[jax.Array, TaskBatch]:
     """Draw ``num_tasks`` tasks from the model: ``theta_t ~ N(phi, diag(sigma^2))`` then data.
 
-    Jittable (``num_tasks`` static).  Returns the true ``theta`` ``(T, P)`` and the TaskBatch.
+    Jittable (``num_tasks`` static); one compiled program per number of tasks when called outside
+    ``jit``.  Returns the true ``theta`` ``(T, P)`` and the TaskBatch.
     """
     num_tasks = check_count(num_tasks, "num_tasks", 1)
-    k_theta, k_train, k_val = jax.random.split(key, 3)
     dtype = jnp.zeros(()).dtype
-    phi = jnp.asarray(domain.phi, dtype)
-    theta = phi + jnp.asarray(domain.sigma, dtype) * jax.random.normal(k_theta, (num_tasks, phi.shape[0]), dtype)
-    batch = TaskBatch(
-        train=_gaussian_split(domain, k_train, theta, domain.n_train),
-        val=_gaussian_split(domain, k_val, theta, domain.n_val),
-    )
-    return theta, batch
+    arrays = [jnp.asarray(a, dtype) for a in (domain.phi, domain.sigma, domain.design, domain.noise_sd)]
+    return _sample_tasks(*arrays, key, num_tasks=num_tasks, n_train=int(domain.n_train), n_val=int(domain.n_val))
 
 
 # ---------------------------------------------------------------------------- closed forms
@@ -186,8 +195,23 @@ def _natural_params(data: GaussianData, phi):
 
 
 def posterior(data: GaussianData, phi, prior_sd):
-    """Posterior of each task's theta: mean (= MAP) ``(T, P)`` and covariance ``(T, P, P)``."""
+    """Posterior of each task's theta: mean (= MAP) ``(T, P)`` and covariance ``(T, P, P)``.
+
+    ``prior_sd`` may hold 0 (that coordinate fixed at phi) or, given as concrete values, ``inf`` (a
+    flat prior on that coordinate: all ``inf`` is the MLE ``F^-1 sum_n A^T Xi^-1 x_n``), which takes the
+    precision form ``Lambda = S^-1 + F`` (the Woodbury form of the likelihood multiplies inf by 0).
+    """
+    if not isinstance(prior_sd, jax.core.Tracer) and np.any(np.isinf(np.asarray(prior_sd))):
+        return _precision_posterior(data, jnp.asarray(phi), jnp.asarray(prior_sd))
     return likelihood.posterior(data, jnp.asarray(phi), jnp.diag(jnp.asarray(prior_sd)))
+
+
+def _precision_posterior(data: GaussianData, phi, prior_sd):
+    """``theta_t | D_t ~ N(phi + Lambda^-1 b_t, Lambda^-1)``, ``Lambda = diag(prior_sd^-2) + F_t`` (sd > 0)."""
+    F, b, _ = _natural_params(data, phi)
+    cov = jnp.linalg.inv(F + jnp.diag(jnp.broadcast_to(prior_sd, phi.shape) ** -2.0))
+    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+    return phi + jnp.einsum("tpq,tq->tp", cov, b), cov
 
 
 def log_marginal_likelihood(data: GaussianData, phi, prior_sd) -> jax.Array:
@@ -266,6 +290,17 @@ def fit_type2_ml(data: GaussianData, model: HierarchicalModel, phi0=None, sigma0
     if sigma0 is not None:
         init["sigma"] = sigma0
     return type2_ml(model, data, init=init, **kwargs)
+
+
+@jax.jit(static_argnums=0)
+def reference_losses(model: HierarchicalModel, tasks: TaskBatch, phi, sigma):
+    """The generalisation loss of the exact estimators on each task ``(T,)`` twice: the Bayes oracle
+    (posterior mean under the true ``phi``, ``sigma``) and the MLE (``sigma = inf``, flat prior).
+    One compiled program per model and task shape."""
+    oracle_mean, _ = posterior(tasks.train, phi, sigma)
+    mle_mean, _ = _precision_posterior(tasks.train, phi, jnp.full(jnp.shape(sigma), jnp.inf))
+    task_loss = jax.vmap(model.generalisation_loss)
+    return task_loss(oracle_mean, tasks.val), task_loss(mle_mean, tasks.val)
 
 
 # ---------------------------------------------------------------------------- for hiermeta.posterior

@@ -1,0 +1,189 @@
+"""Type-II ML of a linear mixed model from 100 to 10^6 groups, beside statsmodels MixedLM.
+
+The model (float64): groups t = 1..G, 10 observations each at x = 0..9 (sleepstudy's design),
+
+    y_{t,n} = theta_{t,0} + theta_{t,1} x_n + e_{t,n},   e ~ N(0, s^2)  (s learned),
+    theta_t ~ N(phi, Sigma),  Sigma with sds sigma = (25, 6) and correlation 0.2  (correlated, learned)
+
+simulated once per size with a fixed seed (phi = (250, 10), s = 25).  ``hm.type2_ml(method="ML")``
+and ``statsmodels.MixedLM("y ~ x", groups, re_formula="~x").fit(reml=False)`` fit the same data;
+the table gives each one's wall time per fit (median of ``--repeats`` fits in one process; for
+hiermeta the first fit, which compiles or reads the persistent compilation cache, is timed apart), their ratio, the largest absolute difference of the
+estimates (phi, sigma, the correlation, s) and of the maximised log-likelihood, and the peak
+resident memory of the process (``resource.getrusage``) after the fits, above the memory it held
+once the data was built.  statsmodels runs up to ``--statsmodels-max`` groups; hiermeta alone
+beyond.  Every (size, tool) runs in its own process so that the peak memory is its own.
+
+    python benchmarks/type2_scale.py            # 100 .. 10^6 groups, statsmodels to 10^4
+    python benchmarks/type2_scale.py --quick    # 100 .. 10^5 groups, statsmodels to 10^3
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+PHI, SIGMA, CORR, NOISE, N_OBS = (250.0, 10.0), (25.0, 6.0), 0.2, 25.0, 10
+
+
+def simulate(groups: int, seed: int = 0):
+    """``(y (G, N), x (N,))`` from the model in the docstring."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    x = np.arange(N_OBS, dtype=float)
+    cov = np.array([[SIGMA[0] ** 2, CORR * SIGMA[0] * SIGMA[1]], [CORR * SIGMA[0] * SIGMA[1], SIGMA[1] ** 2]])
+    theta = np.asarray(PHI) + rng.standard_normal((groups, 2)) @ np.linalg.cholesky(cov).T
+    y = theta[:, :1] + theta[:, 1:] * x + NOISE * rng.standard_normal((groups, N_OBS))
+    return y, x
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # kB on Linux
+
+
+def current_rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024.0
+    return float("nan")
+
+
+def child_hiermeta(groups: int, repeats: int) -> dict:
+    import jax
+
+    jax.config.update("jax_enable_x64", True)
+    import numpy as np
+
+    sys.path.insert(0, str(HERE.parent))
+    import hiermeta as hm
+
+    hm.enable_compilation_cache()
+    y, x = simulate(groups)
+    lik = hm.linear_gaussian(noise="learned")
+    model = hm.HierarchicalModel(lik, hm.ModulePartition.from_labels((0.0, 0.0), ("Intercept", "x")),
+                                 correlated=[("Intercept", "x")])
+    Z = np.broadcast_to(np.stack([np.ones(N_OBS), x], -1), (groups, N_OBS, 2))
+    data = lik.make_data(y, np.ones(y.shape, bool), Z)
+    del y, Z
+    rss_data = current_rss_mb()
+    times, fit = [], None
+    t0 = time.perf_counter()
+    fit = hm.type2_ml(model, data)
+    first = time.perf_counter() - t0
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fit = hm.type2_ml(model, data)
+        times.append(time.perf_counter() - t0)
+    return {"first_s": first, "times_s": times, "rss_data_mb": rss_data, "peak_rss_mb": peak_rss_mb(),
+            "phi": fit.phi.tolist(), "sigma": fit.sigma.tolist(), "corr": float(fit.correlation()[0, 1]),
+            "noise_sd": float(np.asarray(fit.extra["noise_sd"])), "loglik": fit.log_marginal,
+            "converged": fit.converged, "iterations": fit.num_iterations}
+
+
+def child_statsmodels(groups: int, repeats: int) -> dict:
+    import warnings
+
+    import numpy as np
+    import statsmodels.api as sm
+
+    y, x = simulate(groups)
+    endog = y.ravel()
+    exog = np.column_stack([np.ones(endog.size), np.tile(x, groups)])
+    g = np.repeat(np.arange(groups), N_OBS)
+    rss_data = current_rss_mb()
+    times, fit = [], None
+    for _ in range(repeats):  # nothing to compile: every fit counts
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit = sm.MixedLM(endog, exog, groups=g, exog_re=exog).fit(reml=False)
+        times.append(time.perf_counter() - t0)
+    first = times[0]
+    cov = np.asarray(fit.cov_re)
+    sd = np.sqrt(np.diag(cov))
+    return {"first_s": first, "times_s": times, "rss_data_mb": rss_data, "peak_rss_mb": peak_rss_mb(),
+            "phi": np.asarray(fit.fe_params).tolist(), "sigma": sd.tolist(), "corr": float(cov[0, 1] / (sd[0] * sd[1])),
+            "noise_sd": float(np.sqrt(fit.scale)), "loglik": float(fit.llf), "converged": bool(fit.converged),
+            "iterations": None}
+
+
+def run_child(tool: str, groups: int, repeats: int) -> dict:
+    env = dict(os.environ)
+    env.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", tool, str(groups), str(repeats)]
+    t0 = time.perf_counter()
+    done = subprocess.run(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    if done.returncode:
+        print(done.stderr[-3000:])
+        return {"failed": f"exit {done.returncode}"}
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - t0
+    return out
+
+
+def difference(a: dict, b: dict) -> float:
+    """Largest absolute difference of the estimates (phi, sigma, correlation, noise sd)."""
+    import numpy as np
+
+    pairs = [(a["phi"], b["phi"]), (a["sigma"], b["sigma"]), ([a["corr"]], [b["corr"]]), ([a["noise_sd"]], [b["noise_sd"]])]
+    return float(max(np.max(np.abs(np.subtract(p, q))) for p, q in pairs))
+
+
+def main() -> None:
+    from common import format_table, note, parser, write_results
+
+    p = parser(__doc__)
+    p.add_argument("--sizes", type=int, nargs="+", help="numbers of groups (default 100 .. 10^6; quick to 10^5)")
+    p.add_argument("--statsmodels-max", type=int, help="largest size statsmodels fits (default 10^4, quick 10^3)")
+    args = p.parse_args()
+    sizes = args.sizes or ([100, 1000, 10_000, 100_000] if args.quick else [100, 1000, 10_000, 100_000, 1_000_000])
+    sm_max = args.statsmodels_max or (1000 if args.quick else 10_000)
+    repeats = args.repeats or (2 if args.quick else 3)
+    rows, records = [], {}
+    for G in sizes:
+        hmr = run_child("hiermeta", G, repeats if G < 1_000_000 else max(1, repeats - 1))
+        smr = run_child("statsmodels", G, repeats) if G <= sm_max else None
+        records[G] = {"hiermeta": hmr, "statsmodels": smr}
+        if "failed" in hmr:
+            note(f"hiermeta failed at {G} groups: {hmr['failed']}")
+            continue
+        hm_t = statistics.median(hmr["times_s"])
+        row = [G, G * N_OBS, hm_t, hmr["first_s"], hmr["iterations"], hmr["peak_rss_mb"] - hmr["rss_data_mb"],
+               hmr["peak_rss_mb"]]
+        if smr and "failed" not in smr:
+            sm_t = statistics.median(smr["times_s"])
+            row += [sm_t, sm_t / hm_t, difference(hmr, smr), abs(hmr["loglik"] - smr["loglik"]),
+                    smr["peak_rss_mb"] - smr["rss_data_mb"]]
+        else:
+            row += ["-"] * 5
+        rows.append(row)
+        print(format_table(["groups", "obs", "hiermeta s", "first s", "L-BFGS it", "fit MB", "peak MB",
+                            "statsmodels s", "sm / hm", "max |est diff|", "|loglik diff|", "sm fit MB"], [row], 4),
+              flush=True)
+    print(f"\nType-II ML (ML, correlated intercept and slope, learned noise), {N_OBS} observations per group; "
+          f"median of {repeats} fits per process (the first, compiling one apart); fit MB: peak resident "
+          "memory above what the process held once its data was built")
+    print(format_table(["groups", "obs", "hiermeta s", "first s", "L-BFGS it", "fit MB", "peak MB",
+                        "statsmodels s", "sm / hm", "max |est diff|", "|loglik diff|", "sm fit MB"], rows, 4))
+    write_results(args, "type2_scale", {"sizes": sizes, "statsmodels_max": sm_max, "repeats": repeats,
+                                        "truth": {"phi": PHI, "sigma": SIGMA, "corr": CORR, "noise_sd": NOISE},
+                                        "records": records})
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--child":
+        tool, groups, repeats = sys.argv[2], int(sys.argv[3]), int(sys.argv[4])
+        result = (child_hiermeta if tool == "hiermeta" else child_statsmodels)(groups, repeats)
+        print(json.dumps(result))
+    else:
+        sys.path.insert(0, str(HERE))
+        main()
