@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["sinusoid_maml.py", "learners.py", "memory.py", "nuts.py", "devices.py"]
+SCRIPTS = ["sinusoid_maml.py", "learners.py", "memory.py", "nuts.py", "nuts_time.py", "devices.py"]
 
 
 def main():
