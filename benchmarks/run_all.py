@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-SCRIPTS = ["sinusoid_maml.py", "learners.py", "memory.py", "nuts.py", "devices.py", "startup.py", "type2_scale.py"]
+SCRIPTS = ["sinusoid_maml.py", "learners.py", "memory.py", "nuts.py", "nuts_time.py", "devices.py", "startup.py",
+           "type2_scale.py"]
 
 
 def main():

@@ -13,10 +13,12 @@ not converge within its tolerance.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional
 
 import jax
 import numpy as np
+from jax.sharding import Mesh
 
 from .inner import Adaptation, run_inner
 from .learners.base import MetaLearner, MetaState
@@ -133,7 +135,19 @@ def _per_task_curves(learner: MetaLearner, params, tasks: TaskBatch, num_steps: 
 _per_task_curves_jit = jax.jit(_per_task_curves, static_argnums=(0, 3))
 
 
-def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps: Optional[int] = None) -> LossCurve:
+@functools.lru_cache(maxsize=32)
+def _sharded_curves(learner: MetaLearner, num_steps: int, mesh: Mesh):
+    """The per-task curves with the tasks split over ``mesh`` (any count) and the results gathered."""
+    from .sharding import replicate, replicated, shard_tasks
+
+    def run(params, tasks):
+        return _per_task_curves(learner, replicate(params, mesh), shard_tasks(tasks, mesh), num_steps)
+
+    return jax.jit(run, out_shardings=replicated(mesh))
+
+
+def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps: Optional[int] = None,
+             *, mesh: Optional[Mesh] = None) -> LossCurve:
     """Adapt ``state`` to each task's support with the learner's inner solver; score its query data
     after every iterate ``0..num_steps``.
 
@@ -141,6 +155,10 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     loss after k = 0..K optimiser steps.  For Newton and L-BFGS it is the most iterations: entry
     k is the loss after k iterations, frozen once the solve converged, so the last entry
     (``curve.mean[-1]``) is the loss at the solution (the MAP).
+
+    ``mesh`` (:func:`hiermeta.sharding.task_mesh`) splits the tasks over its devices, across
+    processes in a ``jax.distributed`` job (every process passes the same ``tasks``), and gathers
+    the per-task losses back to every process.
 
     Raises:
       ValueError: malformed tasks, or an inner solve that diverged (with the count of tasks).
@@ -150,7 +168,13 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     """
     n = _num_steps(learner, num_steps)
     check_task_batch(learner.model.likelihood, tasks)
-    per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n)
+    if mesh is None:
+        per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n)
+    else:
+        from .distributed import check_mesh
+
+        check_mesh(mesh)
+        per_task, diverged, converged, stationarity = _sharded_curves(learner, n, mesh)(state.params, tasks)
     per_task, diverged = np.asarray(per_task), np.asarray(diverged)
     diverged = diverged | ~np.all(np.isfinite(per_task), axis=1)
     _check_solves(learner, n, diverged, converged, stationarity, per_task.dtype)

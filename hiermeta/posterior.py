@@ -14,12 +14,22 @@ dimensions are named: ``param`` (flat coordinates of theta / phi), ``module`` (s
 
 NUTS needs a proper posterior: give the model proper priors (:func:`with_priors`: a wide normal
 on phi, a half-Cauchy or half-normal on sigma) unless the sites are held fixed.
+
+Time to result.  Without a progress bar, and unless the chains run in parallel over devices, the
+whole run is one compiled program, built once per (model, configuration, data shapes) and
+reused by every later call: NumPyro's initialisation (finding valid starting points, the
+adaptation's initial state), warm-up, sampling, the constrained draws and the per-task
+log-likelihood of every draw.  Run eagerly, NumPyro's initialisation compiles a few hundred
+single-operation programs on a cold start and a new ``MCMC`` object retraces its sampling loop on
+every call; inside one ``jax.jit`` there is a single compilation (a cache hit in JAX's persistent
+cache on the next process) and none on a second call with data of the same shapes.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 import warnings
 from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
@@ -179,7 +189,7 @@ def run_nuts(
     max_tree_depth: int = 10,
     dense_mass: bool = False,
     chain_method: Optional[str] = None,
-    progress_bar: bool = True,
+    progress_bar: bool = False,
     task_names: Optional[Sequence[str]] = None,
 ) -> NUTSResult:
     """NUTS on ``model(data)``: the posterior of ``phi``, ``sigma`` and every task's ``theta``.
@@ -197,7 +207,13 @@ def run_nuts(
         ``theta`` is then a deterministic site), which removes the funnel when sigma is small.
       chain_method: ``"parallel"`` (one chain per device), ``"vectorized"`` (one device) or
         ``"sequential"``; default parallel when there are enough devices, else vectorised.
+      progress_bar: NumPyro's progress bar.  Off (the default), a vectorised or sequential run
+        is one compiled program, cached and reused across calls (see the module's notes); on,
+        NumPyro's own loop runs, one dispatch per iteration, traced anew on every call.
       task_names: coordinates of the ``task`` dimension in the ArviZ object.
+
+    ``result.diagnostics["seconds"]`` records where the time went: ``sampling`` (NUTS, with the
+    log-likelihood when compiled together), ``log_likelihood``, ``arviz``, ``diagnostics``.
     """
     T = _check_data(model, data)
     depths = max_tree_depth if isinstance(max_tree_depth, tuple) else (max_tree_depth,)  # NumPyro: d or (d1, d2)
@@ -219,29 +235,37 @@ def run_nuts(
     if chain_method is None:
         chain_method = "parallel" if jax.local_device_count() >= num_chains > 1 else "vectorized"
 
-    sampled_model = functools.partial(model, noncentred=True) if noncentred else model
-    if fixed_values:
-        sampled_model = condition(sampled_model, fixed_values)
-    kernel = NUTS(sampled_model, target_accept_prob=target_accept, max_tree_depth=max_tree_depth,
-                  dense_mass=dense_mass)
-    mcmc = MCMC(kernel, num_warmup=int(num_warmup), num_samples=int(num_samples), num_chains=int(num_chains),
-                chain_method=chain_method, progress_bar=progress_bar, jit_model_args=True)
-    mcmc.run(key, data, extra_fields=_EXTRA_FIELDS)
-
-    samples = {k: np.asarray(v) for k, v in mcmc.get_samples(group_by_chain=True).items() if k not in fixed_values}
-    extra = mcmc.get_extra_fields(group_by_chain=True)
+    config = _SamplerConfig(bool(noncentred), tuple(sorted(fixed_values)), int(num_warmup), int(num_samples),
+                            int(num_chains), chain_method, float(target_accept), _hashable(max_tree_depth),
+                            _hashable(dense_mass))
+    seconds = {}
+    clock = time.perf_counter()
+    if progress_bar or chain_method == "parallel":  # NumPyro's own loop (a bar; pmap over devices)
+        mcmc = _make_mcmc(model, config, fixed_values, progress_bar)
+        mcmc.run(key, data, extra_fields=_EXTRA_FIELDS)
+        draws, extra = mcmc.get_samples(group_by_chain=True), mcmc.get_extra_fields(group_by_chain=True)
+        jax.block_until_ready((draws, extra))
+        seconds["sampling"] = time.perf_counter() - clock
+        clock = time.perf_counter()
+        log_lik = _log_likelihood_program(model)(draws, extra, data, fixed_values)
+        jax.block_until_ready(log_lik)
+        seconds["log_likelihood"] = time.perf_counter() - clock
+    else:  # one compiled program: initialisation, warm-up, sampling and the log-likelihood
+        draws, extra, log_lik = _compiled_run(model, config)(key, data, fixed_values)
+        jax.block_until_ready(log_lik)
+        seconds["sampling"], seconds["log_likelihood"] = time.perf_counter() - clock, 0.0
+    clock = time.perf_counter()
+    samples = {k: np.asarray(v) for k, v in draws.items() if k not in fixed_values}
     stats = {_STAT_NAMES[k]: np.asarray(v) for k, v in extra.items()}
     stats["lp"] = -stats["lp"]
-    theta = samples["theta"] if "theta" in samples else np.broadcast_to(
-        np.asarray(fixed_values["theta"]), stats["lp"].shape + (T, model.partition.num_params))
-    globals_draws = {name: samples[name] if name in samples else np.broadcast_to(
-        np.asarray(fixed_values[name]), stats["lp"].shape + np.shape(fixed_values[name]))
-        for name in model.global_params}
-    log_lik = np.asarray(jax.jit(lambda th, d, g: task_log_likelihood(model, th, d, g))(
-        jnp.asarray(theta), data, globals_draws))
+    log_lik = np.asarray(log_lik)
     idata = to_arviz(samples, model, log_likelihood=log_lik, stats=stats, data=data,
                      constant={k: np.asarray(v) for k, v in fixed_values.items()}, task_names=task_names)
+    seconds["arviz"] = time.perf_counter() - clock
+    clock = time.perf_counter()
     diagnostics = sampling_diagnostics(model, samples, stats, data)
+    seconds["diagnostics"] = time.perf_counter() - clock
+    diagnostics["seconds"] = seconds
     for message in diagnostics["messages"]:
         warnings.warn(message, SamplingWarning, stacklevel=2)
     for message in diagnostics["prior_conflicts"]:
@@ -255,6 +279,81 @@ def run_nuts(
         inference_data=idata,
         diagnostics=diagnostics,
     )
+
+
+class _SamplerConfig(NamedTuple):
+    """Everything about a NUTS run that fixes its compiled program (with the model and data shapes)."""
+
+    noncentred: bool
+    fixed_names: tuple
+    num_warmup: int
+    num_samples: int
+    num_chains: int
+    chain_method: str
+    target_accept: float
+    max_tree_depth: Any
+    dense_mass: Any
+
+
+def _hashable(value):
+    """``max_tree_depth`` / ``dense_mass`` as a cache key (lists of site tuples become tuples)."""
+    return tuple(_hashable(v) for v in value) if isinstance(value, (list, tuple)) else value
+
+
+def _unhashable(value):
+    """Back to the form NumPyro takes: ``dense_mass`` a bool or a list of tuples of site names."""
+    return [tuple(v) for v in value] if isinstance(value, tuple) and all(isinstance(v, tuple) for v in value) \
+        else value
+
+
+def _make_mcmc(model: HierarchicalModel, config: _SamplerConfig, fixed_values: dict, progress_bar: bool) -> MCMC:
+    sampled_model = functools.partial(model, noncentred=True) if config.noncentred else model
+    if fixed_values:
+        sampled_model = condition(sampled_model, fixed_values)
+    kernel = NUTS(sampled_model, target_accept_prob=config.target_accept, max_tree_depth=config.max_tree_depth,
+                  dense_mass=_unhashable(config.dense_mass))
+    return MCMC(kernel, num_warmup=config.num_warmup, num_samples=config.num_samples,
+                num_chains=config.num_chains, chain_method=config.chain_method, progress_bar=progress_bar,
+                jit_model_args=True)
+
+
+def _draws_log_likelihood(model: HierarchicalModel, draws: dict, extra: dict, data, fixed_values: dict) -> jax.Array:
+    """``(C, S, T)`` log p(D_t | theta_t, g) of every draw (fixed sites broadcast over the draws)."""
+    lead = jnp.shape(extra["potential_energy"])  # (C, S)
+
+    def of(name):
+        if name in fixed_values:
+            value = jnp.asarray(fixed_values[name])
+            return jnp.broadcast_to(value, lead + jnp.shape(value))
+        return draws[name]
+
+    return task_log_likelihood(model, of("theta"), data, {name: of(name) for name in model.global_params})
+
+
+@functools.lru_cache(maxsize=32)
+def _log_likelihood_program(model: HierarchicalModel):
+    """The jitted :func:`_draws_log_likelihood` of ``model``, built once (not per call)."""
+    return jax.jit(functools.partial(_draws_log_likelihood, model))
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_run(model: HierarchicalModel, config: _SamplerConfig):
+    """``(key, data, fixed_values) -> (draws, sampler fields, log-likelihood)`` as one jitted program.
+
+    NumPyro's ``MCMC.run`` traced inside ``jax.jit``: its initialisation, which it otherwise runs
+    eagerly operation by operation (hundreds of tiny compilations on a cold start), the warm-up and
+    sampling loop and the postprocessing (constrained and deterministic sites) become one program,
+    together with the per-task log-likelihood of every draw.  The sites held fixed are traced
+    arguments, so other fixed values reuse the program.  Built once per (model, configuration).
+    """
+
+    def run(key, data, fixed_values):
+        mcmc = _make_mcmc(model, config, fixed_values, progress_bar=False)
+        mcmc.run(key, data, extra_fields=_EXTRA_FIELDS)
+        draws, extra = mcmc.get_samples(group_by_chain=True), mcmc.get_extra_fields(group_by_chain=True)
+        return draws, extra, _draws_log_likelihood(model, draws, extra, data, fixed_values)
+
+    return jax.jit(run)
 
 
 def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndarray], stats: Mapping,

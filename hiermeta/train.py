@@ -8,6 +8,11 @@ with a fingerprint of the run's configuration so that a checkpoint of another co
 refused), and splits each batch's tasks over a device mesh when given one
 (:mod:`hiermeta.sharding`).  The compiled chunk is cached per (learner, task sampler, mesh,
 chunk size): calling ``fit`` again does not retrace.
+
+In a job of several processes (:mod:`hiermeta.distributed`) every process calls ``fit`` with the
+same arguments and a mesh over every process's devices; each process holds the replicated state,
+process 0 alone writes the checkpoint (the others wait for it, and all learn if it failed), and a
+resumed run is read by every process from the same file (a file system that all of them see).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from .checkpoint import CheckpointError, _to_numpy, load_checkpoint, save_checkpoint
+from .distributed import check_mesh, collectively, same_everywhere
 from .learners.base import MetaLearner, MetaState, all_finite
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
@@ -294,7 +300,9 @@ def fit(
         initial state) or a corrupt one raises :class:`~hiermeta.checkpoint.CheckpointError`
         saying what differs.
       mesh: a device mesh (:func:`hiermeta.sharding.task_mesh`): each batch's tasks are split
-        over its devices and the state is replicated.
+        over its devices and the state is replicated.  In a job of several processes
+        (``jax.distributed``) it must give every process a device; checkpoints are then written
+        by process 0 and read by all.
     Returns:
       The final state and the history: each metric stacked over the steps run, as NumPy arrays.
     Raises:
@@ -312,12 +320,14 @@ def fit(
     if (checkpoint_every is not None or resume) and checkpoint is None:
         raise ValueError("checkpoint_every and resume need a checkpoint path")
     _check_state(learner, state)
+    check_mesh(mesh)
     if not bool(all_finite(state.params)):
         raise ValueError("the initial meta-parameters hold NaN or infinite values")
     # check one batch eagerly, so malformed data fails here with a clear message, not in XLA
     check_task_batch(learner.model.likelihood, sample_tasks(jax.random.fold_in(data_key, state.step)))
-    if checkpoint is not None:
-        checkpoint = _check_writable(checkpoint)
+    if checkpoint is not None:  # written by process 0 alone in a job of several processes
+        collectively("checking the checkpoint path", lambda: _check_writable(checkpoint), only_primary=True)
+        checkpoint = Path(checkpoint)
     runner = _chunk_runner(learner, sample_tasks, mesh, chunk_size)
     start, target = int(state.step), int(state.step) + num_steps
     chunks: list[dict] = []
@@ -326,23 +336,34 @@ def fit(
                 "target_step": target}
     if checkpoint is not None:
         metadata["fingerprint"] = _fingerprint(runner, sample_tasks, state, data_key)
-        if resume and checkpoint.exists():
-            state, chunks, streak = _resume(checkpoint, state, learner, data_key, target, metadata["fingerprint"])
+        if resume:
+            found = collectively(f"resuming from checkpoint {checkpoint}", lambda: checkpoint.exists() and _resume(
+                checkpoint, state, learner, data_key, target, metadata["fingerprint"]))
+            same_everywhere((bool(found), int(found[0].step) if found else -1),
+                            f"the checkpoint {checkpoint} (found, step): is it on a file system every process sees?")
+            if found:
+                state, chunks, streak = found
     if mesh is not None:
         state = replicate(state, mesh)
 
     def save(state):
         history = _concat(chunks)
-        try:
-            save_checkpoint(checkpoint, state, {**metadata, "step": int(state.step), "skip_streak": streak},
-                            extra={f"history/{name}": arr for name, arr in history.items()})
-        except OSError as err:
-            raise CheckpointWriteError(
-                f"could not write checkpoint {checkpoint}: {err}. The error carries the state and "
-                f"history at step {int(state.step)} (err.state, err.history)",
-                state,
-                history,
-            ) from err
+
+        def write():
+            try:
+                save_checkpoint(checkpoint, state, {**metadata, "step": int(state.step), "skip_streak": streak},
+                                extra={f"history/{name}": arr for name, arr in history.items()})
+            except OSError as err:
+                raise CheckpointWriteError(
+                    f"could not write checkpoint {checkpoint}: {err}. The error carries the state and "
+                    f"history at step {int(state.step)} (err.state, err.history)",
+                    state,
+                    history,
+                ) from err
+
+        # process 0 writes; every process waits for it and learns if it failed
+        collectively(f"writing checkpoint {checkpoint}", write, only_primary=True,
+                     error=lambda message: CheckpointWriteError(message, state, history))
 
     def stop(state):
         history = _concat(chunks)
