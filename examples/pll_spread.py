@@ -39,7 +39,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
-from hiermeta.crossfit import crossfit_sampler, resplit  # noqa: E402
+from hiermeta.crossfit import crossfit_sampler, resplit, run_off  # noqa: E402
 from hiermeta.learners import sigma_of  # noqa: E402
 from hiermeta.learners.base import extra_values  # noqa: E402
 from hiermeta.report import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
@@ -64,6 +64,7 @@ def build_parser():
     p.add_argument("--average", type=count(1), help="cross-fitting: steps averaged for the estimate (default 300; quick 100)")
     p.add_argument("--nuts-samples", type=count(1), help="NUTS draws per chain, as many warm-up (default 1000; quick 200)")
     p.add_argument("--no-plot", action="store_true", help="write no figure")
+    p.add_argument("--replot", metavar="JSON", help="only reprint the table and redraw the figure from a pll_spread.json")
     return p
 
 
@@ -122,12 +123,15 @@ def train_seeds(learner, model, data, args, crossfit: bool, seeds) -> tuple[np.n
     return np.asarray(est), np.asarray(trace), np.asarray(skipped)
 
 
-def spread_rows(name, est, names):
+def spread_rows(name, est, names, scale):
+    """Median, min, max and max/min over seeds, and how many seeds ran off (hiermeta.crossfit.run_off)."""
+    g = lambda x: f"{x:.4g}"
     rows = []
     for j, label in enumerate(names):
         v = est[:, j]
-        ratio = v.max() / v.min() if j < 3 and v.min() > 0 else float("nan")
-        rows.append([name, label, float(np.median(v)), float(v.min()), float(v.max()), ratio])
+        ratio = g(v.max() / v.min()) if j < 3 and v.min() > 0 else ("inf" if j < 3 else "-")
+        off = int(np.sum(np.any(run_off(v, scale[j]), axis=0))) if j < 2 else "-"
+        rows.append([name, label, g(np.median(v)), g(v.min()), g(v.max()), ratio, off])
     return rows
 
 
@@ -136,14 +140,24 @@ def plot(path, results, reference, names):
     fig, axes = plt.subplots(1, 3, figsize=(13, 4))
     configs = list(results)
     for j, ax in enumerate(axes):
+        low, high = reference["ML"][j] / 30, reference["ML"][j] * 300  # off-scale seeds sit on the edge
         for i, name in enumerate(configs):
             v = np.asarray(results[name]["estimates"])[:, j]
-            ax.scatter(np.full(v.shape, i) + np.linspace(-0.15, 0.15, v.size), v, s=14, alpha=0.8)
+            x = np.full(v.shape, i) + np.linspace(-0.15, 0.15, v.size)
+            inside = (v > low) & (v < high)
+            colour = f"C{i}"
+            ax.scatter(x[inside], v[inside], s=14, alpha=0.8, color=colour)
+            for edge, marker, sel in ((high, "^", v >= high), (low, "v", v <= low)):
+                if sel.any():
+                    ax.scatter(x[sel], np.full(sel.sum(), edge), marker=marker, s=30, color=colour)
+                    ax.annotate(f"{int(sel.sum())} off scale", (i, edge), fontsize=7, ha="center",
+                                xytext=(0, -12 if marker == "^" else 6), textcoords="offset points")
         for label, style in (("ML", "-"), ("REML", "--")):
             ax.axhline(reference[label][j], color="k", ls=style, lw=1, label=f"type-II {label}")
         lo, hi = reference["NUTS 90%"][j]
-        ax.axhspan(lo, hi, color="0.85", label="NUTS 90% interval")
+        ax.axhspan(lo, hi, color="0.85", zorder=0, label="NUTS 90% interval")
         ax.set_yscale("log")
+        ax.set_ylim(low / 1.5, high * 1.5)
         ax.set_xticks(range(len(configs)))
         ax.set_xticklabels(configs, rotation=20, fontsize=8)
         ax.set_title(names[j])
@@ -153,8 +167,22 @@ def plot(path, results, reference, names):
     return save_figure(fig, path)
 
 
+def replot(args):
+    import json
+
+    payload = json.loads(Path(args.replot).read_text())
+    names, scale = ["sigma Intercept", "sigma Days", "noise sd", "corr"], payload["sigma_scale"]
+    rows = [r for name, res in payload["results"].items()
+            for r in spread_rows(name, np.asarray(res["estimates"]), names, scale)]
+    print(format_table(["configuration", "quantity", "median", "min", "max", "max/min", "seeds run off"], rows, 4))
+    print(f"wrote {plot(Path(args.out) / 'pll_spread.png', payload['results'], payload['reference'], names)}")
+    return payload
+
+
 def main(argv=None):
     args = parse_args(argv)
+    if args.replot:
+        return replot(args)
     hm.enable_compilation_cache()
     t_start = time.perf_counter()
     table = load_table()
@@ -184,6 +212,7 @@ def main(argv=None):
 
     results, rows = {}, []
     seeds = np.arange(args.seeds)
+    scale = hm.learners.base.starting_values(model, data)["sigma"]  # the data's scale of each sigma
     for name, (hypergradient, crossfit) in CONFIGS.items():
         t0 = time.perf_counter()
         learner = hm.m_shrinkage(model, hypergradient=hypergradient, outer_optimizer=optax.adam(args.lr))
@@ -192,7 +221,7 @@ def main(argv=None):
         results[name] = {"estimates": est, "skipped_steps": skipped,
                          "last_steps_ratio": (tail.max(1) / tail.min(1)),
                          "seconds": time.perf_counter() - t0}
-        rows += spread_rows(name, est, names)
+        rows += spread_rows(name, est, names, scale)
         print(f"[{time.perf_counter() - t_start:6.1f}s] {name}: done in {results[name]['seconds']:.1f}s")
     ref_rows = [[label, names[j], reference[label][j]] for label in ("ML", "REML") for j in range(4)]
     ref_rows += [["NUTS 90%", names[j], f"{reference['NUTS 90%'][j][0]:.3g} .. {reference['NUTS 90%'][j][1]:.3g}"]
@@ -200,11 +229,14 @@ def main(argv=None):
     print("\nreference on all 180 rows")
     print(format_table(["method", "quantity", "value"], ref_rows, 4))
     print(f"\nPLL estimates (M-Shrinkage) over {args.seeds} seeds")
-    print(format_table(["configuration", "quantity", "median", "min", "max", "max/min"], rows, 4))
+    print(f"(run off: sigma > 100 x the data's scale {np.round(scale, 2).tolist()}, or at the float floor)")
+    print(format_table(["configuration", "quantity", "median", "min", "max", "max/min", "seeds run off"], rows, 4))
     payload = {"schema": "hiermeta/pll_spread/v1",
                "config": {**vars(args), "jax_version": jax.__version__, "configs": CONFIGS},
                "reference": reference, "results": results,
-               "rows": [dict(zip(["configuration", "quantity", "median", "min", "max", "max_over_min"], r)) for r in rows],
+               "sigma_scale": scale,
+               "rows": [dict(zip(["configuration", "quantity", "median", "min", "max", "max_over_min", "seeds_run_off"], r))
+                        for r in rows],
                "timings_seconds": {"total": time.perf_counter() - t_start}}
     out = Path(args.out)
     print(f"wrote {write_json(out / 'pll_spread.json', payload)}")

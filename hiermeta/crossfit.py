@@ -37,7 +37,7 @@ from .errors import SigmaRunOffWarning
 from .tasks import TaskBatch, num_tasks
 from .utils import check_count
 
-__all__ = ["resplit", "crossfit_sampler", "SigmaSpread", "sigma_spread", "SigmaCheck", "check_sigma"]
+__all__ = ["resplit", "crossfit_sampler", "SigmaSpread", "sigma_spread", "SigmaCheck", "check_sigma", "run_off"]
 
 
 def _check_fraction(query_fraction) -> float:
@@ -168,6 +168,15 @@ class SigmaCheck(NamedTuple):
         return out
 
 
+def run_off(sigma, scale, factor: float = 100.0) -> tuple[np.ndarray, np.ndarray]:
+    """``(too_large, at_floor)``: sigma above ``factor * scale`` (or not finite), and sigma at or below
+    ``scale * sqrt(eps)`` (its square at the float resolution of the scale's square); elementwise."""
+    sigma, scale = np.asarray(sigma, dtype=float), np.asarray(scale, dtype=float)
+    floor = scale * np.sqrt(np.finfo(sigma.dtype).eps)
+    too_large = ~np.isfinite(sigma) | (sigma > factor * scale)
+    return too_large, np.isfinite(sigma) & (sigma <= floor)
+
+
 def check_sigma(learner, state, *, data: Any = None, scale=None, history: Optional[dict] = None,
                 last: int = 100, factor: float = 100.0, warn: bool = True) -> SigmaCheck:
     """Judge the sigma a PLL learner learned against the data's scale; warn if it ran off.
@@ -195,9 +204,7 @@ def check_sigma(learner, state, *, data: Any = None, scale=None, history: Option
         raise ValueError(f"scale must be finite and > 0, got {scale}")
     if not np.isfinite(factor) or factor <= 1:
         raise ValueError(f"factor must be finite and > 1, got {factor}")
-    floor = scale * np.sqrt(np.finfo(sigma.dtype).eps)
-    too_large = ~np.isfinite(sigma) | (sigma > factor * scale)
-    at_floor = np.isfinite(sigma) & (sigma <= floor)
+    too_large, at_floor = run_off(sigma, scale, factor)
     ran_off = too_large | at_floor
     spread = None if history is None else sigma_spread(history, last)
     if warn and np.any(ran_off):
