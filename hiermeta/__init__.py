@@ -35,6 +35,10 @@ from .sharding import task_mesh
 from .table import GroupedTable, from_table
 from .shrinkage_report import ShrinkageReport, shrinkage_report
 
+from . import crossfit
+from .crossfit import check_sigma, crossfit_sampler, sigma_spread
+from .errors import SigmaRunOffWarning
+
 __version__ = "0.1.0"
 
 __all__ = [
@@ -108,4 +112,9 @@ __all__ = [
     "GroupedTable",
     "shrinkage_report",
     "ShrinkageReport",
+    "crossfit",
+    "crossfit_sampler",
+    "sigma_spread",
+    "check_sigma",
+    "SigmaRunOffWarning",
 ]

@@ -6,7 +6,7 @@ can check it without catching warnings; the warning is there so that nobody miss
 
 from __future__ import annotations
 
-__all__ = ["HiermetaWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning"]
+__all__ = ["HiermetaWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning", "SigmaRunOffWarning"]
 
 
 class HiermetaWarning(UserWarning):
@@ -23,3 +23,7 @@ class PriorWarning(HiermetaWarning):
 
 class SamplingWarning(HiermetaWarning):
     """NUTS did not converge: divergent transitions, r-hat above 1.01, or too few effective draws."""
+
+
+class SigmaRunOffWarning(HiermetaWarning):
+    """A sigma learned by the predictive likelihood ran off: far above the data's scale, or to 0."""

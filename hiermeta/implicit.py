@@ -12,7 +12,7 @@ For L_t = -log N(theta | phi, sigma^2) - log p(D^tr | theta) and rho_m = log sig
     dPLL_t / d rho_m = v_{m,t} . (theta_hat_{m,t} - phi_m) / sigma_m^2.
 
 A *solver* maps ``(hvp, prior_var, g)`` to ``v ~ H^{-1} g`` (``hvp(u) = H u``, ``prior_var`` =
-sigma^2 per coordinate):
+sigma^2 per coordinate, or the map ``u -> Sigma u`` for a correlated prior):
 
 - :func:`eq4_solve`, the paper's Eq. 4: H replaced by its prior block, ``v = sigma^2 g``;
 - :func:`cg_solve`, the exact hypergradient: (preconditioned) conjugate gradient on
@@ -69,10 +69,19 @@ class SolveInfo(NamedTuple):
     residual: jax.Array
 
 
+def _apply_prior_cov(prior_var, u):
+    """``Sigma u`` for ``prior_var`` the per-coordinate variances ``(P,)`` or the map ``u -> Sigma u``
+    (a correlated prior, :meth:`hiermeta.HierarchicalModel.prior_cov_operator`)."""
+    return prior_var(u) if callable(prior_var) else prior_var * u
+
+
 def eq4_solve(hvp, prior_var: jax.Array, g: jax.Array) -> jax.Array:
-    """The paper's approximation ``H^{-1} g ~ sigma^2 g`` (Eq. 4): the likelihood Hessian dropped."""
+    """The paper's approximation ``H^{-1} g ~ Sigma g`` (Eq. 4): the likelihood Hessian dropped.
+
+    ``Sigma = diag(sigma^2)`` in the paper; the full prior covariance for a correlated prior.
+    """
     del hvp
-    return prior_var * g
+    return _apply_prior_cov(prior_var, g)
 
 
 class CGSolver(NamedTuple):
@@ -96,7 +105,9 @@ class CGSolver(NamedTuple):
         def matvec(u):
             return hvp(u) + damping * u if damping else hvp(u)
 
-        if self.precondition:  # M^{-1} = (diag(1 / sigma^2) + damping I)^{-1}: the prior block
+        if self.precondition and callable(prior_var):  # a correlated prior: M^{-1} = Sigma (damping ignored)
+            precond = prior_var
+        elif self.precondition:  # M^{-1} = (diag(1 / sigma^2) + damping I)^{-1}: the prior block
             inv_diag = prior_var / (1.0 + damping * prior_var)
             precond = lambda r: inv_diag * r
         else:

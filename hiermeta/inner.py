@@ -23,14 +23,16 @@ class InnerProblem(NamedTuple):
     """One task's adaptation problem.
 
     Attributes:
-      init: flat ``(P,)`` starting point (phi for every method in the paper).
+      init: flat ``(P,)`` starting point (phi for every method in the paper), or a function
+        ``data_t -> (P,)`` for a start that depends on the task (its prior mean
+        ``phi + z_t gamma`` in a model with task covariates).
       loss: ``loss(theta, data_t) -> scalar`` to minimise (e.g. ``L_t`` of Eq. 2).
       solver: an :class:`~hiermeta.solvers.InnerSolver`; an optax ``GradientTransformation``
         is shorthand for :func:`~hiermeta.solvers.gradient_steps` with it (then
         :func:`run_inner` needs ``num_steps``).
     """
 
-    init: jax.Array
+    init: Union[jax.Array, Callable[[Any], jax.Array]]
     loss: Callable[[jax.Array, Any], jax.Array]
     solver: Union[InnerSolver, optax.GradientTransformation]
 
@@ -79,4 +81,5 @@ def run_inner(
         solver = gradient_steps(solver, num_steps, unroll=unroll, remat=remat)
     elif unroll != 1 or remat:
         raise ValueError("unroll and remat are options of hiermeta.solvers.gradient_steps, not of run_inner")
-    return solver.solve(lambda theta: problem.loss(theta, data_t), problem.init, num_steps, observe)
+    init = problem.init(data_t) if callable(problem.init) else problem.init
+    return solver.solve(lambda theta: problem.loss(theta, data_t), init, num_steps, observe)

@@ -11,7 +11,18 @@ configuration (like an optax ``GradientTransformation``):
 ``step`` and ``adapt`` are jittable and vmap over the task axis inside; ``state`` is a
 :class:`MetaState` NamedTuple, so it can be checkpointed, sharded and passed through ``lax.scan``.
 ``learner.inner_solver`` is the :class:`~hiermeta.solvers.InnerSolver` the learner adapts with
-(its budget and tolerance, for host-side checks such as :func:`hiermeta.adapt`).
+(its budget and tolerance, for host-side checks such as :func:`hiermeta.adapt`);
+``learner.meta_gradient(params, batch)`` (where a learner has it) is the gradient, to minimise,
+that one meta-step hands to the outer optimiser.
+
+**Extra hyperparameter sites.**  On a model with sites besides phi and sigma
+(:meth:`~hiermeta.HierarchicalModel.hyper_sites`: the likelihood's globals such as ``noise_sd``
+and ``beta``, correlation factors ``corr_chol_k``, group coefficients ``gamma``), the
+meta-parameters gain ``params["extra"]``: the *unconstrained* value ``u`` of each site the learner
+learns, the site being ``biject_to(constraint)(u)`` (:mod:`hiermeta.sites`).  ``init`` takes their
+constrained starting values as ``extra={name: value}`` (a correlation site also as the
+correlation matrix itself), or ``data=`` to start every site on the data's own scale where the
+likelihood can say (its ``initial_values``), else at the site's default.
 """
 
 from __future__ import annotations
@@ -20,13 +31,17 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
+from numpyro.distributions import constraints
 
-from ..hierarchy import HierarchicalModel
+from ..hierarchy import HierarchicalModel, task_covariates_of
 from ..inner import Adaptation, InnerProblem, InnerResult, run_inner
+from ..sites import HyperSite, constrain, unconstrain
 from ..solvers import InnerSolver
 
-__all__ = ["MetaState", "MetaLearner", "make_adapt", "inner_metrics", "outer_update", "all_finite"]
+__all__ = ["MetaState", "MetaLearner", "make_adapt", "inner_metrics", "outer_update", "all_finite",
+           "learned_sites", "flat_phi", "extra_params", "extra_values", "task_start", "starting_values", "extra_metrics"]
 
 
 class MetaState(NamedTuple):
@@ -57,6 +72,135 @@ class MetaLearner(NamedTuple):
     inner_problem: Callable[[Any], InnerProblem]
     adapt: Callable[..., Adaptation]
     inner_solver: Optional[InnerSolver] = None
+    meta_gradient: Optional[Callable[[Any, Any], tuple]] = None
+
+
+# ---------------------------------------------------------------------------- extra sites
+
+
+def learned_sites(model: HierarchicalModel, kinds=("global", "correlation", "group_coefficients")) -> dict:
+    """The model's extra hyperparameter sites of the given kinds (name -> HyperSite), in model order."""
+    return {name: site for name, site in model.hyper_sites().items() if site.kind in kinds}
+
+
+def _correlation_factor(name: str, value) -> np.ndarray:
+    """A correlation site's start as its Cholesky factor: given the factor, or the correlation matrix."""
+    v = np.asarray(value, dtype=float)
+    if v.ndim != 2 or v.shape[0] != v.shape[1] or not np.all(np.isfinite(v)):
+        return v  # the shape check names it
+    if np.allclose(v, np.tril(v)) and not np.allclose(v, v.T):
+        factor = v
+    else:  # a symmetric matrix: the correlation matrix itself
+        if not np.allclose(v, v.T) or not np.allclose(np.diag(v), 1.0):
+            raise ValueError(f"{name}: a starting correlation matrix must be symmetric with unit diagonal, got {v.tolist()}")
+        try:
+            factor = np.linalg.cholesky(v)
+        except np.linalg.LinAlgError:
+            raise ValueError(f"{name}: the starting correlation matrix {v.tolist()} is not positive definite") from None
+        if np.min(np.abs(np.diag(factor))) < 1e-8:
+            raise ValueError(f"{name}: the starting correlation matrix {v.tolist()} is not positive definite")
+        return factor
+    rows = np.linalg.norm(factor, axis=1)
+    if not np.allclose(rows, 1.0, atol=1e-6) or np.any(np.diag(factor) <= 1e-8):
+        raise ValueError(
+            f"{name} = {factor.tolist()} is not the Cholesky factor of a positive-definite correlation "
+            "matrix (rows of unit norm, positive diagonal); give the factor or the correlation matrix"
+        )
+    return factor
+
+
+def flat_phi(model: HierarchicalModel, params) -> jax.Array:
+    """phi as a flat ``(P,)`` array from a pytree like the model's template or a flat array."""
+    P = model.partition.num_params
+    if isinstance(params, (np.ndarray, jax.Array)) and np.shape(params) == (P,):
+        return jnp.asarray(params, dtype=jnp.result_type(float))
+    return model.partition.ravel(params)
+
+
+def starting_values(model: HierarchicalModel, data) -> dict:
+    """Constrained starts on the data's scale from the likelihood's ``initial_values(data, model)``
+    (``phi``, ``sigma``, globals, ``gamma``: a pooled fit), or ``{}`` when it has none."""
+    if data is None:
+        return {}
+    start = getattr(model.likelihood, "initial_values", None)
+    if not callable(start):
+        return {}
+    model.likelihood.check(data, "data")
+    return dict(start(data, model))
+
+
+def extra_params(model: HierarchicalModel, sites: dict, extra=None, defaults=None, learner: str = "") -> dict:
+    """Unconstrained ``params["extra"]`` for ``sites`` from constrained values ``extra`` (checked), else
+    ``defaults`` (e.g. :func:`starting_values`), else each site's default start.
+
+    Raises ``ValueError`` naming a site the model does not have (or the learner does not learn), a
+    wrong shape, a value outside the site's support, a correlation start that is not positive definite.
+    """
+    extra = dict(extra or {})
+    all_sites = model.hyper_sites()
+    unknown = sorted(set(extra) - set(all_sites))
+    if unknown:
+        raise ValueError(f"extra= names {unknown}, which are not sites of this model; its extra sites are "
+                         f"{sorted(all_sites)}")
+    fixed = sorted(set(extra) - set(sites))
+    if fixed:
+        raise ValueError(f"{learner or 'this learner'} does not learn {fixed} (they stay at their defaults); "
+                         f"extra= may set {sorted(sites)}")
+    defaults = dict(defaults or {})
+    values = {}
+    for name, site in sites.items():
+        given = name in extra
+        value = extra[name] if given else defaults.get(name, site.init)
+        value = np.asarray(value, dtype=float)
+        if given and value.shape != tuple(site.shape):
+            raise ValueError(f"extra[{name!r}] must have shape {tuple(site.shape)}, got {value.shape}")
+        if not np.all(np.isfinite(value)):
+            raise ValueError(f"extra[{name!r}] must be finite, got {value}")
+        if site.constraint is constraints.corr_cholesky:
+            value = _correlation_factor(f"extra[{name!r}]", value)
+        values[name] = value
+    try:
+        out = unconstrain(sites, values)
+    except ValueError as err:
+        raise ValueError(f"extra: {err}") from None
+    return {name: jnp.asarray(u, dtype=jnp.zeros(()).dtype) for name, u in out.items()}
+
+
+def extra_values(model: HierarchicalModel, params) -> Optional[dict]:
+    """Constrained values of every extra site (None for a model without): the learned ones from
+    ``params["extra"]``, the others at their default start (e.g. iMAML's identity correlation)."""
+    sites = model.hyper_sites()
+    if not sites:
+        return None
+    learned = params.get("extra", {}) if isinstance(params, dict) else {}
+    dtype = params["phi"].dtype
+    values = constrain({n: s for n, s in sites.items() if n in learned}, learned)
+    for name, site in sites.items():
+        if name not in values:
+            values[name] = jnp.asarray(site.init, dtype=dtype)
+    return values
+
+
+def task_start(model: HierarchicalModel, phi, extra):
+    """The inner solve's start: ``phi`` (an array), or with task covariates the function
+    ``data_t -> phi + z_t gamma`` (the task's prior mean)."""
+    if not model.num_task_covariates:
+        return phi
+
+    def start(data_t):
+        z = task_covariates_of(data_t)
+        if z is None:
+            raise ValueError("the model has task covariates: the task data needs task_covariates")
+        return model.prior_mean(phi, extra, z)
+
+    return start
+
+
+def extra_metrics(model: HierarchicalModel, params) -> dict:
+    """Step metrics: the constrained value of every extra site the learner learns, by site name."""
+    learned = params.get("extra", {}) if isinstance(params, dict) else {}
+    values = extra_values(model, params) or {}
+    return {name: values[name] for name in learned}
 
 
 def all_finite(tree) -> jax.Array:

@@ -16,6 +16,22 @@ PLL hypergradients come from :func:`hiermeta.implicit.implicit_hypergradient` at
 solution, with the configured linear solver (Eq. 4 or conjugate gradient); nothing is
 differentiated through the inner steps.  Step metrics report how stationary the inner solutions
 are (``inner_stationarity``, ``num_unconverged``).  This module is the machinery; each learner's file states its algorithm.
+
+**Extra sites** (:meth:`hiermeta.HierarchicalModel.hyper_sites`; unconstrained in ``params["extra"]``,
+:mod:`hiermeta.learners.base`).  The prior of theta_t is ``N(m_t, Sigma)`` with ``m_t = phi + z_t gamma``
+and ``Sigma = diag(s) C diag(s)`` on a correlated block (``C = L_C L_C^T``, site ``corr_chol_k``), and
+the likelihood may hold globals ``g`` (``noise_sd``, ``beta``).  Then
+
+    L_t(theta; meta) = -log N(theta | m_t, Sigma) - log p(D_t^tr | theta, g),   started at m_t,
+    PLL_t(meta)      = log p(D_t^val | theta_hat_t(meta), g),
+    dPLL_t/d meta    = d/d meta log p(D_t^val | theta, g)|_{theta_hat_t}       (direct: g only)
+                       - (d^2 L_t / d theta d meta)^T H_t^{-1} grad_theta log p(D_t^val | theta_hat_t)
+                                                                           (implicit: every site),
+
+with Eq. 4 replacing ``H_t^{-1}`` by ``Sigma`` (the prior block) and CG preconditioned by ``Sigma``.
+gamma moves with phi (MAP gradient for Shrinkage, PLL for sigma-iMAML and iMAML); the correlation
+factors with sigma (PLL; fixed at the identity for iMAML); the globals along the PLL's total
+derivative for every learner.
 """
 
 from __future__ import annotations
@@ -32,7 +48,8 @@ from ..implicit import Solver, as_solver, implicit_hypergradient
 from ..inner import InnerProblem, run_inner
 from ..solvers import InnerSolver, gradient_steps, resolve_inner_solver
 from ..utils import check_count
-from .base import MetaLearner, MetaState, inner_metrics, make_adapt, new_state, outer_update
+from .base import (MetaLearner, MetaState, extra_metrics, extra_params, extra_values, flat_phi,
+                   inner_metrics, learned_sites, make_adapt, new_state, outer_update, starting_values, task_start)
 
 __all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner", "proximal_sgd", "ProximalSGD"]
 
@@ -104,7 +121,7 @@ def gaussian_prior_learner(
     hypergradient: Union[str, Solver],
     phi_gradient: str,
     modular: bool = False,
-    init_sigma: float = 1.0,
+    init_sigma: Optional[float] = None,
     fixed_sigma: Optional[float] = None,
 ) -> MetaLearner:
     """Build a learner on the bilevel problem above (see the module docstring).
@@ -118,7 +135,7 @@ def gaussian_prior_learner(
       phi_gradient: ``"map"`` (Algorithm 1's MAP step) or ``"pll"`` (the PLL hypergradient).
       hypergradient: ``"eq4"``, ``"exact"`` (conjugate gradient) or a solver of ``H v = g``.
       modular: learned sigma per module (True) or shared by all modules (False).
-      init_sigma: initial learned sigma (> 0).
+      init_sigma: initial learned sigma (> 0); default 1, or data-scaled when ``init`` gets ``data=``.
       fixed_sigma: if given (> 0), sigma is fixed at this shared value and the meta-parameters
         are ``{"phi"}`` only (iMAML); otherwise ``{"phi", "log_sigma2"}``.
     """
@@ -135,15 +152,19 @@ def gaussian_prior_learner(
                                             num_params=model.partition.num_params)
     if phi_gradient not in ("map", "pll"):
         raise ValueError(f"phi_gradient must be 'map' or 'pll', got {phi_gradient!r}")
-    initial = model.partition.check_per_module(init_sigma, "init_sigma")  # a scalar or one per module
-    if not np.all(np.isfinite(initial)) or np.any(initial <= 0) or (not modular and np.ptp(initial) > 0):
-        raise ValueError(f"init_sigma must be finite and > 0 (one value unless modular), got {init_sigma}")
+    if init_sigma is not None:
+        initial = model.partition.check_per_module(init_sigma, "init_sigma")  # a scalar or one per module
+        if not np.all(np.isfinite(initial)) or np.any(initial <= 0) or (not modular and np.ptp(initial) > 0):
+            raise ValueError(f"init_sigma must be finite and > 0 (one value unless modular), got {init_sigma}")
     if fixed_sigma is not None and (not np.isfinite(fixed_sigma) or fixed_sigma <= 0):
         raise ValueError(f"the fixed sigma must be finite and > 0, got {fixed_sigma}")
     solver = as_solver(hypergradient)
     outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-2)
     M = model.partition.num_modules
     learn_sigma = fixed_sigma is None
+    # the extra sites it learns: all of them, but iMAML keeps its prior (sigma and correlation) fixed
+    kinds = ("global", "correlation", "group_coefficients") if learn_sigma else ("global", "group_coefficients")
+    sites = learned_sites(model, kinds)
 
     def sigma_from(params):
         if learn_sigma:
@@ -151,7 +172,10 @@ def gaussian_prior_learner(
         return jnp.full((M,), fixed_sigma, dtype=params["phi"].dtype)
 
     def inner_loss(theta, params, data_t):
-        return model.inner_objective(theta, params["phi"], sigma_from(params), data_t)
+        return model.inner_objective(theta, params["phi"], sigma_from(params), data_t, extra_values(model, params))
+
+    def query_log_lik(theta, params, val_t):
+        return model.log_likelihood(theta, val_t, extra_values(model, params))
 
     def inner_problem(params) -> InnerProblem:
         solver = inner_solver
@@ -159,47 +183,84 @@ def gaussian_prior_learner(
             prior_var = model.partition.expand(sigma_from(params) ** 2)
             solver = gradient_steps(inner_optimizer.for_prior(prior_var), inner_solver.num_steps)
         return InnerProblem(
-            init=params["phi"],
+            init=task_start(model, params["phi"], extra_values(model, params)),
             loss=lambda theta, data_t: inner_loss(theta, params, data_t),
             solver=solver,
         )
 
-    def init(key, params, sigma: Optional[float] = None) -> MetaState:
-        phi = model.partition.ravel(params)
+    def init(key, params=None, sigma=None, extra=None, data=None) -> MetaState:
+        """Meta-parameters from phi (``params``: a pytree like the model's, or flat ``(P,)``), sigma
+        and the extra sites' constrained values; ``data`` (tasks with a leading axis, e.g. the
+        support) gives data-scaled defaults for whatever is not given (the likelihood's
+        ``initial_values``: a pooled fit), else phi is required, sigma ``init_sigma`` (1) and each
+        extra site its default."""
+        start = starting_values(model, data)
+        if params is None:
+            if "phi" not in start:
+                raise ValueError(f"{name}.init needs params (phi), or data= whose likelihood offers initial_values")
+            phi = jnp.asarray(start["phi"], dtype=jnp.zeros(()).dtype)
+        else:
+            phi = flat_phi(model, params)
+        meta = {"phi": phi}
         if not learn_sigma:
             if sigma is not None:
                 raise ValueError(f"{name} has a fixed sigma (lambda); init takes no sigma")
-            return new_state({"phi": phi}, outer, key)
-        meta = shrinkage_params(model, phi, init_sigma if sigma is None else sigma, modular=modular)
+        else:
+            if sigma is None:
+                sigma = init_sigma
+            if sigma is None and "sigma" in start:
+                sigma = np.asarray(start["sigma"], dtype=float)
+                sigma = sigma if modular else float(np.exp(np.mean(np.log(sigma))))
+            meta = shrinkage_params(model, phi, 1.0 if sigma is None else sigma, modular=modular)
+        if sites:
+            meta["extra"] = extra_params(model, sites, extra, defaults=start, learner=name)
+        elif extra:
+            raise ValueError(f"extra= given, but {name} learns no extra sites on this model")
         return new_state(meta, outer, key)
 
     def task_terms(params, theta_hat, train_t, val_t):
-        """Per task: dL/d(meta) at theta_hat (MAP step), the PLL hypergradient, diagnostics."""
+        """Per task: dL/d(meta) at theta_hat (MAP step), the PLL hypergradient, diagnostics.
+
+        The PLL's total derivative is its implicit part through theta_hat plus its direct part
+        (the query likelihood's own dependence on the globals, e.g. noise_sd and beta)."""
         inner_grad = jax.grad(lambda th, p: inner_loss(th, p, train_t))
         map_grad = jax.grad(lambda p: inner_loss(theta_hat, p, train_t))(params)
-        val_log_lik, g = jax.value_and_grad(model.log_likelihood)(theta_hat, val_t)
-        prior_var = model.partition.expand(sigma_from(params) ** 2)
-        pll_grad, info = implicit_hypergradient(inner_grad, theta_hat, params, g, prior_var, solver)
+        val_log_lik, (g, direct) = jax.value_and_grad(query_log_lik, argnums=(0, 1))(theta_hat, params, val_t)
+        cov = model.prior_cov_operator(sigma_from(params), extra_values(model, params))
+        implicit, info = implicit_hypergradient(inner_grad, theta_hat, params, g, cov, solver)
+        pll_grad = jax.tree_util.tree_map(jnp.add, implicit, direct)
         return map_grad, pll_grad, val_log_lik, info
 
-    def step(state: MetaState, batch):
-        problem = inner_problem(state.params)
+    def meta_gradient(params, batch):
+        """The gradient (to minimise) of one meta-step on ``batch``, and ``(inner, val_log_lik, info)``."""
+        problem = inner_problem(params)
         inner = jax.vmap(lambda d: run_inner(problem, d))(batch.train)
         map_grad, pll_grad, val_log_lik, info = jax.vmap(task_terms, in_axes=(None, 0, 0, 0))(
-            state.params, inner.theta, batch.train, batch.val
+            params, inner.theta, batch.train, batch.val
         )
         mean = lambda tree: jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), tree)
         map_grad, pll_grad = mean(map_grad), mean(pll_grad)
-        # minimise: phi along the MAP objective or -PLL, log sigma^2 along -PLL
+        # minimise: phi (and gamma) along the MAP objective or -PLL; sigma, correlations, globals along -PLL
         grads = {"phi": map_grad["phi"] if phi_gradient == "map" else -pll_grad["phi"]}
         if learn_sigma:
             grads["log_sigma2"] = -pll_grad["log_sigma2"]
+        if sites:
+            grads["extra"] = {
+                site_name: map_grad["extra"][site_name]
+                if phi_gradient == "map" and site.kind == "group_coefficients" else -pll_grad["extra"][site_name]
+                for site_name, site in sites.items()
+            }
+        return grads, (inner, val_log_lik, info)
+
+    def step(state: MetaState, batch):
+        grads, (inner, val_log_lik, info) = meta_gradient(state.params, batch)
         num_diverged = jnp.sum(inner.diverged)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
         metrics = {
             "val_log_lik": jnp.mean(val_log_lik),
             "inner_loss": jnp.mean(inner.final_loss),
             "sigma": sigma_from(state.params),
+            **extra_metrics(model, state.params),
             "num_diverged": num_diverged,
             **inner_metrics(inner),
             "skipped": skipped,
@@ -216,4 +277,5 @@ def gaussian_prior_learner(
         inner_problem=inner_problem,
         adapt=make_adapt(inner_problem),
         inner_solver=inner_solver,
+        meta_gradient=meta_gradient,
     )

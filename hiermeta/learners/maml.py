@@ -19,6 +19,12 @@ the classic FOMAML phi update (the query gradient at theta_K) plus a first-order
 The K steps are the algorithm (not a solve of anything): step metrics report their stationarity
 (``inner_stationarity``, the worst relative gradient norm at theta_K over the batch), never
 judged, so MAML raises no convergence warnings.
+
+On a model with task covariates the steps start at ``theta_0 = phi + z_t gamma``; the likelihood's
+globals (``noise_sd``, ``beta``) enter every inner step and the query loss.  gamma and the globals
+are meta-parameters (``params["extra"]``, unconstrained), differentiated through the unrolled steps
+like phi (first order: through ``theta_0`` and the query loss only).  A model's correlation sites
+and sigma play no part (MAML has no prior).
 """
 
 from __future__ import annotations
@@ -35,7 +41,8 @@ from ..hierarchy import HierarchicalModel
 from ..inner import InnerProblem, run_inner
 from ..solvers import gradient_steps
 from ..utils import check_count
-from .base import MetaLearner, MetaState, inner_metrics, make_adapt, new_state, outer_update
+from .base import (MetaLearner, MetaState, extra_metrics, extra_params, extra_values, flat_phi,
+                   inner_metrics, learned_sites, make_adapt, new_state, outer_update, starting_values, task_start)
 
 __all__ = ["maml", "m_maml", "fomaml", "fo_m_maml", "learned_rate_sgd", "maml_params", "rates_of"]
 
@@ -117,40 +124,63 @@ def maml(
     outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-2)
     M = model.partition.num_modules
 
-    def task_loss(theta, data_t):
-        return -model.log_likelihood(theta, data_t)
+    sites = learned_sites(model, ("global", "group_coefficients"))
+
+    def task_loss(theta, data_t, extra=None):
+        return -model.log_likelihood(theta, data_t, extra)
 
     def steps(rates):  # the differentiable unrolled steps; stationarity reported, never judged
         return gradient_steps(learned_rate_sgd(rates, preconditioner, first_order), inner_steps, tol=math.inf,
                               remat=remat)
 
     def inner_problem(params) -> InnerProblem:
-        return InnerProblem(params["phi"], task_loss, steps(model.partition.expand(rates_of(params, M))))
+        extra = extra_values(model, params)
+        return InnerProblem(task_start(model, params["phi"], extra), lambda th, d: task_loss(th, d, extra),
+                            steps(model.partition.expand(rates_of(params, M))))
 
-    def init(key, params, lr: Optional[float] = None) -> MetaState:
-        phi = model.partition.ravel(params)
-        return new_state(maml_params(model, phi, init_lr if lr is None else lr, modular), outer, key)
+    def init(key, params=None, lr: Optional[float] = None, extra=None, data=None) -> MetaState:
+        """phi (a pytree like the model's, or flat), the inner rate, the extra sites' constrained
+        starts (``extra=``); ``data`` gives defaults where the likelihood offers ``initial_values``."""
+        start = starting_values(model, data)
+        if params is None:
+            if "phi" not in start:
+                raise ValueError("MAML's init needs params (phi), or data= whose likelihood offers initial_values")
+            phi = jnp.asarray(start["phi"], dtype=jnp.zeros(()).dtype)
+        else:
+            phi = flat_phi(model, params)
+        meta = maml_params(model, phi, init_lr if lr is None else lr, modular)
+        if sites:
+            meta["extra"] = extra_params(model, sites, extra, defaults=start, learner=name or "MAML")
+        elif extra:
+            raise ValueError("extra= given, but MAML learns no extra sites on this model")
+        return new_state(meta, outer, key)
 
     def meta_objective(params, batch):
         problem = inner_problem(params)
+        extra = extra_values(model, params)
 
         def one(train_t, val_t):
             result = run_inner(problem, train_t)
-            return task_loss(result.theta, val_t), result
+            return task_loss(result.theta, val_t, extra), result
 
         losses, result = jax.vmap(one)(batch.train, batch.val)
         return jnp.mean(losses), result
 
-    def step(state: MetaState, batch):
-        (loss, inner), grads = jax.value_and_grad(meta_objective, has_aux=True)(state.params, batch)
+    def meta_gradient(params, batch):
+        (loss, inner), grads = jax.value_and_grad(meta_objective, has_aux=True)(params, batch)
         if not learn_lr:
             grads = {**grads, "log_lr": jnp.zeros_like(grads["log_lr"])}
+        return grads, (loss, inner)
+
+    def step(state: MetaState, batch):
+        grads, (loss, inner) = meta_gradient(state.params, batch)
         num_diverged = jnp.sum(inner.diverged)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
         metrics = {
             "val_log_lik": -loss,
             "inner_loss": jnp.mean(inner.final_loss),
             "lr": rates_of(state.params, M),
+            **extra_metrics(model, state.params),
             "num_diverged": num_diverged,
             **inner_metrics(inner),
             "skipped": skipped,
@@ -168,6 +198,7 @@ def maml(
         adapt=make_adapt(inner_problem),
         # budget and tolerance for host-side checks (the rate here is the initial one)
         inner_solver=steps(np.full((model.partition.num_params,), float(init_lr))),
+        meta_gradient=meta_gradient,
     )
 
 

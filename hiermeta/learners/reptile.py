@@ -12,6 +12,12 @@ shrinkage phi step, ``-mean_t (theta_hat_t - phi) / sigma^2``, rescaled by sigma
 split is only used for the ``val_log_lik`` metric.  The K steps are Reptile's algorithm, not a
 solve: their stationarity is reported (metric ``inner_stationarity``) but not judged, unless an
 ``inner_solver`` with a tolerance is given.
+
+With task covariates the inner start is ``m_t = phi + z_t gamma`` and gamma takes the same
+first-order step, ``-mean_t z_t (theta_t - m_t)^T``; the likelihood's globals (``noise_sd``,
+``beta``; in ``params["extra"]``, unconstrained) descend the query negative log-likelihood per
+observation at the adapted theta_t, held fixed (first order: nothing is differentiated through
+the inner steps).
 """
 
 from __future__ import annotations
@@ -26,7 +32,8 @@ import optax
 from ..hierarchy import HierarchicalModel
 from ..inner import InnerProblem, run_inner
 from ..solvers import InnerSolver, resolve_inner_solver
-from .base import MetaLearner, MetaState, inner_metrics, make_adapt, new_state, outer_update
+from .base import (MetaLearner, MetaState, extra_metrics, extra_params, extra_values, flat_phi,
+                   inner_metrics, learned_sites, make_adapt, new_state, outer_update, starting_values, task_start)
 
 __all__ = ["reptile"]
 
@@ -56,26 +63,59 @@ def reptile(
                                         num_params=model.partition.num_params)
     outer = outer_optimizer if outer_optimizer is not None else optax.sgd(1.0)
 
-    def task_loss(theta, data_t):
-        return -model.log_likelihood(theta, data_t)
+    sites = learned_sites(model, ("global", "group_coefficients"))
+
+    def task_loss(theta, data_t, extra):
+        return -model.log_likelihood(theta, data_t, extra)
 
     def inner_problem(params) -> InnerProblem:
-        return InnerProblem(params["phi"], task_loss, inner_solver)
+        extra = extra_values(model, params)
+        return InnerProblem(task_start(model, params["phi"], extra), lambda th, d: task_loss(th, d, extra),
+                            inner_solver)
 
-    def init(key, params) -> MetaState:
-        return new_state({"phi": model.partition.ravel(params)}, outer, key)
+    def init(key, params=None, extra=None, data=None) -> MetaState:
+        """phi (a pytree like the model's, or flat), the extra sites' constrained starts (``extra=``),
+        defaults from ``data`` where the likelihood offers ``initial_values``, else each site's default."""
+        start = starting_values(model, data)
+        if params is None:
+            if "phi" not in start:
+                raise ValueError("Reptile's init needs params (phi), or data= whose likelihood offers initial_values")
+            meta = {"phi": jnp.asarray(start["phi"], dtype=jnp.zeros(()).dtype)}
+        else:
+            meta = {"phi": flat_phi(model, params)}
+        if sites:
+            meta["extra"] = extra_params(model, sites, extra, defaults=start, learner=name or "Reptile")
+        elif extra:
+            raise ValueError("extra= given, but Reptile learns no extra sites on this model")
+        return new_state(meta, outer, key)
+
+    def pseudo_objective(params, theta, train_t, val_t):
+        """Its gradient is the step: -(theta - m_t) for phi, -z_t (theta - m_t)^T for gamma, and for
+        the globals the query NLL per observation with theta held fixed (first order)."""
+        theta = jax.lax.stop_gradient(theta)
+        extra = extra_values(model, params)
+        start = inner_problem(params).init
+        m = start(train_t) if callable(start) else start
+        n_val = model.likelihood.num_observations(jax.tree_util.tree_map(lambda a: a[None], val_t))[0]
+        return 0.5 * jnp.sum((theta - m) ** 2) + task_loss(theta, val_t, extra) / jnp.maximum(n_val, 1)
+
+    def meta_gradient(params, batch):
+        problem = inner_problem(params)
+        inner = jax.vmap(lambda d: run_inner(problem, d))(batch.train)
+        grads = jax.vmap(jax.grad(pseudo_objective), in_axes=(None, 0, 0, 0))(params, inner.theta, batch.train,
+                                                                             batch.val)
+        return jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), grads), inner
 
     def step(state: MetaState, batch):
-        problem = inner_problem(state.params)
-        inner = jax.vmap(lambda d: run_inner(problem, d))(batch.train)
-        phi = state.params["phi"]
-        grads = {"phi": -jnp.mean(inner.theta - phi, axis=0)}
-        val_log_lik = jax.vmap(model.log_likelihood)(inner.theta, batch.val)
+        grads, inner = meta_gradient(state.params, batch)
+        extra = extra_values(model, state.params)
+        val_log_lik = jax.vmap(lambda th, d: model.log_likelihood(th, d, extra))(inner.theta, batch.val)
         num_diverged = jnp.sum(inner.diverged)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
         metrics = {
             "val_log_lik": jnp.mean(val_log_lik),
             "inner_loss": jnp.mean(inner.final_loss),
+            **extra_metrics(model, state.params),
             "num_diverged": num_diverged,
             **inner_metrics(inner),
             "skipped": skipped,
@@ -90,4 +130,5 @@ def reptile(
         inner_problem=inner_problem,
         adapt=make_adapt(inner_problem),
         inner_solver=inner_solver,
+        meta_gradient=meta_gradient,
     )

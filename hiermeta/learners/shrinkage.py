@@ -39,7 +39,7 @@ def shrinkage(
     inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
     modular: bool = False,
-    init_sigma: float = 1.0,
+    init_sigma: Optional[float] = None,
     hypergradient: Union[str, Solver] = "eq4",
     name: Optional[str] = None,
 ) -> MetaLearner:
@@ -56,7 +56,7 @@ def shrinkage(
         With none of the three: Newton for up to 256 parameters, L-BFGS above.
       outer_optimizer: optax optimiser on ``{"phi", "log_sigma2"}`` (default Adam, lr 1e-2).
       modular: one sigma per module (True) or one sigma shared by all modules (False).
-      init_sigma: initial sigma (> 0).
+      init_sigma: initial sigma (> 0); default 1, or data-scaled when ``init`` gets ``data=``.
       hypergradient: the sigma hypergradient: ``"eq4"`` (default, the paper's Eq. 4),
         ``"exact"`` (conjugate gradient, :func:`hiermeta.implicit.cg_solve` defaults), or a
         solver ``(hvp, prior_var, g) -> v ~ H^{-1} g`` such as ``cg_solve(damping=..., maxiter=...)``.

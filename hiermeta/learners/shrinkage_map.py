@@ -11,7 +11,8 @@ sigma step differs.  Both phi and rho = log sigma^2 descend the joint objective 
 (by the envelope theorem this is the gradient of the joint MAP objective maximised over theta
 too).  It pulls sigma_m^2 toward the spread of the *shrunk* estimates theta_hat, which is smaller
 than sigma_m^2: sigma is biased low, and collapses to 0 for modules whose true spread is small
-against the noise (Appendix B; ``docs/theory.md`` section 6).
+against the noise (Appendix B; ``docs/theory.md`` section 6).  On a model with extra sites
+(globals, correlations, gamma) every one of them descends the same joint objective at the MAP.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import optax
 from ..hierarchy import HierarchicalModel
 from ..inner import run_inner
 from ..solvers import InnerSolver
-from .base import MetaLearner, MetaState, inner_metrics, outer_update
+from .base import MetaLearner, MetaState, extra_metrics, extra_values, inner_metrics, outer_update
 from .shrinkage import shrinkage, sigma_of
 
 __all__ = ["shrinkage_map", "m_shrinkage_map"]
@@ -39,7 +40,7 @@ def shrinkage_map(
     inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
     modular: bool = True,
-    init_sigma: float = 1.0,
+    init_sigma: Optional[float] = None,
     name: Optional[str] = None,
 ) -> MetaLearner:
     """Build (M-)Shrinkage MAP; arguments as :func:`~hiermeta.learners.shrinkage.shrinkage`."""
@@ -49,20 +50,26 @@ def shrinkage_map(
     M = model.partition.num_modules
 
     def joint_loss(params, theta, data_t):
-        return model.inner_objective(theta, params["phi"], sigma_of(params, M), data_t)
+        return model.inner_objective(theta, params["phi"], sigma_of(params, M), data_t, extra_values(model, params))
+
+    def meta_gradient(params, batch):
+        problem = base.inner_problem(params)
+        inner = jax.vmap(lambda d: run_inner(problem, d))(batch.train)
+        grads = jax.vmap(jax.grad(joint_loss), in_axes=(None, 0, 0))(params, inner.theta, batch.train)
+        grads = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), grads)
+        return grads, inner
 
     def step(state: MetaState, batch):
-        problem = base.inner_problem(state.params)
-        inner = jax.vmap(lambda d: run_inner(problem, d))(batch.train)
-        grads = jax.vmap(jax.grad(joint_loss), in_axes=(None, 0, 0))(state.params, inner.theta, batch.train)
-        grads = jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), grads)
-        val_log_lik = jax.vmap(model.log_likelihood)(inner.theta, batch.val)
+        grads, inner = meta_gradient(state.params, batch)
+        extra = extra_values(model, state.params)
+        val_log_lik = jax.vmap(lambda th, d: model.log_likelihood(th, d, extra))(inner.theta, batch.val)
         num_diverged = jnp.sum(inner.diverged)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
         metrics = {
             "val_log_lik": jnp.mean(val_log_lik),
             "inner_loss": jnp.mean(inner.final_loss),
             "sigma": sigma_of(state.params, M),
+            **extra_metrics(model, state.params),
             "num_diverged": num_diverged,
             **inner_metrics(inner),
             "skipped": skipped,
@@ -70,7 +77,7 @@ def shrinkage_map(
         return state, metrics
 
     default = "M-Shrinkage MAP" if modular else "Shrinkage MAP"
-    return base._replace(name=name or default, step=step)
+    return base._replace(name=name or default, step=step, meta_gradient=meta_gradient)
 
 
 def m_shrinkage_map(model: HierarchicalModel, **kwargs) -> MetaLearner:

@@ -40,7 +40,7 @@ def sigma_imaml(
     inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
     modular: bool = False,
-    init_sigma: float = 1.0,
+    init_sigma: Optional[float] = None,
     hypergradient: Union[str, Solver] = "exact",
     name: Optional[str] = None,
 ) -> MetaLearner:
