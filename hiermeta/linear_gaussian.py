@@ -96,6 +96,43 @@ def _check_columns(Z, P: int) -> None:
         raise ValueError(f"the design has P = {np.shape(Z)[-1]} columns but the model has P = {P} parameters")
 
 
+def column_spread(columns: np.ndarray) -> np.ndarray:
+    """Standard deviation of each design column, its root mean square when it is constant (1 if 0)."""
+    sd, rms = np.std(columns, axis=0), np.sqrt(np.mean(columns**2, axis=0))
+    out = np.where(sd > 1e-12 * np.maximum(rms, 1e-300), sd, rms)
+    return np.where(out > 0, out, 1.0)
+
+
+def regression_prior_scales(start: Mapping[str, Any], scale: float, random_columns: np.ndarray,
+                            fixed_columns: Optional[np.ndarray], model, data) -> dict:
+    """Data-scaled hyperpriors of a regression likelihood (rstanarm's autoscaling), shared by the
+    linear-Gaussian likelihood and the GLM families.
+
+    With ``s`` = ``scale`` (sd(y), or 1 on a logit / log link) and ``s(c)`` the spread of column
+    ``c`` (:func:`column_spread`) over the observed rows: phi ~ N(start, (2.5 s / s(Z_p))^2), the
+    sigma scale of module m the mean of ``s / s(Z_p)`` over its coordinates, gamma ~ N(start,
+    (2.5 s / (s(z_q) s(Z_p)))^2) and beta ~ N(start, (2.5 s / s(X_k))^2).  ``start`` holds the
+    pooled fit (``phi``, and ``gamma``, ``beta`` where the model has them).
+    """
+    s_z = column_spread(random_columns)
+    index = model.partition.index
+    counts = np.bincount(index, minlength=model.partition.num_modules)
+    out = {
+        "phi_loc": start["phi"],
+        "phi_scale": 2.5 * scale / s_z,
+        "sigma_scale": np.bincount(index, weights=scale / s_z, minlength=len(counts)) / counts,
+        "global_priors": {},
+    }
+    if model.num_task_covariates:
+        s_q = column_spread(np.asarray(model.task_covariates(data), float))
+        out["gamma_prior"] = dist.Normal(jnp.asarray(start["gamma"]),
+                                         jnp.asarray(2.5 * scale / (s_q[:, None] * s_z[None, :])))
+    if fixed_columns is not None:
+        s_x = column_spread(fixed_columns)
+        out["global_priors"]["beta"] = dist.Normal(jnp.asarray(start["beta"]), jnp.asarray(2.5 * scale / s_x))
+    return out
+
+
 class LinearGaussianLikelihood(GaussianLikelihood):
     """``x = Z theta + X beta + offset + noise``, with closed-form marginal likelihood and posterior.
 
@@ -222,29 +259,10 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         sd_y = float(np.std(y))
         sd_y = sd_y if sd_y > 0 else 1.0
 
-        def spread(columns):  # sd of each column, its rms when it is constant
-            sd, rms = np.std(columns, axis=0), np.sqrt(np.mean(columns**2, axis=0))
-            out = np.where(sd > 1e-12 * np.maximum(rms, 1e-300), sd, rms)
-            return np.where(out > 0, out, 1.0)
-
         start = self.initial_values(data, model)
-        s_z = spread(np.asarray(design.random, float)[observed])
-        index = model.partition.index
-        counts = np.bincount(index, minlength=model.partition.num_modules)
-        out = {
-            "phi_loc": start["phi"],
-            "phi_scale": 2.5 * sd_y / s_z,
-            "sigma_scale": np.bincount(index, weights=sd_y / s_z, minlength=len(counts)) / counts,
-            "global_priors": {},
-        }
-        if model.num_task_covariates:
-            z = np.asarray(model.task_covariates(data), float)
-            s_q = spread(z)
-            out["gamma_prior"] = dist.Normal(jnp.asarray(start["gamma"]),
-                                             jnp.asarray(2.5 * sd_y / (s_q[:, None] * s_z[None, :])))
-        if self.num_fixed:
-            s_x = spread(np.asarray(design.fixed, float)[observed])
-            out["global_priors"]["beta"] = dist.Normal(jnp.asarray(start["beta"]), jnp.asarray(2.5 * sd_y / s_x))
+        out = regression_prior_scales(
+            start, sd_y, np.asarray(design.random, float)[observed],
+            np.asarray(design.fixed, float)[observed] if self.num_fixed else None, model, data)
         if self.noise == "learned":
             shape = tuple(self.global_params["noise_sd"].shape)
             out["global_priors"]["noise_sd"] = dist.Exponential(jnp.full(shape, 1.0 / sd_y))

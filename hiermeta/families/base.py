@@ -29,7 +29,7 @@ import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions import constraints
 
-from ..linear_gaussian import LinearDesign
+from ..linear_gaussian import LinearDesign, column_spread, regression_prior_scales
 from ..sites import GlobalParam
 from ..tasks import check_task_covariates
 
@@ -81,13 +81,6 @@ def _mask(mask, shape) -> np.ndarray:
     if arr.shape != shape:
         raise ValueError(f"mask must have shape {shape} (that of response), got {arr.shape}")
     return arr
-
-
-def _spread(columns: np.ndarray) -> np.ndarray:
-    """Standard deviation of each design column, its root mean square when it is constant."""
-    sd, rms = np.std(columns, axis=0), np.sqrt(np.mean(columns**2, axis=0))
-    out = np.where(sd > 1e-12 * np.maximum(rms, 1e-300), sd, rms)
-    return np.where(out > 0, out, 1.0)
 
 
 class GLMLikelihood:
@@ -325,22 +318,8 @@ class GLMLikelihood:
         observed = np.asarray(data.mask, bool)
         s_y = self._response_scale(data, observed)
         start = self.initial_values(data, model)
-        s_z = _spread(np.asarray(data.design.random, float)[observed])
-        index = model.partition.index
-        counts = np.bincount(index, minlength=model.partition.num_modules)
-        out = {
-            "phi_loc": start["phi"],
-            "phi_scale": 2.5 * s_y / s_z,
-            "sigma_scale": np.bincount(index, weights=s_y / s_z, minlength=len(counts)) / counts,
-            "global_priors": {},
-        }
-        if model.num_task_covariates:
-            s_q = _spread(np.asarray(model.task_covariates(data), float))
-            out["gamma_prior"] = dist.Normal(jnp.asarray(start["gamma"]),
-                                             jnp.asarray(2.5 * s_y / (s_q[:, None] * s_z[None, :])))
-        if self.num_fixed:
-            s_x = _spread(np.asarray(data.design.fixed, float)[observed])
-            out["global_priors"]["beta"] = dist.Normal(jnp.asarray(start["beta"]), jnp.asarray(2.5 * s_y / s_x))
+        fixed = np.asarray(data.design.fixed, float)[observed] if self.num_fixed else None
+        out = regression_prior_scales(start, s_y, np.asarray(data.design.random, float)[observed], fixed, model, data)
         out["global_priors"].update(self._family_priors(data, observed))
         return out
 
