@@ -12,7 +12,7 @@ herd sd), the three period effects unpooled fixed effects beta (``num_fixed=3``)
 * fits type-II ML by the Laplace approximation and by adaptive Gauss-Hermite quadrature (25 nodes)
   and prints them beside lme4's and glmmML's published numbers;
 * samples the full posterior by NUTS (data-scaled priors) and prints its summary;
-* for the paper's learners (which do not learn unpooled globals yet), a modular model: theta_t =
+* for the paper's learners (written before they learned fixed effects), a modular model: theta_t =
   (intercept, period2, period3, period4) of herd t with two modules, ``herd`` (the intercept) and
   ``period`` (the three period effects: does the period effect vary by herd?); M-Shrinkage and
   M-sigma-iMAML learn one sigma per module by the predictive likelihood;

@@ -13,7 +13,7 @@ the five other coefficients unpooled fixed effects beta (``num_fixed=5``).  The 
 type-II ML by the Laplace approximation and by adaptive Gauss-Hermite quadrature (25 nodes),
 samples the full posterior by NUTS (data-scaled priors), and compares the MAP plug-in, the EB
 posterior and the full posterior on held-out visits (each patient's visits held out in turn; see
-examples/_glmm_heldout.py).  The paper's learners do not learn unpooled globals yet: for them theta_t
+examples/_glmm_heldout.py).  The paper's learners are run as written before they learned fixed effects: for them theta_t
 is the patient's intercept and the five covariates enter as an offset at the fold's type-II ML
 coefficients (a hook: with learners that learn beta they become fixed effects again), so
 Shrinkage (Eq. 4) and sigma-iMAML (the exact hypergradient) estimate the patient sd by the
