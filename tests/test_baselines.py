@@ -246,6 +246,7 @@ def run_compare(argv, out):
     return json.loads((out / "compare.json").read_text())
 
 
+@pytest.mark.slow  # the compare study end to end (every learner, tiny)
 def test_compare_quick_runs_every_learner_end_to_end(tmp_path):
     """examples/compare.py --quick on the linear domain: every method is searched, meta-trained,
     evaluated on validation and held-out tasks, and written to JSON."""

@@ -87,6 +87,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow  # tests/test_multiprocess.py runs a 4-device mesh (2 processes x 2 devices) against one device in the default suite
 def test_sharded_training_on_4_devices_matches_one_device(tmp_path):
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored")

@@ -105,6 +105,7 @@ def test_oracle_finds_the_global_map_and_the_posterior_mean(swirl_domain, swirl_
         np.testing.assert_allclose(oracle.mu_mean[t], want, atol=5 * spread.max() + 1e-3)
 
 
+@pytest.mark.slow  # the nonlinear_toy study end to end
 def test_nonlinear_toy_quick(tmp_path):
     """examples/nonlinear_toy.py end to end with tiny settings: JSON written, curves and references finite."""
     import importlib.util
