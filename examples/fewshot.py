@@ -6,7 +6,10 @@ real data if you have it) with M-Shrinkage and M-sigma-iMAML (one sigma per laye
 FOMAML, Reptile, iMAML and ProtoNet, then scores each on at least 600 test episodes of classes
 (and alphabets) never seen in meta-training: query accuracy and cross-entropy with 95%
 confidence intervals, the learned sigma per layer (which layers shrinkage shares across tasks
-and which it frees) and the time per meta-step.
+and which it frees) and the time per meta-step.  "Untrained" is the sigma learners' adaptation
+from the network's random initialisation: what meta-training adds.  The Gaussian-prior learners
+solve each task's MAP by L-BFGS in the prior's scale (``hm.solvers.prior_scaled``; a fixed-rate
+inner loop is unstable for every layer whose sigma exceeds a limit and drags the sigmas down to it).
 
 The default run fits 2 CPU cores in well under an hour: 20 x 20 images and 32 filters instead
 of 28 x 28 and 64 (``--image-size 28 --filters 64`` is the standard network), and a few hundred
@@ -38,8 +41,9 @@ from hiermeta.learners.bilevel import proximal_sgd  # noqa: E402
 from hiermeta.report import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 from models import fewshot, glyphs  # noqa: E402
 
-LEARNERS = ("M-Shrinkage", "M-sigma-iMAML", "MAML", "FOMAML", "Reptile", "iMAML", "ProtoNet")
+LEARNERS = ("M-Shrinkage", "M-sigma-iMAML", "MAML", "FOMAML", "Reptile", "iMAML", "ProtoNet", "Untrained")
 SIGMA_LEARNERS = ("M-Shrinkage", "M-sigma-iMAML")
+GAUSSIAN_PRIOR_LEARNERS = ("M-Shrinkage", "M-sigma-iMAML", "iMAML", "Untrained")
 
 
 def build_parser():
@@ -50,17 +54,25 @@ def build_parser():
     p.add_argument("--ways", type=count(2), nargs="+", default=[5], help="classes per episode")
     p.add_argument("--shots", type=count(1), nargs="+", default=[1, 5], help="support images per class")
     p.add_argument("--queries", type=count(1), default=5, help="query images per class")
-    p.add_argument("--learners", nargs="+", choices=LEARNERS, help="learners to run (default all)")
+    p.add_argument("--learners", nargs="+", choices=LEARNERS, help="learners to run (default all; Untrained: the sigma learners' adaptation from the "
+                        "network's random initialisation, without meta-training)")
     p.add_argument("--image-size", type=count(8), help="image side in pixels (default 20, quick 16)")
     p.add_argument("--filters", type=count(1), help="conv filters per block (default 32, quick 8)")
     p.add_argument("--blocks", type=count(1), help="conv blocks (default 4, quick 2: less to compile)")
     p.add_argument("--meta-steps", type=count(1), help="meta-steps per learner and setting (default 200, quick 20)")
     p.add_argument("--batch-size", type=count(1), help="episodes per meta-step (default 8, quick 4)")
     p.add_argument("--inner-steps", type=count(1), default=3, help="K, adaptation steps while meta-training")
+    p.add_argument("--inner-solver", choices=("lbfgs", "proximal"), default="lbfgs",
+                   help="inner solver of the Gaussian-prior learners (M-Shrinkage, M-sigma-iMAML, iMAML): "
+                        "L-BFGS in the prior's scale (--solver-steps iterations, in training and test), or "
+                        "K proximal gradient steps (--inner-steps, --test-steps)")
+    p.add_argument("--solver-steps", type=count(1), help="L-BFGS iterations per task (default 20, quick 5)")
     p.add_argument("--test-steps", type=count(1), default=10, help="adaptation steps on test episodes")
-    p.add_argument("--inner-lr", type=positive_float, default=0.4,
-                   help="inner SGD rate on the MEAN support cross-entropy, MAML's Omniglot value; "
-                        "the rate on the summed log-likelihood is this / (ways * shots)")
+    p.add_argument("--inner-lr", type=positive_float,
+                   help="fixed inner rate on the MEAN support cross-entropy (the rate on the summed "
+                        "log-likelihood is this / (ways * shots)); default: 1 / the likelihood's largest "
+                        "curvature per task for the proximal learners (M-Shrinkage, M-sigma-iMAML, iMAML), "
+                        "and MAML's Omniglot value 0.4 for MAML, FOMAML and Reptile")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3, help="Adam rate on the network's phi")
     p.add_argument("--sigma-lr", type=positive_float, default=0.03, help="Adam rate on log sigma^2")
     p.add_argument("--init-sigma", type=positive_float, default=1.0, help="initial sigma of every layer")
@@ -87,6 +99,7 @@ def parse_args(argv=None):
     args.blocks = args.blocks or (2 if args.quick else 4)
     args.meta_steps = args.meta_steps or (20 if args.quick else 200)
     args.batch_size = args.batch_size or (4 if args.quick else 8)
+    args.solver_steps = args.solver_steps or (5 if args.quick else 20)
     args.test_episodes = args.test_episodes or (40 if args.quick else 600)
     return args
 
@@ -104,24 +117,32 @@ def load_data(args):
 def make_learners(args, model, net, ways, shots):
     """The seven learners on one setting; rates on the summed log-likelihood of the support."""
     n_support = ways * shots
-    rate = args.inner_lr / n_support
+    rate = (0.4 if args.inner_lr is None else args.inner_lr) / n_support
+    K = args.inner_steps
+    proximal = proximal_sgd(None if args.inner_lr is None else rate)
+    if args.inner_solver == "lbfgs":
+        gp = dict(inner_solver=hm.solvers.prior_scaled(hm.solvers.lbfgs(args.solver_steps, tol=1e-2, linesearch_steps=4)))
+    else:
+        gp = dict(inner_optimizer=proximal, inner_steps=K)
     phi_opt = optax.adam(args.outer_lr)
     both = optax.multi_transform({"phi": optax.adam(args.outer_lr), "log_sigma2": optax.adam(args.sigma_lr)},
                                  {"phi": "phi", "log_sigma2": "log_sigma2"})
-    K = args.inner_steps
     cg = cg_solve(maxiter=args.cg_iterations, tol=1e-6)
     factories = {
-        "M-Shrinkage": lambda: hm.m_shrinkage(model, inner_optimizer=proximal_sgd(rate), inner_steps=K,
+        "M-Shrinkage": lambda: hm.m_shrinkage(model, **gp,
                                               outer_optimizer=both, init_sigma=args.init_sigma),
-        "M-sigma-iMAML": lambda: hm.m_sigma_imaml(model, inner_optimizer=proximal_sgd(rate), inner_steps=K,
+        "M-sigma-iMAML": lambda: hm.m_sigma_imaml(model, **gp,
                                                   outer_optimizer=both, init_sigma=args.init_sigma, hypergradient=cg),
         "MAML": lambda: hm.maml(model, inner_steps=K, init_lr=rate, outer_optimizer=phi_opt),
         "FOMAML": lambda: hm.fomaml(model, inner_steps=K, init_lr=rate, outer_optimizer=phi_opt),
         "Reptile": lambda: hm.reptile(model, inner_optimizer=optax.sgd(rate), inner_steps=K,
                                       outer_optimizer=optax.sgd(1.0)),
-        "iMAML": lambda: hm.imaml(model, lam=args.imaml_lambda * n_support, inner_optimizer=proximal_sgd(rate),
-                                  inner_steps=K, outer_optimizer=phi_opt, hypergradient=cg),
+        "iMAML": lambda: hm.imaml(model, lam=args.imaml_lambda * n_support, **gp,
+                                  outer_optimizer=phi_opt, hypergradient=cg),
         "ProtoNet": lambda: hm.protonet(model, embed=net.embed, outer_optimizer=phi_opt),
+        # the sigma learners' adaptation from the network's random initialisation, sigma = --init-sigma:
+        # what any meta-training adds to it
+        "Untrained": lambda: hm.m_sigma_imaml(model, **gp, init_sigma=args.init_sigma, name="Untrained"),
     }
     return {name: factories[name]() for name in args.learners}
 
@@ -154,8 +175,13 @@ def run_setting(args, dataset, splits, ways, shots, mesh):
             checkpoint = Path(args.checkpoint_dir) / f"{ways}way{shots}shot-{name}.npz"
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
         state = learner.init(k_init, params)
-        state, history, step_seconds = train(learner, state, sample_train, args, k_train, checkpoint, mesh)
+        if name == "Untrained":
+            history, step_seconds = {"val_log_lik": []}, 0.0  # no meta-step
+        else:
+            state, history, step_seconds = train(learner, state, sample_train, args, k_train, checkpoint, mesh)
         steps = 0 if name == "ProtoNet" else args.test_steps
+        if name in GAUSSIAN_PRIOR_LEARNERS and args.inner_solver == "lbfgs":
+            steps = args.solver_steps
         scores = fewshot.evaluate_episodes(learner, state, sample_test, args.test_episodes, key=k_test, num_steps=steps)
         entry = {"scores": scores.to_dict(), "seconds_per_meta_step": step_seconds,
                  "num_skipped": int(state.num_skipped), "test_steps": steps,
@@ -218,7 +244,8 @@ def main(argv=None):
         for name, entry in setting["learners"].items():
             s = entry["scores"]
             rows.append([label, name, f"{100 * s['accuracy']:.1f} +- {100 * s['accuracy_ci95']:.1f}",
-                         f"{s['loss']:.3f} +- {s['loss_ci95']:.3f}", entry["seconds_per_meta_step"] * 1e3,
+                         f"{s['loss']:.3f} +- {s['loss_ci95']:.3f}",
+                         entry["seconds_per_meta_step"] * 1e3 if name != "Untrained" else "-",
                          entry["num_skipped"]])
     print(f"\nTest episodes ({args.test_episodes} per row; 95% confidence intervals; classes and alphabets unseen in training)")
     print(format_table(["setting", "learner", "accuracy %", "cross-entropy", "ms/meta-step", "skipped"], rows, digits=1))

@@ -77,6 +77,9 @@ __all__ = [
     "curvature_step_size",
     "levenberg_marquardt",
     "warn_unconverged",
+    "PriorScaled",
+    "prior_scaled",
+    "rescaled",
 ]
 
 # The loss rising by more than this many times (1 + |initial loss|) counts as divergence.
@@ -199,8 +202,12 @@ def _budget(solver_steps: int, num_steps) -> int:
 # ---------------------------------------------------------------------------- gradient steps
 
 
-def curvature_step_size(loss, theta0, iterations: int = 10) -> jax.Array:
+def curvature_step_size(loss, theta0, iterations: int = 10, prior_var=None) -> jax.Array:
     """``1 / lambda_max`` of the Hessian of ``loss`` at ``theta0`` (not differentiated).
+
+    With ``prior_var`` (variances per coordinate, ``inf`` where there is no prior), the Hessian
+    is that of ``loss`` less a Gaussian prior's ``diag(1 / prior_var)``: the likelihood's
+    curvature when ``loss`` is ``-log p(D | theta) + sum_i (theta_i - m_i)^2 / (2 prior_var_i)``.
 
     ``lambda_max`` (the largest |eigenvalue|) is estimated by ``iterations`` power iterations on
     Hessian-vector products from a fixed pseudo-random start: the weight of eigenvalues below half
@@ -210,7 +217,12 @@ def curvature_step_size(loss, theta0, iterations: int = 10) -> jax.Array:
     anyway is flagged as diverged).  A zero Hessian gives step 1.
     """
     theta0 = jax.lax.stop_gradient(theta0)
-    _, hvp = jax.linearize(jax.grad(loss), theta0)
+    _, loss_hvp = jax.linearize(jax.grad(loss), theta0)
+    if prior_var is None:
+        hvp = loss_hvp
+    else:
+        precision = 1.0 / jax.lax.stop_gradient(jnp.asarray(prior_var, theta0.dtype))
+        hvp = lambda v: loss_hvp(v) - precision * v
     v = jax.random.normal(jax.random.PRNGKey(0), theta0.shape, theta0.dtype)
     v = v / _norm(v)
 
@@ -501,6 +513,53 @@ def lbfgs(max_steps: int = 100, tol: Optional[float] = None, *, memory: int = 10
         return _finish(loss, state.theta, f0, g0_norm, tol, trace, check_rise=False)
 
     return InnerSolver(f"L-BFGS (at most {K} steps)", K, tol, solve)
+
+
+# ---------------------------------------------------------------------------- prior scaling
+
+
+class PriorScaled(NamedTuple):
+    """An inner solver to be run in the prior's own scale (build with :func:`prior_scaled`)."""
+
+    solver: InnerSolver
+
+    def for_prior(self, prior_var) -> InnerSolver:
+        """The solver in the coordinates ``u = (theta - theta0) / sqrt(prior_var)`` (per coordinate)."""
+        return rescaled(self.solver, jnp.sqrt(prior_var))
+
+
+def prior_scaled(solver: InnerSolver) -> PriorScaled:
+    """Run ``solver`` (e.g. :func:`lbfgs` ``(30)``) in the prior's scale, for the Gaussian-prior learners.
+
+    The inner loss ``L_t = -log p(D_t^tr | theta) + sum_i (theta_i - phi_i)^2 / (2 s_i)`` (s = sigma^2 per
+    coordinate) in the coordinates ``u = (theta - phi) / sqrt(s)`` is
+    ``-log p(D_t^tr | phi + sqrt(s) u) + ||u||^2 / 2``, with Hessian ``I + S^1/2 H S^1/2`` (H the
+    likelihood's): every module has curvature 1 from its prior, whatever its sigma, instead of
+    ``1/s`` (from 1e-2 to 1e6 across the layers of a network whose early layers are shared and
+    whose head is free).  Same minimiser, so the same MAP and hypergradients; a first-order or
+    quasi-Newton solver reaches it in far fewer steps.  The learners (Shrinkage, sigma-iMAML,
+    iMAML) rebuild the scaling from their current sigma at every meta-step (a correlated block is
+    scaled by its standard deviations only).  ``stationarity`` is measured in ``u``.
+    """
+    if not isinstance(solver, InnerSolver):
+        raise ValueError(f"prior_scaled needs an InnerSolver (gradient_steps, newton, lbfgs), got {type(solver).__name__}")
+    return PriorScaled(solver)
+
+
+def rescaled(solver: InnerSolver, scale) -> InnerSolver:
+    """``solver`` on ``u -> loss(theta0 + scale * u)`` from ``u = 0``; returns theta (and traces theta).
+
+    ``scale``: positive, a scalar or per coordinate.  Differentiable in ``theta0`` wherever
+    ``solver`` is."""
+
+    def solve(loss, theta0, num_steps=None, observe=None) -> InnerResult:
+        s = jnp.broadcast_to(jnp.asarray(scale, theta0.dtype), theta0.shape)
+        to_theta = lambda u: theta0 + s * u
+        result = solver.solve(lambda u: loss(to_theta(u)), jnp.zeros_like(theta0), num_steps,
+                              None if observe is None else (lambda u: observe(to_theta(u))))
+        return result._replace(theta=to_theta(result.theta))
+
+    return InnerSolver(f"{solver.name} in prior scale", solver.num_steps, solver.tol, solve)
 
 
 # ---------------------------------------------------------------------------- learners' plumbing

@@ -155,6 +155,21 @@ def test_shrinkage_with_fixed_features_is_multinomial_logistic_regression(tiny):
         assert np.linalg.norm(sol.x - np.r_[w0.ravel(), b0]) > 0.05  # the head did adapt
 
 
+def test_prior_scaled_lbfgs_and_curvature_steps_reach_the_same_convnet_map(tiny, steps):
+    """The example's inner solvers on the convnet: L-BFGS in the prior's scale and proximal steps at
+    the likelihood's curvature rate stop at the MAP that K fixed-rate proximal steps reach."""
+    state = steps["M-Shrinkage"][0]
+    support = tiny["batch"].train
+    reference = jax.jit(tiny["learners"]["M-Shrinkage"].adapt)(state, support)
+    assert np.all(reference.converged)
+    for solver in (dict(inner_solver=hm.solvers.prior_scaled(hm.solvers.lbfgs(100, tol=1e-9))),
+                   dict(inner_optimizer=proximal_sgd(), inner_steps=K)):
+        learner = hm.m_shrinkage(tiny["model"], **solver)
+        adapted = jax.jit(learner.adapt)(state, support)
+        assert np.all(adapted.converged) and not np.any(adapted.diverged)
+        np.testing.assert_allclose(adapted.theta, reference.theta, rtol=1e-5, atol=1e-6)
+
+
 def test_proximal_sgd_reaches_the_closed_form_map(paper, paper_model, paper_tasks):
     """On the linear domain: the exact MAP for any sigma, where plain SGD at that rate diverges."""
     _, batch = paper_tasks
@@ -315,12 +330,13 @@ def test_fewshot_example_quick_run(tmp_path):
 
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
     out = subprocess.run([sys.executable, str(ROOT / "examples" / "fewshot.py"), "--quick", "--meta-steps", "3",
-                          "--test-episodes", "6", "--shots", "1", "--learners", "M-Shrinkage", "ProtoNet",
+                          "--test-episodes", "6", "--shots", "1", "--learners", "M-Shrinkage", "ProtoNet", "Untrained",
                           "--out", str(tmp_path)], cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "Learned sigma per layer" in out.stdout and "accuracy %" in out.stdout
     result = json.loads((tmp_path / "fewshot.json").read_text())
     setting = result["settings"]["5-way 1-shot"]
-    assert set(setting["learners"]) == {"M-Shrinkage", "ProtoNet"}
+    assert set(setting["learners"]) == {"M-Shrinkage", "ProtoNet", "Untrained"}
+    assert setting["learners"]["Untrained"]["test_steps"] == 5  # the L-BFGS budget (quick)
     assert len(setting["learners"]["M-Shrinkage"]["sigma"]) == len(setting["modules"])
     assert (tmp_path / "fewshot.png").exists()

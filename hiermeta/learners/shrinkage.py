@@ -52,7 +52,9 @@ def shrinkage(
       inner_steps: K, the number of inner steps during meta-training (alone: K gradient steps
         of size ``1 / lambda_max`` of the Hessian, :func:`hiermeta.solvers.gradient_steps`).
       inner_solver: instead of the two above, an inner solver such as
-        :func:`hiermeta.solvers.newton` ``()`` or :func:`~hiermeta.solvers.lbfgs` ``()``.
+        :func:`hiermeta.solvers.newton` ``()`` or :func:`~hiermeta.solvers.lbfgs` ``()``, or
+        either in the prior's scale (:func:`~hiermeta.solvers.prior_scaled`: for a network whose
+        layers have very different sigmas).
         With none of the three: Newton for up to 256 parameters, L-BFGS above.
       outer_optimizer: optax optimiser on ``{"phi", "log_sigma2"}`` (default Adam, lr 1e-2).
       modular: one sigma per module (True) or one sigma shared by all modules (False).
