@@ -159,6 +159,16 @@ def train(learner, state, sample, args, key, checkpoint, mesh):
     return state, history, seconds / max(args.meta_steps - 1, 1)
 
 
+def layer_movement(learner, state, batch, num_steps, partition):
+    """How far adaptation moves each layer on a batch of test episodes: the RMS of
+    ``theta_hat - phi`` over its coordinates and the episodes, relative to the RMS of ``phi``."""
+    adapted = jax.jit(learner.adapt, static_argnums=2)(state, batch.train, num_steps)
+    phi = state.params["phi"]
+    sizes = partition.module_sizes
+    moved = np.asarray(partition.module_sum(jax.numpy.mean((adapted.theta - phi) ** 2, axis=0))) / sizes
+    return np.sqrt(moved / (np.asarray(partition.module_sum(phi**2)) / sizes))
+
+
 def run_setting(args, dataset, splits, ways, shots, mesh):
     net = fewshot.convnet(ways, args.image_size, filters=args.filters, blocks=args.blocks)
     k_init, k_train, k_test = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), 100 * ways + shots), 3)
@@ -186,6 +196,8 @@ def run_setting(args, dataset, splits, ways, shots, mesh):
         entry = {"scores": scores.to_dict(), "seconds_per_meta_step": step_seconds,
                  "num_skipped": int(state.num_skipped), "test_steps": steps,
                  "val_log_lik": history["val_log_lik"], "seconds": time.perf_counter() - t0}
+        if name != "ProtoNet":
+            entry["movement"] = layer_movement(learner, state, sample_test(k_test), steps, model.partition)
         if name in SIGMA_LEARNERS:
             entry["sigma"] = np.asarray(sigma_of(state.params, model.partition.num_modules))
             entry["sigma_history"] = history["sigma"]
@@ -254,6 +266,12 @@ def main(argv=None):
         if learned:
             print(f"\nLearned sigma per layer, {label} (small: shared across tasks; large: free per task)")
             print(format_table(["learner", *setting["modules"]], [[n, *v] for n, v in learned.items()], digits=4))
+    for label, setting in settings.items():
+        moved = {n: e["movement"] for n, e in setting["learners"].items() if "movement" in e}
+        if moved:
+            print(f"\nHow far adaptation moves each layer, {label}: RMS(theta_hat - phi) / RMS(phi) on "
+                  f"{min(50, args.test_episodes)} test episodes")
+            print(format_table(["learner", *setting["modules"]], [[n, *v] for n, v in moved.items()], digits=4))
     out = Path(args.out)
     path = write_json(out / "fewshot.json", {
         "schema": "hiermeta/fewshot/v1", "data": source, "num_classes": dataset.num_classes,
