@@ -535,8 +535,8 @@ def prior_scaled(solver: InnerSolver) -> PriorScaled:
     coordinate) in the coordinates ``u = (theta - phi) / sqrt(s)`` is
     ``-log p(D_t^tr | phi + sqrt(s) u) + ||u||^2 / 2``, with Hessian ``I + S^1/2 H S^1/2`` (H the
     likelihood's): every module has curvature 1 from its prior, whatever its sigma, instead of
-    ``1/s`` (from 1e-2 to 1e6 across the layers of a network whose early layers are shared and
-    whose head is free).  Same minimiser, so the same MAP and hypergradients; a first-order or
+    ``1/s``, which can differ by orders of magnitude between a layer the shrinkage shares and a
+    free one.  Same minimiser, so the same MAP and hypergradients; a first-order or
     quasi-Newton solver reaches it in far fewer steps.  The learners (Shrinkage, sigma-iMAML,
     iMAML) rebuild the scaling from their current sigma at every meta-step (a correlated block is
     scaled by its standard deviations only).  ``stationarity`` is measured in ``u``.

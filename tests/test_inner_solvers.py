@@ -125,6 +125,9 @@ def test_curvature_proximal_steps_and_prior_scaled_lbfgs_reach_the_map(model, si
         assert np.all(adapted.converged) and relative_error(adapted.theta, want) < 1e-8
     with pytest.raises(ValueError, match="needs an InnerSolver"):
         solvers.prior_scaled(optax.sgd(0.1))
+    correlated = hm.HierarchicalModel(model.likelihood, model.partition, correlated=[(0, 1)])
+    with pytest.raises(ValueError, match="correlated blocks"):
+        hm.m_shrinkage(correlated, inner_optimizer=hm.proximal_sgd(), inner_steps=3)
     with pytest.raises(ValueError, match="not both"):
         hm.m_shrinkage(model, inner_solver=solvers.prior_scaled(solvers.lbfgs()), inner_steps=3)
 

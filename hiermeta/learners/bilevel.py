@@ -176,6 +176,10 @@ def gaussian_prior_learner(
         if inner_solver is not None or inner_steps is None:
             raise ValueError("inner_optimizer=proximal_sgd(rate) needs inner_steps= (K) and no inner_solver=")
         rate = inner_optimizer.learning_rate
+        if rate is None and model.correlated:
+            raise ValueError("proximal_sgd() takes its rate from the likelihood's curvature, found by taking a diagonal "
+                             "prior's curvature off; this model has correlated blocks: give proximal_sgd(rate), or "
+                             "use inner_solver=hiermeta.solvers.newton() or lbfgs()")
         inner_solver = inner_optimizer.solver(jnp.inf, check_count(inner_steps, 'inner_steps', 0))._replace(
             name=f"{inner_steps} proximal gradient steps ({'curvature rate' if rate is None else f'rate {rate:g}'})",
             solve=_prior_dependent_solve,
