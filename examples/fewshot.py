@@ -35,6 +35,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
+from hiermeta.checkpoint import read_metadata  # noqa: E402
 from hiermeta.implicit import cg_solve  # noqa: E402
 from hiermeta.learners import rates_of, sigma_of  # noqa: E402
 from hiermeta.learners.bilevel import proximal_sgd  # noqa: E402
@@ -75,7 +76,9 @@ def build_parser():
                         "and MAML's Omniglot value 0.4 for MAML, FOMAML and Reptile")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3, help="Adam rate on the network's phi")
     p.add_argument("--sigma-lr", type=positive_float, default=0.03, help="Adam rate on log sigma^2")
-    p.add_argument("--init-sigma", type=positive_float, default=1.0, help="initial sigma of every layer")
+    p.add_argument("--init-sigma", type=positive_float,
+                   help="initial sigma of every layer of the sigma learners (default: iMAML's fixed sigma, "
+                        "1 / sqrt(lambda * ways * shots): 0.32 for 5-way 1-shot, 0.14 for 5-shot)")
     p.add_argument("--imaml-lambda", type=positive_float, default=2.0,
                    help="iMAML's lambda on the MEAN support cross-entropy (Rajeswaran et al.'s value)")
     p.add_argument("--cg-iterations", type=count(1), default=5, help="CG iterations of the exact hypergradients")
@@ -119,6 +122,7 @@ def make_learners(args, model, net, ways, shots):
     n_support = ways * shots
     rate = (0.4 if args.inner_lr is None else args.inner_lr) / n_support
     K = args.inner_steps
+    init_sigma = args.init_sigma or (args.imaml_lambda * n_support) ** -0.5  # where iMAML's prior sits
     proximal = proximal_sgd(None if args.inner_lr is None else rate)
     if args.inner_solver == "lbfgs":
         gp = dict(inner_solver=hm.solvers.prior_scaled(hm.solvers.lbfgs(args.solver_steps, tol=1e-2, linesearch_steps=4)))
@@ -130,9 +134,9 @@ def make_learners(args, model, net, ways, shots):
     cg = cg_solve(maxiter=args.cg_iterations, tol=1e-6)
     factories = {
         "M-Shrinkage": lambda: hm.m_shrinkage(model, **gp,
-                                              outer_optimizer=both, init_sigma=args.init_sigma),
+                                              outer_optimizer=both, init_sigma=init_sigma),
         "M-sigma-iMAML": lambda: hm.m_sigma_imaml(model, **gp,
-                                                  outer_optimizer=both, init_sigma=args.init_sigma, hypergradient=cg),
+                                                  outer_optimizer=both, init_sigma=init_sigma, hypergradient=cg),
         "MAML": lambda: hm.maml(model, inner_steps=K, init_lr=rate, outer_optimizer=phi_opt),
         "FOMAML": lambda: hm.fomaml(model, inner_steps=K, init_lr=rate, outer_optimizer=phi_opt),
         "Reptile": lambda: hm.reptile(model, inner_optimizer=optax.sgd(rate), inner_steps=K,
@@ -140,9 +144,9 @@ def make_learners(args, model, net, ways, shots):
         "iMAML": lambda: hm.imaml(model, lam=args.imaml_lambda * n_support, **gp,
                                   outer_optimizer=phi_opt, hypergradient=cg),
         "ProtoNet": lambda: hm.protonet(model, embed=net.embed, outer_optimizer=phi_opt),
-        # the sigma learners' adaptation from the network's random initialisation, sigma = --init-sigma:
+        # the sigma learners' adaptation from the network's random initialisation at their initial sigma:
         # what any meta-training adds to it
-        "Untrained": lambda: hm.m_sigma_imaml(model, **gp, init_sigma=args.init_sigma, name="Untrained"),
+        "Untrained": lambda: hm.m_sigma_imaml(model, **gp, init_sigma=init_sigma, name="Untrained"),
     }
     return {name: factories[name]() for name in args.learners}
 
@@ -150,13 +154,16 @@ def make_learners(args, model, net, ways, shots):
 def train(learner, state, sample, args, key, checkpoint, mesh):
     """Meta-train; the first step alone (it compiles), so the rest times the meta-steps themselves."""
     state, first = hm.fit(learner, state, sample, 1, data_key=key, progress=False, mesh=mesh)
+    resumed_at = int(state.step)  # a resumed run times only the steps it takes
+    if args.resume and checkpoint is not None and checkpoint.exists():
+        resumed_at = int(read_metadata(checkpoint)["step"])
     t0 = time.perf_counter()
     state, history = hm.fit(learner, state, sample, args.meta_steps - 1, data_key=key, description=learner.name,
                             checkpoint=checkpoint, checkpoint_every=50 if checkpoint else None, resume=args.resume,
                             mesh=mesh)
-    seconds = time.perf_counter() - t0
+    seconds, ran = time.perf_counter() - t0, int(state.step) - resumed_at
     history = {k: np.concatenate([first[k], history[k]]) if k in history else first[k] for k in first}
-    return state, history, seconds / max(args.meta_steps - 1, 1)
+    return state, history, seconds / ran if ran > 0 else None
 
 
 def layer_movement(learner, state, batch, num_steps, partition):
@@ -186,7 +193,7 @@ def run_setting(args, dataset, splits, ways, shots, mesh):
             checkpoint.parent.mkdir(parents=True, exist_ok=True)
         state = learner.init(k_init, params)
         if name == "Untrained":
-            history, step_seconds = {"val_log_lik": []}, 0.0  # no meta-step
+            history, step_seconds = {"val_log_lik": []}, None  # no meta-step
         else:
             state, history, step_seconds = train(learner, state, sample_train, args, k_train, checkpoint, mesh)
         steps = 0 if name == "ProtoNet" else args.test_steps
@@ -205,8 +212,10 @@ def run_setting(args, dataset, splits, ways, shots, mesh):
         if name in ("MAML", "FOMAML"):
             entry["inner_lr"] = float(rates_of(state.params, 1)[0])
         results[name] = entry
-        print(f"  {name:14s} accuracy {scores.accuracy:.3f} +- {scores.accuracy_ci95:.3f}   "
-              f"{step_seconds * 1e3:7.1f} ms/meta-step   ({time.perf_counter() - t0:.0f} s)", flush=True)
+        timed = (f"{step_seconds * 1e3:7.1f} ms/meta-step" if step_seconds is not None
+                 else "no meta-steps" if name == "Untrained" else "not timed (resumed)")
+        print(f"  {name:14s} accuracy {scores.accuracy:.3f} +- {scores.accuracy_ci95:.3f}   {timed}   "
+              f"({time.perf_counter() - t0:.0f} s)", flush=True)
     return {"modules": list(model.partition.names), "module_sizes": model.partition.module_sizes,
             "num_params": model.partition.num_params, "learners": results}
 
@@ -257,7 +266,7 @@ def main(argv=None):
             s = entry["scores"]
             rows.append([label, name, f"{100 * s['accuracy']:.1f} +- {100 * s['accuracy_ci95']:.1f}",
                          f"{s['loss']:.3f} +- {s['loss_ci95']:.3f}",
-                         entry["seconds_per_meta_step"] * 1e3 if name != "Untrained" else "-",
+                         "-" if entry["seconds_per_meta_step"] is None else entry["seconds_per_meta_step"] * 1e3,
                          entry["num_skipped"]])
     print(f"\nTest episodes ({args.test_episodes} per row; 95% confidence intervals; classes and alphabets unseen in training)")
     print(format_table(["setting", "learner", "accuracy %", "cross-entropy", "ms/meta-step", "skipped"], rows, digits=1))
