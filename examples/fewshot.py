@@ -11,9 +11,10 @@ from the network's random initialisation: what meta-training adds.  The Gaussian
 solve each task's MAP by L-BFGS in the prior's scale (``hm.solvers.prior_scaled``; a fixed-rate
 inner loop is unstable for every layer whose sigma exceeds a limit and drags the sigmas down to it).
 
-The default run fits 2 CPU cores in well under an hour: 20 x 20 images and 32 filters instead
-of 28 x 28 and 64 (``--image-size 28 --filters 64`` is the standard network), and a few hundred
-meta-steps per learner (published Omniglot runs take tens of thousands).
+The default run is sized for 2 CPU cores: 20 x 20 images and 32 filters instead of 28 x 28 and
+64 (``--image-size 28 --filters 64`` is the standard network), and 200 meta-steps per learner
+(published Omniglot runs take tens of thousands).  It still takes hours there: the L-BFGS
+learners took 1.4-1.6 s per 5-way 1-shot meta-step and about 9 s per 5-shot one on 2 shared cores.
 
     python examples/fewshot.py                       # 5-way 1-shot and 5-shot
     python examples/fewshot.py --quick               # smoke run (< 2 minutes with a warm cache)
@@ -55,7 +56,8 @@ def build_parser():
     p.add_argument("--ways", type=count(2), nargs="+", default=[5], help="classes per episode")
     p.add_argument("--shots", type=count(1), nargs="+", default=[1, 5], help="support images per class")
     p.add_argument("--queries", type=count(1), default=5, help="query images per class")
-    p.add_argument("--learners", nargs="+", choices=LEARNERS, help="learners to run (default all; Untrained: the sigma learners' adaptation from the "
+    p.add_argument("--learners", nargs="+", choices=LEARNERS,
+                   help="learners to run (default all; Untrained: the sigma learners' adaptation from the "
                         "network's random initialisation, without meta-training)")
     p.add_argument("--image-size", type=count(8), help="image side in pixels (default 20, quick 16)")
     p.add_argument("--filters", type=count(1), help="conv filters per block (default 32, quick 8)")
@@ -72,7 +74,7 @@ def build_parser():
     p.add_argument("--inner-lr", type=positive_float,
                    help="fixed inner rate on the MEAN support cross-entropy (the rate on the summed "
                         "log-likelihood is this / (ways * shots)); default: 1 / the likelihood's largest "
-                        "curvature per task for the proximal learners (M-Shrinkage, M-sigma-iMAML, iMAML), "
+                        "curvature per task for the proximal inner solver (--inner-solver proximal), "
                         "and MAML's Omniglot value 0.4 for MAML, FOMAML and Reptile")
     p.add_argument("--outer-lr", type=positive_float, default=3e-3, help="Adam rate on the network's phi")
     p.add_argument("--sigma-lr", type=positive_float, default=0.03, help="Adam rate on log sigma^2")
@@ -118,7 +120,7 @@ def load_data(args):
 
 
 def make_learners(args, model, net, ways, shots):
-    """The seven learners on one setting; rates on the summed log-likelihood of the support."""
+    """The learners (and the Untrained baseline) on one setting; rates on the summed log-likelihood of the support."""
     n_support = ways * shots
     rate = (0.4 if args.inner_lr is None else args.inner_lr) / n_support
     K = args.inner_steps
