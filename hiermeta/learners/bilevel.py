@@ -170,9 +170,9 @@ def gaussian_prior_learner(
       fixed_sigma: if given (> 0), sigma is fixed at this shared value and the meta-parameters
         are ``{"phi"}`` only (iMAML); otherwise ``{"phi", "log_sigma2"}``.
     """
-    proximal = isinstance(inner_optimizer, ProximalSGD)
-    scaled = None  # a PriorScaled solver, rebuilt from sigma at every meta-step
-    if proximal:
+    # a solver that depends on sigma^2 per coordinate is rebuilt from it at every meta-step
+    for_prior = None
+    if isinstance(inner_optimizer, ProximalSGD):
         if inner_solver is not None or inner_steps is None:
             raise ValueError("inner_optimizer=proximal_sgd(rate) needs inner_steps= (K) and no inner_solver=")
         rate = inner_optimizer.learning_rate
@@ -184,11 +184,13 @@ def gaussian_prior_learner(
             name=f"{inner_steps} proximal gradient steps ({'curvature rate' if rate is None else f'rate {rate:g}'})",
             solve=_prior_dependent_solve,
         )
+        for_prior = lambda prior_var: inner_optimizer.solver(prior_var, inner_solver.num_steps)
     elif isinstance(inner_solver, PriorScaled):
         if inner_optimizer is not None or inner_steps is not None:
             raise ValueError("give inner_solver= or inner_optimizer= with inner_steps=, not both")
-        scaled = inner_solver
-        inner_solver = scaled.solver._replace(name=f"{scaled.solver.name} in prior scale", solve=_prior_dependent_solve)
+        for_prior = inner_solver.for_prior
+        inner_solver = inner_solver.solver._replace(name=f"{inner_solver.solver.name} in prior scale",
+                                                    solve=_prior_dependent_solve)
     else:
         inner_solver = resolve_inner_solver(inner_solver, inner_optimizer, inner_steps,
                                             num_params=model.partition.num_params)
@@ -221,10 +223,8 @@ def gaussian_prior_learner(
 
     def inner_problem(params) -> InnerProblem:
         solver = inner_solver
-        if proximal or scaled is not None:  # the solver depends on sigma^2 per coordinate
-            prior_var = model.partition.expand(sigma_from(params) ** 2)
-            solver = (inner_optimizer.solver(prior_var, inner_solver.num_steps) if proximal
-                      else scaled.for_prior(prior_var))
+        if for_prior is not None:  # the solver depends on sigma^2 per coordinate
+            solver = for_prior(model.partition.expand(sigma_from(params) ** 2))
         return InnerProblem(
             init=task_start(model, params["phi"], extra_values(model, params)),
             loss=lambda theta, data_t: inner_loss(theta, params, data_t),
