@@ -36,7 +36,7 @@ from hiermeta import marginal
 from hiermeta.families import GLMData
 from hiermeta.learners import sigma_of
 from hiermeta.predictive import score_draws
-from hiermeta.report import count, format_table, study_parser, write_json
+from _common import count, format_table, pyplot, save_figure, study_parser, write_json
 
 LEVELS = (0.5, 0.9)
 
@@ -247,8 +247,6 @@ def print_scores(per_method: dict) -> dict:
 
 
 def plot(path, title, names, fits, draws, references, summary):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.8))
     y = np.arange(len(names))

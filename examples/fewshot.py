@@ -40,8 +40,10 @@ from hiermeta.checkpoint import read_metadata  # noqa: E402
 from hiermeta.implicit import cg_solve  # noqa: E402
 from hiermeta.learners import rates_of, sigma_of  # noqa: E402
 from hiermeta.learners.bilevel import proximal_sgd  # noqa: E402
-from hiermeta.report import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 from models import fewshot, glyphs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 LEARNERS = ("M-Shrinkage", "M-sigma-iMAML", "MAML", "FOMAML", "Reptile", "iMAML", "ProtoNet", "Untrained")
 SIGMA_LEARNERS = ("M-Shrinkage", "M-sigma-iMAML")

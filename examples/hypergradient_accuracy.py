@@ -21,6 +21,7 @@ the implicit and the unrolled hypergradient for K = 10, 100, 1000.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -34,8 +35,10 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.implicit import cg_solve, eq4_solve, implicit_hypergradient, implicit_solution  # noqa: E402
-from hiermeta.report import count, format_table, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 CG_ITERATIONS = (1, 2, 5, 10)
 METHODS = ("Eq. 4", *[f"CG {n}" for n in CG_ITERATIONS], "unrolled")
@@ -179,8 +182,6 @@ def main(argv=None):
 
 
 def plot(path, records, sigmas, ks):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
 
     lookup = {(r["sigma"], r["K"], r["method"], r["param"]): max(r["rel_error"], 1e-16) for r in records}

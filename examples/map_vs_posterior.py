@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -53,8 +54,10 @@ from hiermeta.predictive import (  # noqa: E402
     score_draws,
     score_gaussian_mixture,
 )
-from hiermeta.report import count, count_list, format_table, positive_float, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, count_list, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 LEVELS = (0.5, 0.9)
 
@@ -390,8 +393,6 @@ def main(argv=None):
 
 
 def plot(path, payload, T_values):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
 
     domains = payload["domains"]

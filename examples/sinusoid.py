@@ -31,8 +31,10 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.learners import sigma_of  # noqa: E402
-from hiermeta.report import count, format_table, positive_float, study_parser, write_json  # noqa: E402
 from models import sinusoid  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, plot_loss_curves, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 REPORT_STEPS = (0, 1, 5, 10, 20)
 
@@ -104,8 +106,6 @@ def main(argv=None):
 
 
 def plot(path, trained, untrained, history, modules):
-    from hiermeta.report import plot_loss_curves, pyplot, save_figure
-
     plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
     plot_loss_curves(ax0, {"meta-trained (M-Shrinkage)": trained, "initial weights": untrained})

@@ -14,23 +14,24 @@ from . import empirical_bayes, families, marginal
 from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
 from .inner import Adaptation, InnerProblem, InnerResult, run_inner
 from . import solvers
-from .solvers import ConvergenceWarning, InnerSolver
+from .solvers import InnerSolver
 from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage, sigma_of
 from .learners import imaml, m_sigma_imaml, sigma_imaml
 from .partition import ModulePartition
 from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
-from .train import CheckpointWriteError, MetaTrainingError, fit, sample_from
+from .train import fit, sample_from
 from .utils import enable_compilation_cache
 from .posterior import NUTSResult, run_nuts, with_priors
 from .priors import prior_summary
-from .errors import HiermetaWarning, PriorWarning, SamplingWarning
+from .errors import (CheckpointError, CheckpointWriteError, ConvergenceWarning, HiermetaWarning,
+                     MetaTrainingError, PriorWarning, SamplingWarning)
 from .laplace import LaplaceResult
 from .predictive import PredictiveScores, score_draws
 from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
 from .learners import protonet
 from .learners.bilevel import proximal_sgd
 from . import checkpoint, empirical_bayes, sharding
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, save_checkpoint
 from .sharding import task_mesh
 from .table import GroupedTable, from_table
 from .shrinkage_report import ShrinkageReport, shrinkage_report

@@ -49,6 +49,7 @@ from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
 from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .sites import constrain, unconstrain
+from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
 from .utils import check_count
 
 try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
@@ -215,8 +216,6 @@ def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = 
     so the memory of the computation is that of one chunk of observations; the result holds
     O(P^2 + K^2) numbers per task whatever the number of observations.
     """
-    from .tasks import num_tasks as count_tasks
-
     T = count_tasks(data)
     C = T if chunk_size is None and T <= 2 * DEFAULT_CHUNK_SIZE else min(check_count(
         chunk_size or DEFAULT_CHUNK_SIZE, "chunk_size", 1), T)

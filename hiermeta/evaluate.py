@@ -20,8 +20,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from .distributed import check_mesh
 from .inner import Adaptation, run_inner
 from .learners.base import MetaLearner, MetaState
+from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
 from .utils import check_count
@@ -138,8 +140,6 @@ _per_task_curves_jit = jax.jit(_per_task_curves, static_argnums=(0, 3))
 @functools.lru_cache(maxsize=32)
 def _sharded_curves(learner: MetaLearner, num_steps: int, mesh: Mesh):
     """The per-task curves with the tasks split over ``mesh`` (any count) and the results gathered."""
-    from .sharding import replicate, replicated, shard_tasks
-
     def run(params, tasks):
         return _per_task_curves(learner, replicate(params, mesh), shard_tasks(tasks, mesh), num_steps)
 
@@ -171,8 +171,6 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     if mesh is None:
         per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n)
     else:
-        from .distributed import check_mesh
-
         check_mesh(mesh)
         per_task, diverged, converged, stationarity = _sharded_curves(learner, n, mesh)(state.params, tasks)
     per_task, diverged = np.asarray(per_task), np.asarray(diverged)

@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .errors import HiermetaWarning
+from .errors import ConvergenceWarning
 from .utils import check_count
 
 __all__ = [
@@ -90,10 +90,6 @@ GRADIENT_STEPS_TOL = 1e-2
 
 # Newton for up to this many parameters when no solver is given, L-BFGS above.
 NEWTON_MAX_PARAMS = 256
-
-
-class ConvergenceWarning(HiermetaWarning):
-    """An inner solve stopped before reaching its tolerance (the result is not the MAP)."""
 
 
 class InnerResult(NamedTuple):
