@@ -149,7 +149,7 @@ def train_learners(spec: LearnerSpec, model, support: GLMData, steps: int, key) 
         status = "ok"
         try:
             state, _ = hm.fit(learner, state, sample, steps, data_key=jax.random.fold_in(key, 1), progress=False)
-        except hm.MetaTrainingError as err:  # keep the last good state, say so
+        except hm.errors.MetaTrainingError as err:  # keep the last good state, say so
             state, status = err.state, str(err)
         out[name] = {"learner": learner, "state": state, "seconds": time.perf_counter() - t0, "status": status,
                      "sigma": np.asarray(sigma_of(state.params, model.partition.num_modules)),

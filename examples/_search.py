@@ -18,7 +18,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from hiermeta import LossCurve, MetaLearner, MetaState, MetaTrainingError, TaskBatch, evaluate, fit
+from hiermeta import LossCurve, MetaLearner, MetaState, TaskBatch, evaluate, fit
+from hiermeta.errors import MetaTrainingError
 
 __all__ = ["Candidate", "Trial", "run_trial", "search", "try_evaluate", "curve_summary"]
 

@@ -104,7 +104,7 @@ def method_candidates(model, grid: dict, meta_steps: int) -> dict:
         "FOMAML": maml(first_order=True),
         "FO-M-MAML": maml(modular=True, first_order=True),
         "Reptile": reptile(),
-        "M-Shrinkage MAP": prior(hm.shrinkage_map, modular=True),
+        "M-Shrinkage MAP": prior(hm.m_shrinkage_map),
     })
     return methods
 

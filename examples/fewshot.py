@@ -255,7 +255,7 @@ def main(argv=None):
     print(f"data: {source}: {dataset.num_classes} classes of {len(dataset.alphabets)} alphabets, "
           f"{dataset.instances} instances, {dataset.image_size}x{dataset.image_size}; classes per split "
           f"{ {k: int(v.size) for k, v in splits.items()} }")
-    mesh = hm.task_mesh(num_devices=args.devices) if args.devices else None
+    mesh = hm.sharding.task_mesh(num_devices=args.devices) if args.devices else None
     settings = {}
     for ways in args.ways:
         for shots in args.shots:

@@ -71,7 +71,7 @@ def build(model, K):
 
     def run(phi, log_sigma2, lr, batch):
         params = {"phi": phi, "log_sigma2": jnp.full(phi.shape, log_sigma2)}
-        theta_of = lambda p: jax.vmap(lambda d: hm.run_inner(hm.InnerProblem(p["phi"], loss(p), optax.sgd(lr)), d, K).theta)(batch.train)
+        theta_of = lambda p: jax.vmap(lambda d: hm.inner.run_inner(hm.inner.InnerProblem(p["phi"], loss(p), optax.sgd(lr)), d, K).theta)(batch.train)
         mean_pll = lambda theta: jnp.mean(jax.vmap(model.log_likelihood)(theta, batch.val))
         exact_theta = lambda p: linear.posterior(batch.train, p["phi"], jnp.exp(0.5 * p["log_sigma2"]))[0]
         out = {"exact": jax.grad(lambda p: mean_pll(exact_theta(p)))(params),
@@ -100,8 +100,8 @@ def memory_table(model, batch, phi, sigma):
     rows = {}
     for K in MEMORY_KS:
         def solve(p, d, K=K):
-            problem = hm.InnerProblem(p["phi"], lambda th, d: model.inner_objective(th, p["phi"], sd(p), d), optax.sgd(0.3))
-            return hm.run_inner(problem, d, K).theta
+            problem = hm.inner.InnerProblem(p["phi"], lambda th, d: model.inner_objective(th, p["phi"], sd(p), d), optax.sgd(0.3))
+            return hm.inner.run_inner(problem, d, K).theta
 
         solution = implicit_solution(solve, inner_grad, prior_var, cg_solve())
         pll = lambda p, b, f: jnp.mean(jax.vmap(lambda tr, va: model.log_likelihood(f(p, tr), va))(b.train, b.val))

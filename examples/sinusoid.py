@@ -76,7 +76,7 @@ def main(argv=None):
                              outer_optimizer=optax.adam(args.outer_lr))
     state = learner.init(k_init, params)
     sample = lambda key: sinusoid.sample_tasks(domain, key, args.batch_size)[1]
-    mesh = hm.task_mesh(num_devices=args.devices) if args.devices else None
+    mesh = hm.sharding.task_mesh(num_devices=args.devices) if args.devices else None
     state, history = hm.fit(learner, state, sample, meta_steps, data_key=k_data, checkpoint=args.checkpoint,
                             checkpoint_every=args.checkpoint_every, resume=args.resume, mesh=mesh)
     print(f"[{time.perf_counter() - t_start:6.1f}s] meta-trained {learner.name} for {meta_steps} steps "

@@ -152,7 +152,7 @@ def log_marginal_likelihood(model: HierarchicalModel, phi, sigma, data, extra=No
     """``log p(D_t | phi, sigma, extra)`` per task ``(T,)``, each task's theta integrated out.
 
     ``approximation="exact"``: the closed form of a likelihood that provides ``log_marginal(data,
-    prior_mean, prior_scale_tril, globals)`` (:class:`~hiermeta.LinearGaussianLikelihood`);
+    prior_mean, prior_scale_tril, globals)`` (:class:`~hiermeta.linear_gaussian.LinearGaussianLikelihood`);
     ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.marginal`, for any
     likelihood; ``"auto"``: exact where available, else Laplace.  Jittable and differentiable.
     """
@@ -180,7 +180,7 @@ DEFAULT_CHUNK_SIZE = 2048
 class TaskStatistics(NamedTuple):
     """Every task's sufficient statistics in chunks of equal size (:func:`task_statistics`).
 
-    ``stats``: the likelihood's statistics (e.g. :class:`~hiermeta.LinearGaussianStatistics`), each
+    ``stats``: the likelihood's statistics (e.g. :class:`~hiermeta.linear_gaussian.LinearGaussianStatistics`), each
     leaf ``(num_chunks, chunk_size, ...)``; ``valid`` ``(num_chunks, chunk_size)``: False on the
     padding that fills the last chunk (those slots hold zero statistics and are never counted).
     """
@@ -195,7 +195,7 @@ class TaskStatistics(NamedTuple):
 
 def uses_statistics(model: HierarchicalModel, data, approximation: str = "exact") -> bool:
     """Whether type-II ML of ``model`` on ``data`` runs on per-task sufficient statistics: an exact
-    marginal likelihood whose likelihood computes them (:class:`~hiermeta.LinearGaussianLikelihood`)."""
+    marginal likelihood whose likelihood computes them (:class:`~hiermeta.linear_gaussian.LinearGaussianLikelihood`)."""
     lik = model.likelihood
     if approximation != "exact" or not all(callable(getattr(lik, name, None)) for name in
                                            ("sufficient_statistics", "log_marginal_from_statistics", "noise_groups")):

@@ -7,7 +7,7 @@ xi_d^2), evaluated at theta_{t,k}, the k-th iterate of the learner's own inner s
 meta-state.  Reported: the mean over tasks, its standard error, and the central 68% interval of
 the per-task losses (16th to 84th percentile).
 
-Both raise if an inner solve diverged and warn (:class:`hiermeta.ConvergenceWarning`) if one did
+Both raise if an inner solve diverged and warn (:class:`hiermeta.errors.ConvergenceWarning`) if one did
 not converge within its tolerance.
 """
 
@@ -105,7 +105,7 @@ def adapt(learner: MetaLearner, state: MetaState, support, num_steps: Optional[i
 
     The host-side ``learner.adapt``: validates ``support`` (a ``ValueError`` naming the problem,
     before anything is compiled), runs one compiled program per (learner, shape, ``num_steps``),
-    raises ``ValueError`` if a solve diverged and warns (:class:`hiermeta.ConvergenceWarning`,
+    raises ``ValueError`` if a solve diverged and warns (:class:`hiermeta.errors.ConvergenceWarning`,
     naming how many tasks and the worst stationarity) if one did not converge.
 
     Args:
@@ -163,7 +163,7 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     Raises:
       ValueError: malformed tasks, or an inner solve that diverged (with the count of tasks).
     Warns:
-      hiermeta.ConvergenceWarning: an inner solve did not reach the solver's tolerance within
+      hiermeta.errors.ConvergenceWarning: an inner solve did not reach the solver's tolerance within
       ``num_steps`` (with the count of tasks and the worst stationarity).
     """
     n = _num_steps(learner, num_steps)

@@ -591,7 +591,7 @@ def resolve_inner_solver(inner_solver: Optional[InnerSolver], inner_optimizer, i
     if inner_optimizer is not None and not isinstance(inner_optimizer, optax.GradientTransformation):
         raise ValueError(
             f"inner_optimizer must be an optax transformation (or, for the Gaussian-prior learners, "
-            f"hiermeta.proximal_sgd(rate)), got {type(inner_optimizer).__name__}"
+            f"hiermeta.learners.proximal_sgd(rate)), got {type(inner_optimizer).__name__}"
         )
     return gradient_steps(inner_optimizer, inner_steps, tol=tol)
 

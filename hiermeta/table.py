@@ -413,7 +413,7 @@ def from_table(
       groups: the groups in task order (every one must have rows; default: order of first
         appearance, or a categorical column's categories).
       query_fraction, seed / query_last / query: the support/query split (module docstring).
-      warn: warn (:class:`~hiermeta.HiermetaWarning`) when a split leaves groups without a query row.
+      warn: warn (:class:`~hiermeta.errors.HiermetaWarning`) when a split leaves groups without a query row.
       columns: further columns the likelihood needs, passed padded ``(T, N)`` to ``make_data``
         under the keyword given (e.g. ``trials="n"`` for a binomial family, ``noise_scale="se"``
         for known relative noise scales).
