@@ -35,6 +35,7 @@ from .checkpoint import _to_numpy, load_checkpoint, save_checkpoint
 from .distributed import check_mesh, collectively, same_everywhere
 from .errors import CheckpointError, CheckpointWriteError, MetaTrainingError
 from .learners.base import MetaLearner, MetaState, all_finite
+from .learners.info import step_metrics
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
@@ -78,7 +79,8 @@ def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[M
         batch = sample_tasks(jax.random.fold_in(data_key, state.step))
         if mesh is not None:
             batch = shard_tasks(batch, mesh)
-        return learner.step(state, batch)
+        state, info = learner.step(state, batch)
+        return state, step_metrics(info)  # the flat dict the history stacks
 
     meta_step = jax.jit(meta_step)  # traced once: the fingerprint, eval_shape and the scan share its trace
 

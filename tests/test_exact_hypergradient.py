@@ -266,8 +266,8 @@ def test_sigma_imaml_step_is_the_closed_form_hypergradient(modular, paper, paper
                              outer_optimizer=optax.sgd(1.0), modular=modular)
     state = learner.init(jax.random.PRNGKey(0), jnp.asarray(paper.phi + PHI_SHIFT), sigma=sigma)
     new, metrics = jax.jit(learner.step)(state, batch)
-    assert not bool(metrics["skipped"])
-    assert 1 <= int(metrics["cg_iterations"]) < 20 and float(metrics["cg_residual"]) < 1e-9
+    assert not bool(metrics.skipped)
+    assert 1 <= int(metrics.cg_iterations) < 20 and float(metrics.cg_residual) < 1e-9
     want_phi, want_rho = closed_form_mean_pll(paper_model, batch)(state.params["phi"], state.params["log_sigma2"])
     assert rel_err(new.params["phi"] - state.params["phi"], want_phi) < 1e-6
     assert rel_err(new.params["log_sigma2"] - state.params["log_sigma2"], want_rho) < 1e-6
@@ -284,7 +284,7 @@ def test_shrinkage_exact_option_uses_the_exact_sigma_gradient_and_the_map_phi_st
     theta_hat, _ = linear.posterior(batch.train, state.params["phi"], jnp.asarray(SIGMA))
     map_step = np.mean((theta_hat - state.params["phi"]) / SIGMA**2, axis=0)  # -dL/dphi
     assert rel_err(new.params["phi"] - state.params["phi"], map_step) < 1e-6
-    assert float(metrics["cg_residual"]) < 1e-9
+    assert float(metrics.cg_residual) < 1e-9
 
 
 def test_imaml_meta_gradient_is_the_dense_formula(paper, paper_model, paper_tasks):
@@ -297,7 +297,7 @@ def test_imaml_meta_gradient_is_the_dense_formula(paper, paper_model, paper_task
     state = learner.init(jax.random.PRNGKey(0), phi)
     assert set(state.params) == {"phi"}
     new, metrics = jax.jit(learner.step)(state, batch)
-    np.testing.assert_allclose(metrics["sigma"], np.full(8, lam**-0.5), rtol=1e-12)
+    np.testing.assert_allclose(metrics.sigma, np.full(8, lam**-0.5), rtol=1e-12)
     theta_hat, _ = linear.posterior(batch.train, phi, jnp.full(8, lam**-0.5))
     g = np.asarray(jax.vmap(jax.grad(paper_model.log_likelihood))(theta_hat, batch.val))
     H_lik = np.asarray(jax.vmap(jax.hessian(lambda th, d: -paper_model.log_likelihood(th, d)))(theta_hat, batch.train))

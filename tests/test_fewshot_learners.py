@@ -22,6 +22,7 @@ import hiermeta.train as train_module
 from hiermeta.checkpoint import read_metadata
 from hiermeta.implicit import cg_solve
 from hiermeta.learners.bilevel import proximal_sgd
+from hiermeta.learners.info import step_metrics
 from models import fewshot, linear
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -88,20 +89,20 @@ def central_differences(step, state, batch, directions, h):
 @pytest.mark.parametrize("name", ["M-Shrinkage", "M-sigma-iMAML", "MAML", "FOMAML", "Reptile", "iMAML", "ProtoNet"])
 def test_each_learner_takes_a_finite_step_on_an_episode_batch(name, steps):
     before, after, metrics = steps[name]
-    assert not bool(metrics["skipped"]) and int(after.num_skipped) == 0 and int(after.step) == 1
-    for key, value in metrics.items():
+    assert not bool(metrics.skipped) and int(after.num_skipped) == 0 and int(after.step) == 1
+    for key, value in step_metrics(metrics).items():
         assert np.all(np.isfinite(np.asarray(value, float))), (key, value)
     assert np.all(np.isfinite(after.params["phi"]))
     assert not np.allclose(after.params["phi"], before.params["phi"])  # it moved
-    if "num_diverged" in metrics:
-        assert int(metrics["num_diverged"]) == 0
+    if "num_diverged" in metrics._fields:
+        assert int(metrics.num_diverged) == 0
 
 
 @pytest.mark.parametrize("name", IMPLICIT)
 def test_implicit_hypergradients_match_central_finite_differences(name, tiny, steps):
     before, after, metrics = steps[name]
     params = before.params
-    assert float(metrics["cg_residual"]) < 1e-9  # the linear solve is exact
+    assert float(metrics.cg_residual) < 1e-9  # the linear solve is exact
     # sgd(1.0) minimises -PLL: the new params are old + dPLL/dmeta (old - dL/dphi for Shrinkage's phi)
     step = jax.tree_util.tree_map(lambda a, b: np.asarray(a - b), after.params, params)
     rng = np.random.default_rng(1)
@@ -211,7 +212,7 @@ def test_protonet_logits_match_a_direct_numpy_computation(tiny, steps):
         np.testing.assert_allclose(np.asarray(logits[t]) - (fq**2).sum(-1, keepdims=True), direct, rtol=1e-10, atol=1e-12)
         np.testing.assert_allclose(log_softmax(np.asarray(logits[t]), -1), log_softmax(direct, -1), rtol=1e-10, atol=1e-12)
         total += log_softmax(direct, -1)[np.arange(len(yq)), yq].sum()
-    np.testing.assert_allclose(metrics["val_log_lik"], total / 2, rtol=1e-10)  # the episodic objective
+    np.testing.assert_allclose(metrics.val_log_lik, total / 2, rtol=1e-10)  # the episodic objective
     # the meta-gradient (through prototypes and query embeddings) against central differences
     _, after, _ = steps["ProtoNet"]
     u = np.random.default_rng(2).normal(size=before.params["phi"].shape)
@@ -235,7 +236,7 @@ def test_protonet_refuses_what_it_cannot_do(tiny, steps):
     # a class with no support example has no prototype: the step is skipped, not silently wrong
     train = batch.train._replace(mask=batch.train.mask.at[0].set(batch.train.labels[0] != 1))
     new, metrics = tiny["step"]["ProtoNet"](before, batch._replace(train=train))
-    assert bool(metrics["skipped"]) and int(metrics["num_missing"]) == QUERIES
+    assert bool(metrics.skipped) and int(metrics.num_missing) == QUERIES
     np.testing.assert_array_equal(new.params["phi"], before.params["phi"])
 
 

@@ -32,7 +32,7 @@ def test_meta_step_applies_eq4_and_the_map_phi_gradient(modular, paper, paper_mo
                            outer_optimizer=optax.sgd(1.0), modular=modular)
     state = learner.init(jax.random.PRNGKey(0), jnp.asarray(phi), sigma=sigma)
     new, metrics = jax.jit(learner.step)(state, batch)
-    assert not bool(metrics["skipped"])
+    assert not bool(metrics.skipped)
 
     theta_hat, g = independent_terms(paper, batch, phi, sigma)
     eq4 = np.mean((theta_hat - phi) * g, axis=0)  # dPLL/d log sigma_m^2, per coordinate

@@ -76,7 +76,7 @@ def test_non_finite_hypergradient_leaves_state_unchanged(paper, paper_model, pap
     state = learner.init(jax.random.PRNGKey(0), jnp.zeros(8))
     bad = batch._replace(val=batch.val._replace(obs=batch.val.obs.at[3, 0, 0].set(jnp.nan)))
     new, metrics = jax.jit(learner.step)(state, bad)
-    assert bool(metrics["skipped"]) and int(new.num_skipped) == 1 and int(new.step) == 1
+    assert bool(metrics.skipped) and int(new.num_skipped) == 1 and int(new.step) == 1
     for a, b in zip(jax.tree_util.tree_leaves((new.params, new.opt_state)),
                     jax.tree_util.tree_leaves((state.params, state.opt_state))):
         np.testing.assert_array_equal(a, b)
@@ -86,7 +86,7 @@ def test_diverging_inner_loop_is_skipped_and_training_stops(paper, paper_model, 
     learner = make(paper_model, True, inner_lr=1.0)  # above 2 / lambda_max(H) = 0.47
     state = learner.init(jax.random.PRNGKey(0), jnp.zeros(8), sigma=2.0)
     _, metrics = jax.jit(learner.step)(state, paper_tasks[1])
-    assert bool(metrics["skipped"]) and int(metrics["num_diverged"]) > 0
+    assert bool(metrics.skipped) and int(metrics.num_diverged) > 0
     sample = lambda key: linear.sample_tasks(paper, key, 25)[1]
     with pytest.raises(hm.errors.MetaTrainingError, match="skipped") as info:
         hm.fit(learner, state, sample, 50, data_key=jax.random.PRNGKey(1), chunk_size=5,
