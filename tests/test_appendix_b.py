@@ -14,7 +14,7 @@ import pytest
 from scipy.optimize import brentq
 
 from hiermeta.implicit import eq4_solve, implicit_vjp
-from models import linear
+from hiermeta.models import linear
 
 N = K = 5
 T = 200_000

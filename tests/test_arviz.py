@@ -18,7 +18,7 @@ from scipy.special import logsumexp
 import hiermeta as hm
 from hiermeta import posterior as hp
 from hiermeta.arviz_io import _use_datatree, param_names
-from models import linear
+from hiermeta.models import linear
 
 C, S, T = 2, 60, 4
 TASKS = ["north", "east", "south", "west"]

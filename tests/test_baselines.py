@@ -9,7 +9,7 @@ import optax
 import pytest
 
 import hiermeta as hm
-from models import linear
+from hiermeta.models import linear
 
 K = 4  # unrolled inner steps in the exact checks
 RATES = np.array([0.05, 0.08, 0.11, 0.14, 0.06, 0.09, 0.12, 0.15, 0.04, 0.1])  # distinct per module

@@ -9,7 +9,7 @@ import pytest
 import hiermeta as hm
 import hiermeta.train as train_module
 from hiermeta.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
-from models import linear
+from hiermeta.models import linear
 
 STEPS = 30
 
@@ -196,7 +196,7 @@ def test_resume_refuses_a_checkpoint_of_another_configuration(setup, paper, pape
 RERUN_SCRIPT = """
 import jax, jax.numpy as jnp, optax
 import hiermeta as hm
-from models import linear
+from hiermeta.models import linear
 
 def build():
     domain = linear.paper_domain()

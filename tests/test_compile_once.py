@@ -11,7 +11,7 @@ import jax
 import optax
 
 import hiermeta as hm
-from models import sinusoid
+from hiermeta.models import sinusoid
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -71,7 +71,7 @@ CACHE_SCRIPT = textwrap.dedent(
     from jax import monitoring
     jax.config.update("jax_enable_x64", True)
     import hiermeta as hm
-    from models import linear
+    from hiermeta.models import linear
     counts = {"hits": 0, "misses": 0}
     def listen(event, **kwargs):
         if event == "/jax/compilation_cache/cache_hits":

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
-from models import linear
+from hiermeta.models import linear
 
 spec = importlib.util.spec_from_file_location(
     "consistency_example", Path(__file__).resolve().parent.parent / "examples" / "consistency.py")

@@ -10,8 +10,8 @@ from scipy import stats
 
 from hiermeta import posterior as hp
 from hiermeta.implicit import eq4_solve, implicit_vjp
-from models import eight_schools as es
-from models import linear
+from hiermeta.models import eight_schools as es
+from hiermeta.models import linear
 
 
 def z_threshold(num_comparisons, alpha=0.01):

@@ -22,7 +22,7 @@ from hiermeta.implicit import (
     solve_with_info,
 )
 from hiermeta.learners import shrinkage_params
-from models import linear
+from hiermeta.models import linear
 
 SIGMA = np.array([3.0, 1.0, 2.0, 5.0, 0.8, 1.5, 2.5, 4.0])  # distinct per module: 8 distinct curvatures
 PHI_SHIFT = np.linspace(-0.5, 0.5, 8)

@@ -12,7 +12,7 @@ from scipy.special import log_softmax, softmax
 import hiermeta as hm
 from hiermeta.families import CategoricalData, CategoricalLikelihood
 from hiermeta.posterior import task_log_likelihood
-from models import fewshot, glyphs, omniglot
+from hiermeta.models import fewshot, glyphs, omniglot
 
 C, D = 4, 3  # classes, input dims of the linear-softmax family
 

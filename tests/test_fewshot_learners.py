@@ -23,7 +23,7 @@ from hiermeta.checkpoint import read_metadata
 from hiermeta.implicit import cg_solve
 from hiermeta.learners.bilevel import proximal_sgd
 from hiermeta.learners.info import step_metrics
-from models import fewshot, linear
+from hiermeta.models import fewshot, linear
 
 ROOT = Path(__file__).resolve().parent.parent
 WAYS, SHOTS, QUERIES = 3, 2, 2
@@ -288,7 +288,7 @@ MESH_SCRIPT = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     import hiermeta as hm
     from hiermeta.learners.bilevel import proximal_sgd
-    from models import fewshot
+    from hiermeta.models import fewshot
     hm.enable_compilation_cache(sys.argv[1])
     assert jax.device_count() == 4
     net = fewshot.convnet(3, image_size=6, filters=2, blocks=1, groups=1)

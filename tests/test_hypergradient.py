@@ -9,7 +9,7 @@ import pytest
 import hiermeta as hm
 from hiermeta.implicit import eq4_solve, hessian_vector_product, implicit_vjp
 from hiermeta.learners import shrinkage_params
-from models import linear
+from hiermeta.models import linear
 
 
 def independent_terms(paper, batch, phi, sigma):

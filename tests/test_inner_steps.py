@@ -14,7 +14,7 @@ import optax
 import pytest
 
 import hiermeta as hm
-from models import linear
+from hiermeta.models import linear
 
 K = 3
 LR = 0.3  # inner SGD rate

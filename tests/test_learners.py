@@ -9,7 +9,7 @@ from scipy.optimize import brentq
 
 import hiermeta as hm
 from hiermeta.learners import sigma_of
-from models import linear
+from hiermeta.models import linear
 
 STEPS = 1500
 

@@ -9,7 +9,7 @@ from scipy import stats
 
 import hiermeta as hm
 from hiermeta.learners import shrinkage_params
-from models import linear
+from hiermeta.models import linear
 
 EIGHT_SCHOOLS_Y = np.array([28.0, 8, -3, 7, -1, 1, 18, 12])
 EIGHT_SCHOOLS_SE = np.array([15.0, 10, 16, 11, 9, 11, 10, 18])

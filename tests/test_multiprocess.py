@@ -24,7 +24,7 @@ import pytest
 import hiermeta as hm
 from hiermeta.distributed import check_mesh, collectively, global_tasks, same_everywhere
 from hiermeta.sharding import task_mesh
-from models import linear
+from hiermeta.models import linear
 
 ROOT = Path(__file__).resolve().parent.parent
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
@@ -35,7 +35,7 @@ SETUP = textwrap.dedent(
     f"""
     import jax, jax.numpy as jnp, numpy as np, optax
     import hiermeta as hm
-    from models import linear
+    from hiermeta.models import linear
     paper = linear.paper_domain()
     learner = hm.m_shrinkage(linear.make_model(8), inner_optimizer=optax.sgd(0.3), inner_steps=20,
                              outer_optimizer=optax.adam(0.03))

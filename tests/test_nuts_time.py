@@ -15,7 +15,7 @@ from scipy import stats
 
 import hiermeta as hm
 import hiermeta.posterior as hp
-from models import eight_schools as es
+from hiermeta.models import eight_schools as es
 
 RUN = dict(num_warmup=100, num_samples=100, num_chains=2, noncentred=True)
 

@@ -22,7 +22,7 @@ from hiermeta.predictive import (
     score_draws,
     score_gaussian_mixture,
 )
-from models import linear
+from hiermeta.models import linear
 
 FAMILY_ALPHA = 0.01
 

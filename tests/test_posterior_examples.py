@@ -71,7 +71,7 @@ def test_nuts_chains_run_in_parallel_on_several_devices():
         from unittest import mock
         import numpyro.infer
         from hiermeta import posterior as hp
-        from models import eight_schools as es
+        from hiermeta.models import eight_schools as es
         assert jax.local_device_count() == 4
         seen = {}
         original = numpyro.infer.MCMC.__init__

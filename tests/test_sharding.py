@@ -16,7 +16,7 @@ import pytest
 
 import hiermeta as hm
 from hiermeta.sharding import shard_tasks, task_mesh
-from models import linear
+from hiermeta.models import linear
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -26,7 +26,7 @@ SCRIPT = textwrap.dedent(
     jax.config.update("jax_enable_x64", True)
     import hiermeta as hm
     from hiermeta.sharding import shard_tasks, sharded_step, task_mesh
-    from models import linear, sinusoid
+    from hiermeta.models import linear, sinusoid
     import sys
     hm.enable_compilation_cache(sys.argv[1])
 

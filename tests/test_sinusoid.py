@@ -8,7 +8,7 @@ import pytest
 from scipy.stats import norm
 
 import hiermeta as hm
-from models import sinusoid
+from hiermeta.models import sinusoid
 
 
 @pytest.fixture(scope="module")

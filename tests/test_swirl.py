@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from scipy.stats import norm
 
-from models import swirl
+from hiermeta.models import swirl
 
 
 def numpy_swirl(theta, omega=np.pi / 5):

@@ -180,7 +180,7 @@ def test_legacy_driver_compiles_once():
 def test_mle_reference_is_least_squares(paper, paper_model):
     """An infinite prior sd is the flat prior: linear.posterior gives each task's weighted least
     squares (it was NaN: the Woodbury form multiplied inf by 0), and reference_losses uses it."""
-    from models import linear
+    from hiermeta.models import linear
 
     _, tasks = linear.sample_tasks(paper, jax.random.PRNGKey(7), 30)
     mle, _ = linear.posterior(tasks.train, paper.phi, np.full(paper.num_params, np.inf))

@@ -8,7 +8,7 @@ import pytest
 
 import hiermeta as hm
 from hiermeta.tasks import check_task_batch
-from models import linear
+from hiermeta.models import linear
 
 OBS = np.zeros((3, 2, 9))
 DESIGN = linear.paper_domain().design

@@ -59,3 +59,18 @@ def test_unknown_names_raise_attribute_error():
     # names that moved to their modules are there, not at the top
     assert not hasattr(hm, "ConvergenceWarning") and hm.errors.ConvergenceWarning.__name__ == "ConvergenceWarning"
     assert not hasattr(hm, "run_inner") and callable(hm.inner.run_inner)
+
+
+def test_models_install_as_hiermeta_models_and_not_as_a_top_level_package():
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "hiermeta.models" in setup["packages"] and not any(p.split(".")[0] == "models" for p in setup["packages"])
+    assert setup["package-dir"] == {"hiermeta.models": "models"}
+    # a source checkout gives hiermeta.models its own models/ folder (not another installed copy's)
+    got = run("""
+import json
+from hiermeta.models import linear
+print(json.dumps(linear.__file__))
+""")
+    assert got == str(ROOT / "models" / "linear.py")
