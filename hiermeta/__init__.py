@@ -9,11 +9,18 @@ The top level holds the verbs of the user paths and the core types; everything e
 its module (``hm.solvers.newton``, ``hm.errors.ConvergenceWarning``, ``hm.predictive.score_draws``),
 as in optax and NumPyro.  Names are resolved on first use (PEP 562): ``import hiermeta`` imports
 neither JAX nor NumPyro, ArviZ, matplotlib or pandas; the first name that needs one imports it.
+
+JAX's persistent compilation cache is on by default, in ``~/.cache/hiermeta/jax``, from the moment
+hiermeta first needs JAX; ``HIERMETA_COMPILATION_CACHE=off`` turns it off and
+``HIERMETA_COMPILATION_CACHE=DIR`` moves it; a cache directory you configured yourself
+(``$JAX_COMPILATION_CACHE_DIR``, ``jax.config``) is left alone
+(:func:`hiermeta.utils.default_compilation_cache`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
 import sys
 import types
 from typing import TYPE_CHECKING
@@ -125,6 +132,35 @@ class _Namespace(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Namespace
+
+# Submodules that need no JAX (importing them leaves the compilation cache alone).
+_JAX_FREE = ("hiermeta.errors", "hiermeta.mixed")
+
+
+class _CompilationCacheOnFirstUse(importlib.abc.MetaPathFinder):
+    """Turns on the default compilation cache just before hiermeta first imports a JAX module.
+
+    It sits first on ``sys.meta_path`` from ``import hiermeta`` until the first ``hiermeta.*``
+    submodule that needs JAX is imported (through ``hm.NAME``, ``import hiermeta.X`` or ``from
+    hiermeta.X import Y`` alike); it then removes itself, calls
+    :func:`hiermeta.utils.default_compilation_cache`, and finds nothing, so the import proceeds
+    as usual.  Other packages' imports pass it untouched.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith(__name__ + ".") and not fullname.startswith(_JAX_FREE):
+            try:
+                sys.meta_path.remove(self)
+            except ValueError:  # another thread got here first
+                return None
+            from .utils import default_compilation_cache
+
+            default_compilation_cache()
+        return None
+
+
+if not any(isinstance(finder, _CompilationCacheOnFirstUse) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _CompilationCacheOnFirstUse())
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly
