@@ -14,7 +14,8 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["HiermetaWarning", "ConvergenceWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning",
-           "SigmaRunOffWarning", "CheckpointError", "DistributedError", "MetaTrainingError", "CheckpointWriteError"]
+           "SigmaRunOffWarning", "CheckpointError", "CheckpointExistsError", "DistributedError", "MetaTrainingError",
+           "CheckpointWriteError", "ProcessDisagreementError", "ReplicaDivergenceError"]
 
 
 class HiermetaWarning(UserWarning):
@@ -63,3 +64,26 @@ class MetaTrainingError(RuntimeError):
 
 class CheckpointWriteError(MetaTrainingError):
     """A checkpoint could not be written; ``state`` and ``history`` are the run's, up to that step."""
+
+
+class ProcessDisagreementError(ValueError):
+    """The processes of a multi-process run were not given the same run (configuration, data or
+    initial state); raised in every process before the first meta-step, naming what differs."""
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """The replicated meta-state differs between processes after a chunk of meta-steps.
+
+    ``state`` is the last state every process agreed on (also written to the run's checkpoint, if
+    it has one) and ``history`` the metrics up to it, as :class:`hiermeta.MetaTrainingError` carries.
+    """
+
+    def __init__(self, message: str, state: Any, history: dict):
+        super().__init__(message)
+        self.state = state
+        self.history = history
+
+
+class CheckpointExistsError(FileExistsError):
+    """``fit`` was given a checkpoint path that already holds a file, with neither ``resume=True``
+    (continue it) nor ``overwrite=True`` (replace it on purpose): nothing is overwritten silently."""
