@@ -17,7 +17,8 @@ A formula ``response ~ fixed part + (expr | group) + ...`` (lme4; Bates et al. 2
   (expr | a:b)`` (``a/b/c`` adds ``a:b:c``).  Several bar terms over different factors are
   crossed or nested as the data make them; the design does not need to be told which;
 * the response is a column or a transform of one (``log(y)``); for a binomial model also
-  ``cbind(successes, failures)`` (lme4) or ``p(successes, trials)`` (bambi), both stored as
+  ``cbind(successes, failures)`` (lme4; each argument a column or arithmetic on columns,
+  ``cbind(incidence, size - incidence)``) or ``p(successes, trials)`` (bambi), both stored as
   the proportion with the trials as weights, or a two-level factor (the second level is a
   success, as in R's ``glm``).
 
@@ -278,11 +279,23 @@ def _binomial_response(text: str) -> Optional[tuple]:
     for kind in ("cbind", "p"):
         if text.startswith(kind + "(") and text.endswith(")") and _closes_at_end(text[len(kind):]):
             args = [a.strip() for s, a in _top_level_split(text[len(kind) + 1: -1], ",")]
-            if len(args) != 2 or not all(_is_name(a) for a in args):
+            if len(args) != 2 or not all(args):
                 raise FormulaError(f"{text}: {kind}() takes two columns, e.g. {kind}(successes, "
                                    f"{'failures' if kind == 'cbind' else 'trials'})")
-            return kind, _strip_name(args[0]), _strip_name(args[1])
+            return kind, args[0], args[1]
     return None
+
+
+def _numeric_expression(df: pd.DataFrame, text: str) -> np.ndarray:
+    """A column, or arithmetic on columns (``size - incidence``), as floats."""
+    name = _strip_name(text)
+    if name in df.columns:
+        return df[name].to_numpy(dtype=float)
+    try:
+        values = df.eval(text, engine="python")
+        return np.asarray(values, dtype=float).reshape(df.shape[0])
+    except Exception as err:
+        raise FormulaError(f"cannot evaluate {text!r} on the data: {type(err).__name__}: {err}") from None
 
 
 def _group_codes(df: pd.DataFrame, columns: tuple) -> tuple:
@@ -351,10 +364,10 @@ class ModelFrame:
         binomial = _binomial_response(split.response)
         if binomial is not None and family != "binomial":
             raise FormulaError(f"{split.response} is a binomial response; give family='binomial'")
-        fixed_formula = f"{split.response if binomial is None else binomial[1]} ~ {split.fixed}"
-        used = _variables(fixed_formula)
+        fixed_formula = f"{split.response if binomial is None else 'cbind__successes'} ~ {split.fixed}"
+        used = [v for v in _variables(fixed_formula) if v != "cbind__successes"]
         if binomial is not None:
-            used += [binomial[2]]
+            used += _variables(binomial[1]) + _variables(binomial[2])
         _require_columns(df, used, "the fixed part or the response")
         group_cols = sorted({c for bar in split.bars for g in bar.groups for c in g})
         _require_columns(df, group_cols, "a grouping factor")
@@ -373,6 +386,8 @@ class ModelFrame:
         # the fixed part and the response
         import formulae
 
+        if binomial is not None:  # the response is read below; formulae gets a placeholder
+            df = df.assign(cbind__successes=0.0)
         try:
             dm = formulae.design_matrices(fixed_formula, df, na_action="error")
         except Exception as err:
@@ -419,8 +434,7 @@ class ModelFrame:
         """``(y, trials or None, note)``."""
         if binomial is not None:
             kind, first, second = binomial
-            a = df[first].to_numpy(dtype=float)
-            b = df[second].to_numpy(dtype=float)
+            a, b = _numeric_expression(df, first), _numeric_expression(df, second)
             trials = a + b if kind == "cbind" else b
             if np.any(a < 0) or np.any(trials <= 0) or np.any(a > trials):
                 raise DataDefectError(f"{kind}({first}, {second}): successes must lie in 0..trials and trials be > 0")
