@@ -14,8 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["HiermetaWarning", "ConvergenceWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning",
-           "SigmaRunOffWarning", "CheckpointError", "CheckpointExistsError", "DistributedError", "MetaTrainingError",
-           "CheckpointWriteError", "ProcessDisagreementError", "ReplicaDivergenceError"]
+           "SigmaRunOffWarning", "CheckpointError", "CheckpointExistsError", "DistributedError",
+           "MetaTrainingError", "CheckpointWriteError", "ProcessDisagreementError", "ReplicaDivergenceError",
+           "DesignWarning", "FormulaError", "DataDefectError"]
 
 
 class HiermetaWarning(UserWarning):
@@ -87,3 +88,23 @@ class ReplicaDivergenceError(RuntimeError):
 class CheckpointExistsError(FileExistsError):
     """``fit`` was given a checkpoint path that already holds a file, with neither ``resume=True``
     (continue it) nor ``overwrite=True`` (replace it on purpose): nothing is overwritten silently."""
+
+
+# ---------------------------------------------------------------------------- mixed models (hiermeta.mixed)
+
+
+class DesignWarning(HiermetaWarning):
+    """A mixed model was built differently from how it was written: columns dropped from a
+    rank-deficient fixed-effects design (as lme4 does), or a numeric grouping column with
+    non-integer values treated as a factor.  The model records what was changed."""
+
+
+class FormulaError(ValueError):
+    """A model formula cannot be read against its data: bad syntax, an unknown column, a term
+    hiermeta does not support, a formula without random-effect terms."""
+
+
+class DataDefectError(ValueError):
+    """The data cannot identify the model as written, found before fitting: missing or infinite
+    values in a used column, an all-equal response, a random-effect term with as many levels as
+    observations beside a residual, a rank-deficient fixed design (when asked to refuse one)."""
