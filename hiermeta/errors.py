@@ -6,7 +6,8 @@ can check it without catching warnings; the warning is there so that nobody miss
 
 from __future__ import annotations
 
-__all__ = ["HiermetaWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning", "SigmaRunOffWarning"]
+__all__ = ["HiermetaWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning", "SigmaRunOffWarning",
+           "DataDefectError", "SeparationWarning"]
 
 
 class HiermetaWarning(UserWarning):
@@ -27,3 +28,17 @@ class SamplingWarning(HiermetaWarning):
 
 class SigmaRunOffWarning(HiermetaWarning):
     """A sigma learned by the predictive likelihood ran off: far above the data's scale, or to 0."""
+
+
+# ---------------------------------------------------------------------------- mixed models (GLMMs)
+
+
+class DataDefectError(ValueError):
+    """The data cannot be fitted as given: a response outside the family's range (negative or
+    non-integer counts, successes above the trials), an all-equal binary response, or complete
+    separation; found before anything is fitted, with the rows or columns named."""
+
+
+class SeparationWarning(HiermetaWarning):
+    """Quasi-complete separation in a GLMM's fixed effects: the likelihood grows without bound
+    along a direction of the named columns, so their estimates and standard errors are not finite."""
