@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["HiermetaWarning", "ConvergenceWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning",
            "SigmaRunOffWarning", "CheckpointError", "CheckpointExistsError", "DistributedError",
            "MetaTrainingError", "CheckpointWriteError", "ProcessDisagreementError", "ReplicaDivergenceError",
-           "DesignWarning", "FormulaError", "DataDefectError"]
+           "DesignWarning", "FormulaError", "DataDefectError", "SeparationWarning"]
 
 
 class HiermetaWarning(UserWarning):
@@ -105,6 +105,13 @@ class FormulaError(ValueError):
 
 
 class DataDefectError(ValueError):
-    """The data cannot identify the model as written, found before fitting: missing or infinite
-    values in a used column, an all-equal response, a random-effect term with as many levels as
-    observations beside a residual, a rank-deficient fixed design (when asked to refuse one)."""
+    """The data cannot identify or fit the model as written, found before fitting, with the rows or
+    columns named: missing or infinite values in a used column, an all-equal response, a
+    random-effect term with as many levels as observations beside a residual, a rank-deficient
+    fixed design (when asked to refuse one), a response outside the family's range (negative or
+    non-integer counts, successes above the trials), complete separation."""
+
+
+class SeparationWarning(HiermetaWarning):
+    """Quasi-complete separation in a GLMM's fixed effects: the likelihood grows without bound
+    along a direction of the named columns, so their estimates and standard errors are not finite."""

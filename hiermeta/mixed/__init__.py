@@ -8,12 +8,15 @@
 parameters), :mod:`~hiermeta.mixed.linalg` the penalised least-squares system every fit solves,
 :mod:`~hiermeta.mixed.formula` reads lme4's formulas, :mod:`~hiermeta.mixed.checks` refuses data
 that cannot identify the model, :mod:`~hiermeta.mixed.lmm` fits Gaussian models exactly (ML,
-REML), :mod:`~hiermeta.mixed.model` and :mod:`~hiermeta.mixed.result` are the user's objects.
-Importing this package never imports JAX, NumPyro, ArviZ or matplotlib.
+REML), :mod:`~hiermeta.mixed.model` and :mod:`~hiermeta.mixed.result` are the user's objects,
+:mod:`~hiermeta.mixed.family` the GLM families and :mod:`~hiermeta.mixed.glmm` the GLMM fits
+(PIRLS, Laplace, adaptive quadrature).  Importing this package never imports JAX, NumPyro, ArviZ or matplotlib.
 """
 
 from .estimate import Estimate
+from .family import get_family
+from .glmm import fit_glmm
 from .model import FAMILIES, MixedModel, mixed_model
 from .result import AnovaTable, MixedFit, anova
 
-__all__ = ["mixed_model", "MixedModel", "MixedFit", "Estimate", "anova", "AnovaTable", "FAMILIES"]
+__all__ = ["mixed_model", "MixedModel", "MixedFit", "Estimate", "anova", "AnovaTable", "FAMILIES", "get_family", "fit_glmm"]
