@@ -35,7 +35,7 @@ def measure_here(num_devices: int, tasks: int, steps: int, repeats: int) -> dict
     from models import sinusoid
 
     assert jax.device_count() >= num_devices, jax.devices()
-    mesh = hm.task_mesh(num_devices=num_devices)
+    mesh = hm.sharding.task_mesh(num_devices=num_devices)
     domain = sinusoid.maml_domain()
     params = sinusoid.init_mlp(jax.random.PRNGKey(0))
     model = sinusoid.make_model(params)

@@ -31,6 +31,7 @@ import optax  # noqa: E402
 from jax.flatten_util import ravel_pytree  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
+import hiermeta.train  # noqa: E402  (hm.train._chunk_runner below)
 import peers_jax  # noqa: E402
 import peers_torch  # noqa: E402
 from models import sinusoid  # noqa: E402

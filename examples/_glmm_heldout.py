@@ -36,7 +36,7 @@ from hiermeta import marginal
 from hiermeta.families import GLMData
 from hiermeta.learners import sigma_of
 from hiermeta.predictive import score_draws
-from hiermeta.report import count, format_table, study_parser, write_json
+from _common import count, format_table, pyplot, save_figure, study_parser, write_json
 
 LEVELS = (0.5, 0.9)
 
@@ -149,7 +149,7 @@ def train_learners(spec: LearnerSpec, model, support: GLMData, steps: int, key) 
         status, history = "ok", {}
         try:  # an inner solve that stops short of its tolerance warns (ConvergenceWarning) and is counted below
             state, history = hm.fit(learner, state, sample, steps, data_key=jax.random.fold_in(key, 1), progress=False)
-        except hm.MetaTrainingError as err:  # keep the last good state, say so
+        except hm.errors.MetaTrainingError as err:  # keep the last good state, say so
             state, status, history = err.state, str(err), err.history or {}
         unconverged = np.asarray(history.get("num_unconverged", np.zeros(0)))
         out[name] = {"learner": learner, "state": state, "seconds": time.perf_counter() - t0, "status": status,
@@ -251,8 +251,6 @@ def print_scores(per_method: dict) -> dict:
 
 
 def plot(path, title, names, fits, draws, references, summary):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(13, 4.8))
     y = np.arange(len(names))

@@ -7,7 +7,7 @@ swirl: Experiment 2) and each method:
 1. hyperparameter search: every candidate of the method's grid (below, and in the JSON) is
    meta-trained on the same task stream and adapted to a fixed set of *validation* tasks for
    0..K_test steps; the candidate with the lowest validation loss at its best step wins
-   (``hiermeta.study``);
+   (``examples/_search.py``);
 2. the winner is adapted to 1000 *held-out* tasks (never used for any choice) for 0..K_test steps
    (200 linear, 1000 swirl); reported: the best mean loss and its step, the loss at the step chosen
    on the validation tasks, and the loss at the last step, beside exact or Monte-Carlo references.
@@ -21,6 +21,7 @@ swirl: Experiment 2) and each method:
 from __future__ import annotations
 
 import itertools
+import sys
 import time
 from pathlib import Path
 
@@ -33,11 +34,13 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
-from hiermeta.report import count, format_table, plot_loss_curves, study_parser, write_json  # noqa: E402
-from hiermeta.study import Candidate, curve_summary, search, try_evaluate  # noqa: E402
 from models import linear, swirl  # noqa: E402
 
 from hiermeta.learners import m_sigma_imaml, sigma_imaml  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, plot_loss_curves, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _search import Candidate, curve_summary, search, try_evaluate  # noqa: E402
 
 # ------------------------------------------------------------------ search grids (documented in the JSON)
 GRIDS = {
@@ -101,7 +104,7 @@ def method_candidates(model, grid: dict, meta_steps: int) -> dict:
         "FOMAML": maml(first_order=True),
         "FO-M-MAML": maml(modular=True, first_order=True),
         "Reptile": reptile(),
-        "M-Shrinkage MAP": prior(hm.shrinkage_map, modular=True),
+        "M-Shrinkage MAP": prior(hm.m_shrinkage_map),
     })
     return methods
 
@@ -276,8 +279,6 @@ def report_domain(name, res, log):
 
 
 def plot(path, results):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
 
     fig, axes = plt.subplots(1, len(results), figsize=(7.5 * len(results), 5), squeeze=False)

@@ -25,6 +25,7 @@ sigma) for (i), (ii), (iv) and type-II ML's own for (iii).  Estimates below 1e-3
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -41,8 +42,10 @@ import scipy.optimize  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import implicit  # noqa: E402
-from hiermeta.report import count, count_list, format_table, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, count_list, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 RHO_BOUNDS = (2 * np.log(1e-4), 2 * np.log(1e3))  # rho = log sigma^2
 ZERO = 1e-3  # sigma below this counts as collapsed
@@ -347,8 +350,6 @@ def main(argv=None):
 
 
 def plot(path, payload, T_values):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
 
     panels = []

@@ -19,6 +19,7 @@ tau ~ HalfCauchy(5).  The script
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -33,8 +34,10 @@ import numpy as np  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import posterior as hp  # noqa: E402
-from hiermeta.report import count, format_table, study_parser, write_json  # noqa: E402
 from models import eight_schools as es  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 
 def build_parser():
@@ -179,8 +182,6 @@ def z_calibration(rows, name, family_alpha=0.01) -> dict:
 
 
 def plot(path, runs, exact, taus, profile, pll_curve):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
     from scipy import integrate
 

@@ -40,8 +40,10 @@ from hiermeta.checkpoint import read_metadata  # noqa: E402
 from hiermeta.implicit import cg_solve  # noqa: E402
 from hiermeta.learners import rates_of, sigma_of  # noqa: E402
 from hiermeta.learners.bilevel import proximal_sgd  # noqa: E402
-from hiermeta.report import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 from models import fewshot, glyphs  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 LEARNERS = ("M-Shrinkage", "M-sigma-iMAML", "MAML", "FOMAML", "Reptile", "iMAML", "ProtoNet", "Untrained")
 SIGMA_LEARNERS = ("M-Shrinkage", "M-sigma-iMAML")
@@ -253,7 +255,7 @@ def main(argv=None):
     print(f"data: {source}: {dataset.num_classes} classes of {len(dataset.alphabets)} alphabets, "
           f"{dataset.instances} instances, {dataset.image_size}x{dataset.image_size}; classes per split "
           f"{ {k: int(v.size) for k, v in splits.items()} }")
-    mesh = hm.task_mesh(num_devices=args.devices) if args.devices else None
+    mesh = hm.sharding.task_mesh(num_devices=args.devices) if args.devices else None
     settings = {}
     for ways in args.ways:
         for shots in args.shots:

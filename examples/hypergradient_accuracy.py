@@ -21,6 +21,7 @@ the implicit and the unrolled hypergradient for K = 10, 100, 1000.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -34,8 +35,10 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.implicit import cg_solve, eq4_solve, implicit_hypergradient, implicit_solution  # noqa: E402
-from hiermeta.report import count, format_table, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 CG_ITERATIONS = (1, 2, 5, 10)
 METHODS = ("Eq. 4", *[f"CG {n}" for n in CG_ITERATIONS], "unrolled")
@@ -68,7 +71,7 @@ def build(model, K):
 
     def run(phi, log_sigma2, lr, batch):
         params = {"phi": phi, "log_sigma2": jnp.full(phi.shape, log_sigma2)}
-        theta_of = lambda p: jax.vmap(lambda d: hm.run_inner(hm.InnerProblem(p["phi"], loss(p), optax.sgd(lr)), d, K).theta)(batch.train)
+        theta_of = lambda p: jax.vmap(lambda d: hm.inner.run_inner(hm.inner.InnerProblem(p["phi"], loss(p), optax.sgd(lr)), d, K).theta)(batch.train)
         mean_pll = lambda theta: jnp.mean(jax.vmap(model.log_likelihood)(theta, batch.val))
         exact_theta = lambda p: linear.posterior(batch.train, p["phi"], jnp.exp(0.5 * p["log_sigma2"]))[0]
         out = {"exact": jax.grad(lambda p: mean_pll(exact_theta(p)))(params),
@@ -97,8 +100,8 @@ def memory_table(model, batch, phi, sigma):
     rows = {}
     for K in MEMORY_KS:
         def solve(p, d, K=K):
-            problem = hm.InnerProblem(p["phi"], lambda th, d: model.inner_objective(th, p["phi"], sd(p), d), optax.sgd(0.3))
-            return hm.run_inner(problem, d, K).theta
+            problem = hm.inner.InnerProblem(p["phi"], lambda th, d: model.inner_objective(th, p["phi"], sd(p), d), optax.sgd(0.3))
+            return hm.inner.run_inner(problem, d, K).theta
 
         solution = implicit_solution(solve, inner_grad, prior_var, cg_solve())
         pll = lambda p, b, f: jnp.mean(jax.vmap(lambda tr, va: model.log_likelihood(f(p, tr), va))(b.train, b.val))
@@ -179,8 +182,6 @@ def main(argv=None):
 
 
 def plot(path, records, sigmas, ks):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
 
     lookup = {(r["sigma"], r["K"], r["method"], r["param"]): max(r["rel_error"], 1e-16) for r in records}

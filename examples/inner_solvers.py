@@ -19,6 +19,7 @@ of one compiled call.  Data:
 from __future__ import annotations
 
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -35,8 +36,10 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import solvers  # noqa: E402
-from hiermeta.report import format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 NOISE_MS = 25.6
 

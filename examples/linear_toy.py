@@ -14,6 +14,7 @@ beside the Bayes oracle and the MLE.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +29,10 @@ from scipy.optimize import brentq, minimize_scalar  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.learners import shrinkage_params, sigma_of  # noqa: E402
-from hiermeta.report import count, format_table, plot_loss_curves, positive_float, study_parser, write_json  # noqa: E402
 from models import linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, plot_loss_curves, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 REPORT_STEPS = (0, 25, 50, 100, 200)
 PHASES: list = []  # (name, start, end) in time.perf_counter() seconds, one entry per phase of the last main()
@@ -246,8 +249,6 @@ def sigma_verdict(quick: bool, meta_steps: int, learner_names, shared_eq4: float
 
 
 def plot(path, curves, references, learned, domain):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 5.5))

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -53,8 +54,11 @@ from hiermeta.predictive import (  # noqa: E402
     score_draws,
     score_gaussian_mixture,
 )
-from hiermeta.report import count, count_list, format_table, positive_float, study_parser, write_json  # noqa: E402
+from hiermeta.tasks import num_tasks  # noqa: E402
 from models import linear  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, count_list, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 LEVELS = (0.5, 0.9)
 
@@ -141,14 +145,14 @@ def swirl_arm():
 
 
 def fit_m_shrinkage(arm, train, meta_steps, key, progress):
-    model, T = arm["model"], hm.tasks.num_tasks(train.train)
+    model, T = arm["model"], num_tasks(train.train)
     schedule = optax.cosine_decay_schedule(arm["outer_lr"], meta_steps, alpha=0.1)
     learner = hm.m_shrinkage(model, outer_optimizer=optax.adam(schedule), **arm["learner"])
     state = learner.init(key, jnp.zeros(model.partition.num_params))
     try:
         state, _ = hm.fit(learner, state, hm.sample_from(train, min(T, 32)), meta_steps,
                           data_key=jax.random.fold_in(key, 1), progress=progress, description=f"M-Shrinkage T={T}")
-    except hm.MetaTrainingError as err:  # keep the last good state, and say so
+    except hm.errors.MetaTrainingError as err:  # keep the last good state, and say so
         print(f"  M-Shrinkage stopped early at T={T}: {err}")
         state = err.state
     phi = np.asarray(state.params["phi"])
@@ -158,7 +162,7 @@ def fit_m_shrinkage(arm, train, meta_steps, key, progress):
 
 def nuts_hyper_draws(arm, train, key, args, progress):
     model = hp.with_priors(arm["model"], phi_scale=args.phi_scale, sigma_scale=args.sigma_scale)
-    T = hm.tasks.num_tasks(train.train)
+    T = num_tasks(train.train)
     nc = args.parametrisation == "noncentred" or (args.parametrisation == "auto" and T <= 32)
     t0 = time.perf_counter()
     result = hp.run_nuts(model, arm["merge"](train), key, num_warmup=args.warmup, num_samples=args.samples,
@@ -390,8 +394,6 @@ def main(argv=None):
 
 
 def plot(path, payload, T_values):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
 
     domains = payload["domains"]

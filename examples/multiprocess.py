@@ -38,8 +38,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 
-from hiermeta.report import count, study_parser  # noqa: E402  (importing creates no JAX backend)
+from _common import count, study_parser  # noqa: E402  (importing creates no JAX backend)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,6 +15,7 @@ loop at the true phi and sigma.
 
 from __future__ import annotations
 
+import sys
 import time
 from pathlib import Path
 
@@ -28,8 +29,10 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.learners import shrinkage_params, sigma_of  # noqa: E402
-from hiermeta.report import count, format_table, plot_loss_curves, positive_float, study_parser, write_json  # noqa: E402
 from models import swirl  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, plot_loss_curves, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 REPORT_STEPS = (0, 10, 100, 300, 1000)
 REF_NAMES = {"oracle_map": "Bayes oracle (global MAP)", "local_map": "MAP from phi (true prior)",
@@ -168,8 +171,6 @@ def main(argv=None):
 
 
 def plot(path, curves, references, learned, domain):
-    from hiermeta.report import pyplot, save_figure
-
     plt = pyplot()
 
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(12, 4.5))

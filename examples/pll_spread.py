@@ -25,6 +25,7 @@ seeds so the whole study compiles once per configuration.  Prints a table of the
 from __future__ import annotations
 
 import os
+import sys
 import time
 from pathlib import Path
 
@@ -42,7 +43,9 @@ import hiermeta as hm  # noqa: E402
 from hiermeta.crossfit import crossfit_sampler, resplit, run_off  # noqa: E402
 from hiermeta.learners import sigma_of  # noqa: E402
 from hiermeta.learners.base import extra_values  # noqa: E402
-from hiermeta.report import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 CONFIGS = {  # name -> (hypergradient, cross-fitting)
     "one split, Eq. 4": ("eq4", False),

@@ -31,8 +31,10 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.learners import sigma_of  # noqa: E402
-from hiermeta.report import count, format_table, positive_float, study_parser, write_json  # noqa: E402
 from models import sinusoid  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import count, format_table, plot_loss_curves, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 REPORT_STEPS = (0, 1, 5, 10, 20)
 
@@ -74,7 +76,7 @@ def main(argv=None):
                              outer_optimizer=optax.adam(args.outer_lr))
     state = learner.init(k_init, params)
     sample = lambda key: sinusoid.sample_tasks(domain, key, args.batch_size)[1]
-    mesh = hm.task_mesh(num_devices=args.devices) if args.devices else None
+    mesh = hm.sharding.task_mesh(num_devices=args.devices) if args.devices else None
     state, history = hm.fit(learner, state, sample, meta_steps, data_key=k_data, checkpoint=args.checkpoint,
                             checkpoint_every=args.checkpoint_every, resume=args.resume, mesh=mesh)
     print(f"[{time.perf_counter() - t_start:6.1f}s] meta-trained {learner.name} for {meta_steps} steps "
@@ -104,8 +106,6 @@ def main(argv=None):
 
 
 def plot(path, trained, untrained, history, modules):
-    from hiermeta.report import plot_loss_curves, pyplot, save_figure
-
     plt = pyplot()
     fig, (ax0, ax1) = plt.subplots(1, 2, figsize=(11, 4.2))
     plot_loss_curves(ax0, {"meta-trained (M-Shrinkage)": trained, "initial weights": untrained})

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
@@ -42,7 +43,9 @@ jax.config.update("jax_enable_x64", True)
 import numpy as np  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
-from hiermeta.report import format_table, write_json  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
+from _common import format_table, write_json  # noqa: E402
 
 STUDY = {
     "name": "sleepstudy",

@@ -4,117 +4,147 @@ The model (Eq. 1): theta_{m,t} ~ N(phi_m, sigma_m^2 I) per module m, D_t ~ p(D |
 once as a NumPyro model (:class:`HierarchicalModel`); meta-learners (:mod:`hiermeta.learners`)
 share one interface (``init``, ``step``, ``inner_problem``, ``adapt``) and read every density
 from that model; :mod:`hiermeta.solvers` says how each task's MAP is solved and how close it got.
+
+The top level holds the verbs of the user paths and the core types; everything else lives in
+its module (``hm.solvers.newton``, ``hm.errors.ConvergenceWarning``, ``hm.predictive.score_draws``),
+as in optax and NumPyro.  Names are resolved on first use (PEP 562): ``import hiermeta`` imports
+neither JAX nor NumPyro, ArviZ, matplotlib or pandas; the first name that needs one imports it.
 """
 
-from .evaluate import LossCurve, adapt, evaluate, loss_curve
-from .hierarchy import HierarchicalModel
-from .sites import GlobalParam
-from .linear_gaussian import LinearDesign, LinearGaussianLikelihood, linear_gaussian
-from . import empirical_bayes, families, marginal
-from .empirical_bayes import EmpiricalBayesWarning, Type2MLResult, type2_ml
-from .inner import Adaptation, InnerProblem, InnerResult, run_inner
-from . import solvers
-from .solvers import ConvergenceWarning, InnerSolver
-from .learners import MetaLearner, MetaState, m_shrinkage, shrinkage, sigma_of
-from .learners import imaml, m_sigma_imaml, sigma_imaml
-from .partition import ModulePartition
-from .tasks import GaussianData, GaussianLikelihood, TaskBatch, TaskLikelihood
-from .train import CheckpointWriteError, MetaTrainingError, fit, sample_from
-from .utils import enable_compilation_cache
-from .posterior import NUTSResult, run_nuts, with_priors
-from .priors import prior_summary
-from .errors import HiermetaWarning, PriorWarning, SamplingWarning
-from .laplace import LaplaceResult
-from .predictive import PredictiveScores, score_draws
-from .learners import fo_m_maml, fomaml, m_maml, m_shrinkage_map, maml, reptile, shrinkage_map
-from .learners import protonet
-from .learners.bilevel import proximal_sgd
-from . import checkpoint, empirical_bayes, sharding
-from .checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from .sharding import task_mesh
-from .table import GroupedTable, from_table
-from .shrinkage_report import ShrinkageReport, shrinkage_report
+from __future__ import annotations
 
-from . import crossfit
-from .crossfit import check_sigma, crossfit_sampler, sigma_spread
-from .errors import SigmaRunOffWarning
+import importlib
+import sys
+import types
+from typing import TYPE_CHECKING
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "HierarchicalModel",
-    "GlobalParam",
-    "LinearDesign",
-    "LinearGaussianLikelihood",
-    "linear_gaussian",
-    "empirical_bayes",
-    "families",
-    "marginal",
-    "type2_ml",
-    "Type2MLResult",
-    "EmpiricalBayesWarning",
-    "ModulePartition",
-    "TaskBatch",
-    "TaskLikelihood",
-    "GaussianData",
-    "GaussianLikelihood",
-    "InnerProblem",
-    "InnerResult",
-    "run_inner",
-    "solvers",
-    "InnerSolver",
-    "ConvergenceWarning",
-    "Adaptation",
-    "adapt",
-    "MetaLearner",
-    "MetaState",
-    "shrinkage",
-    "m_shrinkage",
-    "fit",
-    "sample_from",
-    "MetaTrainingError",
-    "CheckpointWriteError",
-    "sigma_of",
-    "evaluate",
-    "loss_curve",
-    "LossCurve",
-    "enable_compilation_cache",
-    "maml",
-    "m_maml",
-    "fomaml",
-    "fo_m_maml",
-    "reptile",
-    "shrinkage_map",
-    "m_shrinkage_map",
-    "imaml",
-    "sigma_imaml",
-    "m_sigma_imaml",
-    "protonet",
-    "proximal_sgd",
-    "run_nuts",
-    "with_priors",
-    "prior_summary",
-    "HiermetaWarning",
-    "PriorWarning",
-    "SamplingWarning",
-    "NUTSResult",
-    "LaplaceResult",
-    "PredictiveScores",
-    "score_draws",
-    "checkpoint",
-    "empirical_bayes",
-    "sharding",
-    "CheckpointError",
-    "save_checkpoint",
-    "load_checkpoint",
-    "task_mesh",
-    "from_table",
-    "GroupedTable",
-    "shrinkage_report",
-    "ShrinkageReport",
-    "crossfit",
-    "crossfit_sampler",
-    "sigma_spread",
-    "check_sigma",
-    "SigmaRunOffWarning",
-]
+# name -> (module relative to hiermeta, attribute; None: the module itself)
+_LAZY: dict[str, tuple[str, str | None]] = {
+    # ---- the model and its data: core types and their builders
+    "HierarchicalModel": (".hierarchy", "HierarchicalModel"),
+    "ModulePartition": (".partition", "ModulePartition"),
+    "GlobalParam": (".sites", "GlobalParam"),
+    "TaskBatch": (".tasks", "TaskBatch"),
+    "GaussianData": (".tasks", "GaussianData"),
+    "GaussianLikelihood": (".tasks", "GaussianLikelihood"),
+    "LinearDesign": (".linear_gaussian", "LinearDesign"),
+    "linear_gaussian": (".linear_gaussian", "linear_gaussian"),
+    "from_table": (".table", "from_table"),
+    "GroupedTable": (".table", "GroupedTable"),
+    # ---- a statistician's grouped data: type-II ML, priors, NUTS, the report, cross-fitted sigma
+    "type2_ml": (".empirical_bayes", "type2_ml"),
+    "Type2MLResult": (".empirical_bayes", "Type2MLResult"),
+    "with_priors": (".priors", "with_priors"),
+    "prior_summary": (".priors", "prior_summary"),
+    "run_nuts": (".posterior", "run_nuts"),
+    "NUTSResult": (".posterior", "NUTSResult"),
+    "shrinkage_report": (".shrinkage_report", "shrinkage_report"),
+    "ShrinkageReport": (".shrinkage_report", "ShrinkageReport"),
+    "crossfit_sampler": (".crossfit", "crossfit_sampler"),
+    "check_sigma": (".crossfit", "check_sigma"),
+    # ---- meta-learning: the learners (the paper's names), training and evaluation
+    "shrinkage": (".learners", "shrinkage"),
+    "m_shrinkage": (".learners", "m_shrinkage"),
+    "shrinkage_map": (".learners", "shrinkage_map"),
+    "m_shrinkage_map": (".learners", "m_shrinkage_map"),
+    "sigma_imaml": (".learners", "sigma_imaml"),
+    "m_sigma_imaml": (".learners", "m_sigma_imaml"),
+    "imaml": (".learners", "imaml"),
+    "maml": (".learners", "maml"),
+    "m_maml": (".learners", "m_maml"),
+    "fomaml": (".learners", "fomaml"),
+    "fo_m_maml": (".learners", "fo_m_maml"),
+    "reptile": (".learners", "reptile"),
+    "protonet": (".learners", "protonet"),
+    "MetaLearner": (".learners", "MetaLearner"),
+    "MetaState": (".learners", "MetaState"),
+    "sigma_of": (".learners", "sigma_of"),
+    "fit": (".train", "fit"),
+    "sample_from": (".train", "sample_from"),
+    "evaluate": (".evaluate", "evaluate"),
+    "adapt": (".evaluate", "adapt"),
+    "LossCurve": (".evaluate", "LossCurve"),
+    # ---- runtime
+    "enable_compilation_cache": (".utils", "enable_compilation_cache"),
+    # ---- mixed models in lme4's language (hiermeta.mixed; NumPy/SciPy only): the lead adds
+    # "mixed_model", "MixedModel" and "MixedFit" here, e.g.
+    # "mixed_model": (".mixed", "mixed_model"),
+    # ---- modules
+    "errors": (".errors", None),
+    "families": (".families", None),
+    "learners": (".learners", None),
+    "solvers": (".solvers", None),
+    "inner": (".inner", None),
+    "implicit": (".implicit", None),
+    "empirical_bayes": (".empirical_bayes", None),
+    "marginal": (".marginal", None),
+    "laplace": (".laplace", None),
+    "posterior": (".posterior", None),
+    "predictive": (".predictive", None),
+    "priors": (".priors", None),
+    "crossfit": (".crossfit", None),
+    "checkpoint": (".checkpoint", None),
+    "sharding": (".sharding", None),
+    "distributed": (".distributed", None),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'hiermeta' has no attribute {name!r}") from None
+    value = importlib.import_module(module, __name__)
+    if attribute is not None:
+        value = getattr(value, attribute)
+    globals()[name] = value  # resolved once: later lookups do not come back here
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(__all__) | {"__version__"} | {name for name in globals() if name.startswith("__")})
+
+
+class _Namespace(types.ModuleType):
+    """The package's module type: a submodule does not shadow the top-level name it shares.
+
+    Python binds ``hiermeta.evaluate`` to the submodule when ``hiermeta/evaluate.py`` is first
+    imported (by anyone, e.g. ``hm.fit``'s module); ``hm.evaluate`` is the function, so that
+    binding is refused for the names in ``_LAZY`` that are not modules (``evaluate``,
+    ``linear_gaussian``, ``shrinkage_report``).  The submodules stay importable by their full names.
+    """
+
+    def __setattr__(self, name, value):
+        if isinstance(value, types.ModuleType) and _LAZY.get(name, ("", None))[1] is not None:
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Namespace
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly
+    from . import (checkpoint, distributed, empirical_bayes, errors, families, implicit, inner, laplace,  # noqa: F401
+                   learners, marginal, posterior, predictive, priors, sharding, solvers)
+    from . import crossfit  # noqa: F401
+    from .crossfit import check_sigma, crossfit_sampler  # noqa: F401
+    from .empirical_bayes import Type2MLResult, type2_ml  # noqa: F401
+    from .evaluate import LossCurve, adapt, evaluate  # noqa: F401
+    from .hierarchy import HierarchicalModel  # noqa: F401
+    from .learners import (MetaLearner, MetaState, fo_m_maml, fomaml, imaml, m_maml, m_shrinkage,  # noqa: F401
+                           m_shrinkage_map, m_sigma_imaml, maml, protonet, reptile, shrinkage, shrinkage_map,
+                           sigma_imaml, sigma_of)
+    from .linear_gaussian import LinearDesign, linear_gaussian  # noqa: F401
+    from .partition import ModulePartition  # noqa: F401
+    from .posterior import NUTSResult, run_nuts  # noqa: F401
+    from .priors import prior_summary, with_priors  # noqa: F401
+    from .shrinkage_report import ShrinkageReport, shrinkage_report  # noqa: F401
+    from .sites import GlobalParam  # noqa: F401
+    from .table import GroupedTable, from_table  # noqa: F401
+    from .tasks import GaussianData, GaussianLikelihood, TaskBatch  # noqa: F401
+    from .train import fit, sample_from  # noqa: F401
+    from .utils import enable_compilation_cache  # noqa: F401

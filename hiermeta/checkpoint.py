@@ -36,15 +36,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .errors import CheckpointError
+
 __all__ = ["CheckpointError", "save_checkpoint", "load_checkpoint", "read_metadata"]
 
 FORMAT = "hiermeta-checkpoint"
 VERSION = 1
 _META = "__meta__"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
 
 
 def _is_key(leaf) -> bool:

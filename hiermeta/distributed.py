@@ -37,14 +37,13 @@ import numpy as np
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh
 
+from .errors import DistributedError
+from .sharding import shard_tasks, task_sharding
+
 __all__ = ["is_primary", "check_mesh", "barrier", "collectively", "global_tasks", "same_everywhere",
            "DistributedError"]
 
 T = TypeVar("T")
-
-
-class DistributedError(RuntimeError):
-    """Another process failed a step that every process had to complete (its own error says why)."""
 
 
 def is_primary() -> bool:
@@ -127,8 +126,6 @@ def global_tasks(local_batch: Any, mesh: Mesh) -> Any:
     when tasks come from files rather than from a sampler run inside the meta-step (which needs
     nothing: each device draws its own tasks).
     """
-    from .sharding import shard_tasks, task_sharding
-
     check_mesh(mesh)
     leaves = jax.tree_util.tree_leaves(local_batch)
     if not leaves or any(np.ndim(leaf) == 0 for leaf in leaves):

@@ -49,6 +49,7 @@ from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
 from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .sites import constrain, unconstrain
+from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
 from .utils import check_count
 
 try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
@@ -151,7 +152,7 @@ def log_marginal_likelihood(model: HierarchicalModel, phi, sigma, data, extra=No
     """``log p(D_t | phi, sigma, extra)`` per task ``(T,)``, each task's theta integrated out.
 
     ``approximation="exact"``: the closed form of a likelihood that provides ``log_marginal(data,
-    prior_mean, prior_scale_tril, globals)`` (:class:`~hiermeta.LinearGaussianLikelihood`);
+    prior_mean, prior_scale_tril, globals)`` (:class:`~hiermeta.linear_gaussian.LinearGaussianLikelihood`);
     ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.marginal`, for any
     likelihood; ``"auto"``: exact where available, else Laplace.  Jittable and differentiable.
     """
@@ -179,7 +180,7 @@ DEFAULT_CHUNK_SIZE = 2048
 class TaskStatistics(NamedTuple):
     """Every task's sufficient statistics in chunks of equal size (:func:`task_statistics`).
 
-    ``stats``: the likelihood's statistics (e.g. :class:`~hiermeta.LinearGaussianStatistics`), each
+    ``stats``: the likelihood's statistics (e.g. :class:`~hiermeta.linear_gaussian.LinearGaussianStatistics`), each
     leaf ``(num_chunks, chunk_size, ...)``; ``valid`` ``(num_chunks, chunk_size)``: False on the
     padding that fills the last chunk (those slots hold zero statistics and are never counted).
     """
@@ -194,7 +195,7 @@ class TaskStatistics(NamedTuple):
 
 def uses_statistics(model: HierarchicalModel, data, approximation: str = "exact") -> bool:
     """Whether type-II ML of ``model`` on ``data`` runs on per-task sufficient statistics: an exact
-    marginal likelihood whose likelihood computes them (:class:`~hiermeta.LinearGaussianLikelihood`)."""
+    marginal likelihood whose likelihood computes them (:class:`~hiermeta.linear_gaussian.LinearGaussianLikelihood`)."""
     lik = model.likelihood
     if approximation != "exact" or not all(callable(getattr(lik, name, None)) for name in
                                            ("sufficient_statistics", "log_marginal_from_statistics", "noise_groups")):
@@ -215,8 +216,6 @@ def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = 
     so the memory of the computation is that of one chunk of observations; the result holds
     O(P^2 + K^2) numbers per task whatever the number of observations.
     """
-    from .tasks import num_tasks as count_tasks
-
     T = count_tasks(data)
     C = T if chunk_size is None and T <= 2 * DEFAULT_CHUNK_SIZE else min(check_count(
         chunk_size or DEFAULT_CHUNK_SIZE, "chunk_size", 1), T)

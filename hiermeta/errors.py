@@ -1,16 +1,28 @@
-"""The warnings hiermeta raises when a result should not be trusted as it stands.
+"""Every warning and exception class hiermeta raises, in one place.
 
-Every one of them is also recorded in the result it concerns (a flag, a diagnostic), so a script
-can check it without catching warnings; the warning is there so that nobody misses it.
+Warnings: a result should not be trusted as it stands.  Every one of them is also recorded in the
+result it concerns (a flag, a diagnostic), so a script can check it without catching warnings; the
+warning is there so that nobody misses it.
+
+Exceptions: a run stopped (meta-training, a checkpoint, a step of a multi-process job).  The
+modules that raise them import them from here (``hiermeta.solvers.ConvergenceWarning`` and the
+like still resolve, as re-exports).
 """
 
 from __future__ import annotations
 
-__all__ = ["HiermetaWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning", "SigmaRunOffWarning"]
+from typing import Any
+
+__all__ = ["HiermetaWarning", "ConvergenceWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning",
+           "SigmaRunOffWarning", "CheckpointError", "DistributedError", "MetaTrainingError", "CheckpointWriteError"]
 
 
 class HiermetaWarning(UserWarning):
     """Base class of hiermeta's warnings."""
+
+
+class ConvergenceWarning(HiermetaWarning):
+    """An inner solve stopped before reaching its tolerance (the result is not the MAP)."""
 
 
 class EmpiricalBayesWarning(HiermetaWarning):
@@ -27,3 +39,27 @@ class SamplingWarning(HiermetaWarning):
 
 class SigmaRunOffWarning(HiermetaWarning):
     """A sigma learned by the predictive likelihood ran off: far above the data's scale, or to 0."""
+
+
+# ---------------------------------------------------------------------------- exceptions
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, corrupt, or does not match what it is loaded into."""
+
+
+class DistributedError(RuntimeError):
+    """Another process failed a step that every process had to complete (its own error says why)."""
+
+
+class MetaTrainingError(RuntimeError):
+    """Meta-training stopped; ``state`` is the last good state and ``history`` the metrics so far."""
+
+    def __init__(self, message: str, state: Any, history: dict):
+        super().__init__(message)
+        self.state = state  # a hiermeta.learners.MetaState
+        self.history = history
+
+
+class CheckpointWriteError(MetaTrainingError):
+    """A checkpoint could not be written; ``state`` and ``history`` are the run's, up to that step."""

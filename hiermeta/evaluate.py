@@ -7,7 +7,7 @@ xi_d^2), evaluated at theta_{t,k}, the k-th iterate of the learner's own inner s
 meta-state.  Reported: the mean over tasks, its standard error, and the central 68% interval of
 the per-task losses (16th to 84th percentile).
 
-Both raise if an inner solve diverged and warn (:class:`hiermeta.ConvergenceWarning`) if one did
+Both raise if an inner solve diverged and warn (:class:`hiermeta.errors.ConvergenceWarning`) if one did
 not converge within its tolerance.
 """
 
@@ -20,8 +20,10 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
+from .distributed import check_mesh
 from .inner import Adaptation, run_inner
 from .learners.base import MetaLearner, MetaState
+from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
 from .utils import check_count
@@ -103,7 +105,7 @@ def adapt(learner: MetaLearner, state: MetaState, support, num_steps: Optional[i
 
     The host-side ``learner.adapt``: validates ``support`` (a ``ValueError`` naming the problem,
     before anything is compiled), runs one compiled program per (learner, shape, ``num_steps``),
-    raises ``ValueError`` if a solve diverged and warns (:class:`hiermeta.ConvergenceWarning`,
+    raises ``ValueError`` if a solve diverged and warns (:class:`hiermeta.errors.ConvergenceWarning`,
     naming how many tasks and the worst stationarity) if one did not converge.
 
     Args:
@@ -138,8 +140,6 @@ _per_task_curves_jit = jax.jit(_per_task_curves, static_argnums=(0, 3))
 @functools.lru_cache(maxsize=32)
 def _sharded_curves(learner: MetaLearner, num_steps: int, mesh: Mesh):
     """The per-task curves with the tasks split over ``mesh`` (any count) and the results gathered."""
-    from .sharding import replicate, replicated, shard_tasks
-
     def run(params, tasks):
         return _per_task_curves(learner, replicate(params, mesh), shard_tasks(tasks, mesh), num_steps)
 
@@ -163,7 +163,7 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     Raises:
       ValueError: malformed tasks, or an inner solve that diverged (with the count of tasks).
     Warns:
-      hiermeta.ConvergenceWarning: an inner solve did not reach the solver's tolerance within
+      hiermeta.errors.ConvergenceWarning: an inner solve did not reach the solver's tolerance within
       ``num_steps`` (with the count of tasks and the worst stationarity).
     """
     n = _num_steps(learner, num_steps)
@@ -171,8 +171,6 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     if mesh is None:
         per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n)
     else:
-        from .distributed import check_mesh
-
         check_mesh(mesh)
         per_task, diverged, converged, stationarity = _sharded_curves(learner, n, mesh)(state.params, tasks)
     per_task, diverged = np.asarray(per_task), np.asarray(diverged)

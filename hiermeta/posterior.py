@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
+from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
 from numpyro.handlers import condition, trace
 from numpyro.infer import MCMC, NUTS
 
@@ -359,8 +360,6 @@ def _compiled_run(model: HierarchicalModel, config: _SamplerConfig):
 def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndarray], stats: Mapping,
                          data: Any = None) -> dict:
     """Convergence of a NUTS run: split r-hat, bulk ESS, divergences, and the prior-tail check."""
-    from numpyro.diagnostics import effective_sample_size, split_gelman_rubin
-
     C, S = np.shape(stats["diverging"])
     r_hat, ess, worst = -np.inf, np.inf, {}
     for name, draws in samples.items():

@@ -55,7 +55,7 @@ from scipy.special import logsumexp, ndtr, ndtri
 
 from .hierarchy import HierarchicalModel
 from .linear_gaussian import LinearGaussianLikelihood
-from .report import format_table, to_jsonable
+from .utils import format_table, save_figure, to_jsonable
 
 __all__ = ["ShrinkageReport", "shrinkage_report"]
 
@@ -181,9 +181,8 @@ class ShrinkageReport:
         ``interval`` (normal), and the NUTS mean with its central interval; the population mean
         (phi, EB) as a line.  Groups sorted by EB mean.  Saved to ``path`` (and closed) when given;
         returns the path, else the figure."""
-        from .report import pyplot, save_figure
+        import matplotlib.pyplot as plt  # lazy on purpose: matplotlib only for those who draw
 
-        plt = pyplot()
         P, T = len(self.coordinates), len(self.groups)
         shown = min(T, max_groups)
         fig, axes = plt.subplots(1, P, figsize=(4.2 * P + 2.4, 1.4 + 0.24 * shown), squeeze=False)

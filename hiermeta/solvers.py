@@ -60,7 +60,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from .errors import HiermetaWarning
+from .errors import ConvergenceWarning
 from .utils import check_count
 
 __all__ = [
@@ -90,10 +90,6 @@ GRADIENT_STEPS_TOL = 1e-2
 
 # Newton for up to this many parameters when no solver is given, L-BFGS above.
 NEWTON_MAX_PARAMS = 256
-
-
-class ConvergenceWarning(HiermetaWarning):
-    """An inner solve stopped before reaching its tolerance (the result is not the MAP)."""
 
 
 class InnerResult(NamedTuple):
@@ -595,7 +591,7 @@ def resolve_inner_solver(inner_solver: Optional[InnerSolver], inner_optimizer, i
     if inner_optimizer is not None and not isinstance(inner_optimizer, optax.GradientTransformation):
         raise ValueError(
             f"inner_optimizer must be an optax transformation (or, for the Gaussian-prior learners, "
-            f"hiermeta.proximal_sgd(rate)), got {type(inner_optimizer).__name__}"
+            f"hiermeta.learners.proximal_sgd(rate)), got {type(inner_optimizer).__name__}"
         )
     return gradient_steps(inner_optimizer, inner_steps, tol=tol)
 

@@ -36,6 +36,7 @@ pandas is optional: a ``dict`` of equal-length 1-D arrays is a table too.
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ import numpy as np
 
 from .errors import HiermetaWarning
 from .hierarchy import HierarchicalModel
+from .linear_gaussian import linear_gaussian
 from .partition import ModulePartition
 from .tasks import TaskBatch
 
@@ -411,7 +413,7 @@ def from_table(
       groups: the groups in task order (every one must have rows; default: order of first
         appearance, or a categorical column's categories).
       query_fraction, seed / query_last / query: the support/query split (module docstring).
-      warn: warn (:class:`~hiermeta.HiermetaWarning`) when a split leaves groups without a query row.
+      warn: warn (:class:`~hiermeta.errors.HiermetaWarning`) when a split leaves groups without a query row.
       columns: further columns the likelihood needs, passed padded ``(T, N)`` to ``make_data``
         under the keyword given (e.g. ``trials="n"`` for a binomial family, ``noise_scale="se"``
         for known relative noise scales).
@@ -421,8 +423,6 @@ def from_table(
     group covariate that varies within a group, linearly dependent population-level columns, a
     split that leaves a group without support data.
     """
-    from .linear_gaussian import linear_gaussian
-
     names = _columns_of(table)
     random = _check_names(random, "random", True)
     fixed = _check_names(fixed, "fixed", True)
@@ -513,8 +513,6 @@ def from_table(
 
 def _check_keywords(make_data, columns) -> None:
     """Refuse extra column keywords ``make_data`` does not take (e.g. a misspelt argument)."""
-    import inspect
-
     try:
         params = inspect.signature(make_data).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature

@@ -29,9 +29,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
+from tqdm.auto import tqdm
 
-from .checkpoint import CheckpointError, _to_numpy, load_checkpoint, save_checkpoint
+from .checkpoint import _to_numpy, load_checkpoint, save_checkpoint
 from .distributed import check_mesh, collectively, same_everywhere
+from .errors import CheckpointError, CheckpointWriteError, MetaTrainingError
 from .learners.base import MetaLearner, MetaState, all_finite
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
@@ -39,19 +41,6 @@ from .tasks import TaskBatch, check_task_batch, num_tasks
 from .utils import check_count
 
 __all__ = ["fit", "MetaTrainingError", "CheckpointWriteError", "sample_from"]
-
-
-class MetaTrainingError(RuntimeError):
-    """Meta-training stopped; ``state`` is the last good state and ``history`` the metrics so far."""
-
-    def __init__(self, message: str, state: MetaState, history: dict):
-        super().__init__(message)
-        self.state = state
-        self.history = history
-
-
-class CheckpointWriteError(MetaTrainingError):
-    """A checkpoint could not be written; ``state`` and ``history`` are the run's, up to that step."""
 
 
 def sample_from(tasks: TaskBatch, batch_size: int) -> Callable[[jax.Array], TaskBatch]:
@@ -380,8 +369,6 @@ def fit(
         stop(state)
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-
         bar = tqdm(total=target - start, initial=int(state.step) - start,
                    desc=description or learner.name, leave=False)
     limit = jnp.asarray(max_skips, jnp.int32)

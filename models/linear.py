@@ -27,7 +27,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hiermeta import GaussianData, HierarchicalModel, LinearGaussianLikelihood, ModulePartition, TaskBatch
+from hiermeta import GaussianData, HierarchicalModel, ModulePartition, TaskBatch
+from hiermeta.linear_gaussian import LinearGaussianLikelihood
 from hiermeta.empirical_bayes import type2_ml
 from hiermeta.utils import check_count
 
@@ -219,7 +220,7 @@ def log_marginal_likelihood(data: GaussianData, phi, prior_sd) -> jax.Array:
 
     -1/2 [ r^T Xi^-1 r - b^T Lambda^-1 b + log|Xi| + log|S| + log|Lambda| + n D log(2 pi) ],
     with r = x - A phi stacked over the task's observations and b = A^T Xi^-1 r
-    (:meth:`hiermeta.LinearGaussianLikelihood.log_marginal`).
+    (:meth:`hiermeta.linear_gaussian.LinearGaussianLikelihood.log_marginal`).
     """
     return likelihood.log_marginal(data, jnp.asarray(phi), jnp.diag(jnp.asarray(prior_sd)))
 

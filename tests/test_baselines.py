@@ -166,7 +166,7 @@ def test_reptile_is_the_shrinkage_phi_step_as_sigma_goes_to_infinity(sigma, clos
     reptile_move = -one_step(rep, rep.init(jax.random.PRNGKey(0), phi), batch)["phi"]
     shrinkage_move = -one_step(shr, shr.init(jax.random.PRNGKey(0), phi), batch)["phi"]
     # Reptile's move is beta * mean_t (theta_t - phi) with theta_t the K-step SGD iterate (no prior)
-    theta = jax.vmap(lambda d: hm.run_inner(rep.inner_problem({"phi": phi}), d, 10).theta)(batch.train)
+    theta = jax.vmap(lambda d: hm.inner.run_inner(rep.inner_problem({"phi": phi}), d, 10).theta)(batch.train)
     np.testing.assert_allclose(reptile_move, beta * np.mean(theta - phi, axis=0), rtol=1e-12)
     if close:
         np.testing.assert_allclose(shrinkage_move, reptile_move, rtol=1e-9)

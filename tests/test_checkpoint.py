@@ -267,7 +267,7 @@ def test_a_run_of_skips_inside_a_chunk_stops_training(paper_model, paper_tasks):
     _, batch = paper_tasks
     learner = skipping_learner(paper_model, 5, 16)
     state = learner.init(jax.random.PRNGKey(0), jnp.zeros(8))
-    with pytest.raises(hm.MetaTrainingError, match="meta-steps 5 to 14") as info:
+    with pytest.raises(hm.errors.MetaTrainingError, match="meta-steps 5 to 14") as info:
         hm.fit(learner, state, lambda key: batch, 30, data_key=jax.random.PRNGKey(0), chunk_size=30,
                max_consecutive_skips=10, progress=False)
     assert int(info.value.state.step) == 15 and int(info.value.state.num_skipped) == 10
@@ -284,7 +284,7 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(paper_model, paper_
     kwargs = dict(data_key=jax.random.PRNGKey(0), chunk_size=5, checkpoint_every=5, max_consecutive_skips=10,
                   progress=False)
     sample = lambda key: batch
-    with pytest.raises(hm.MetaTrainingError) as whole:
+    with pytest.raises(hm.errors.MetaTrainingError) as whole:
         hm.fit(learner, state, sample, 40, checkpoint=tmp_path / "whole.npz", **kwargs)
     assert int(whole.value.state.step) == 22
     assert read_metadata(tmp_path / "whole.npz")["step"] == 22  # the stopped state is saved too
@@ -303,15 +303,15 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(paper_model, paper_
         hm.fit(learner, state, sample, 40, checkpoint=path, **kwargs)
     monkeypatch.undo()
     assert read_metadata(path)["skip_streak"] == 3
-    with pytest.raises(hm.MetaTrainingError) as resumed:
+    with pytest.raises(hm.errors.MetaTrainingError) as resumed:
         hm.fit(learner, state, sample, 40, checkpoint=path, resume=True, **kwargs)
     assert_same(resumed.value.state, whole.value.state)
     for name in whole.value.history:
         np.testing.assert_array_equal(resumed.value.history[name], whole.value.history[name])
     # resuming the stopped run stops again at once; a higher limit carries the streak on
-    with pytest.raises(hm.MetaTrainingError, match="meta-steps 12 to 21"):
+    with pytest.raises(hm.errors.MetaTrainingError, match="meta-steps 12 to 21"):
         hm.fit(learner, state, sample, 40, checkpoint=path, resume=True, **kwargs)
-    with pytest.raises(hm.MetaTrainingError, match="meta-steps 12 to 26"):
+    with pytest.raises(hm.errors.MetaTrainingError, match="meta-steps 12 to 26"):
         hm.fit(learner, state, sample, 40, checkpoint=path, resume=True, **{**kwargs, "max_consecutive_skips": 15})
 
 
@@ -345,7 +345,7 @@ def test_a_failed_save_raises_with_the_state_and_history(setup, tmp_path, monkey
 
     monkeypatch.setattr(np, "savez", disk_full_on_second)
     path = tmp_path / "run.npz"
-    with pytest.raises(hm.CheckpointWriteError, match="No space left") as info:
+    with pytest.raises(hm.errors.CheckpointWriteError, match="No space left") as info:
         hm.fit(learner, state0, sample, STEPS, data_key=jax.random.PRNGKey(1), chunk_size=10, checkpoint_every=10,
                progress=False, checkpoint=path)
     monkeypatch.undo()

@@ -124,10 +124,10 @@ def test_run_off_warning_fires_on_a_run_off_sigma_and_not_on_a_sane_one():
         warnings.simplefilter("error")  # no warning for a sane sigma
         sane = check_sigma(learner, learner.init(key, data=data, sigma=2.0 * scale[0]), data=data)
     assert not sane.ran_off.any()
-    with pytest.warns(hm.SigmaRunOffWarning, match=r"Intercept: sigma .* > 100 x the data's scale"):
+    with pytest.warns(hm.errors.SigmaRunOffWarning, match=r"Intercept: sigma .* > 100 x the data's scale"):
         big = check_sigma(learner, learner.init(key, data=data, sigma=200.0 * scale[0]), data=data)
     assert big.too_large.all() and big.ran_off.all() and not big.at_floor.any()
-    with pytest.warns(hm.SigmaRunOffWarning, match="float floor"):
+    with pytest.warns(hm.errors.SigmaRunOffWarning, match="float floor"):
         small = check_sigma(learner, learner.init(key, data=data, sigma=1e-9 * scale[0]), data=data)
     assert small.at_floor.all()
     with pytest.raises(ValueError, match="scale="):
@@ -154,7 +154,7 @@ def test_run_off_warning_fires_on_a_trained_sigma_that_runs_off():
     state, history = hm.fit(learner, state, hm.sample_from(batch, T), 200, data_key=jax.random.PRNGKey(2),
                             progress=False)
     assert np.all(np.diff(np.log(history["sigma"][:, 0])) > 0)  # it only ever grew
-    with pytest.warns(hm.SigmaRunOffWarning, match="> 100 x the data's scale"):
+    with pytest.warns(hm.errors.SigmaRunOffWarning, match="> 100 x the data's scale"):
         result = check_sigma(learner, state, data=data, history=history, last=50)
     assert result.too_large.all() and result.spread.ratio[0] > 10.0
 

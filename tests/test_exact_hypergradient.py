@@ -147,7 +147,7 @@ def test_both_paths_equal_the_closed_form_derivative_and_finite_differences(pape
 
     def inner_solve(p, d):
         loss = lambda th, d: paper_model.inner_objective(th, p["phi"], jnp.exp(0.5 * p["log_sigma2"]), d)
-        return hm.run_inner(hm.InnerProblem(p["phi"], loss, optax.sgd(0.3)), d, 3000).theta
+        return hm.inner.run_inner(hm.inner.InnerProblem(p["phi"], loss, optax.sgd(0.3)), d, 3000).theta
 
     inner_grad = lambda th, p, d: inner_grad_fn(paper_model, d)(th, p)
     solution = implicit_solution(inner_solve, inner_grad, lambda p: paper_model.partition.expand(jnp.exp(p["log_sigma2"])))
@@ -212,7 +212,7 @@ def test_nonlinear_hypergradient_matches_finite_differences(nonlinear):
 
     def newton(p, d):
         """500 SGD steps from phi, then 20 Newton steps: the inner optimum to machine precision."""
-        theta = hm.run_inner(hm.InnerProblem(p["phi"], lambda th, d: loss(th, p, d), optax.sgd(0.01)), d, 500).theta
+        theta = hm.inner.run_inner(hm.inner.InnerProblem(p["phi"], lambda th, d: loss(th, p, d), optax.sgd(0.01)), d, 500).theta
         step = lambda _, th: th - jnp.linalg.solve(jax.hessian(loss)(th, p, d), jax.grad(loss)(th, p, d))
         return jax.lax.fori_loop(0, 20, step, theta)
 

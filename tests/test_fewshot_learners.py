@@ -299,7 +299,7 @@ MESH_SCRIPT = textwrap.dedent(
                     hm.m_shrinkage(model, inner_optimizer=proximal_sgd(0.02), inner_steps=5)):
         state = learner.init(jax.random.PRNGKey(0), params)
         one, h1 = hm.fit(learner, state, sample, 4, data_key=jax.random.PRNGKey(1), progress=False)
-        four, h4 = hm.fit(learner, state, sample, 4, data_key=jax.random.PRNGKey(1), progress=False, mesh=hm.task_mesh())
+        four, h4 = hm.fit(learner, state, sample, 4, data_key=jax.random.PRNGKey(1), progress=False, mesh=hm.sharding.task_mesh())
         assert len(four.params["phi"].sharding.device_set) == 4
         np.testing.assert_allclose(one.params["phi"], four.params["phi"], rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(h1["val_log_lik"], h4["val_log_lik"], rtol=1e-9)

@@ -226,7 +226,7 @@ def test_a_saddle_is_flagged_and_warned_about():
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         fit = hm.type2_ml(model, data, approximation="laplace", init={"phi": [0.0], "sigma": [10.0]}, max_iter=1)
-    assert any(issubclass(w.category, hm.EmpiricalBayesWarning) and "not positive definite" in str(w.message)
+    assert any(issubclass(w.category, hm.errors.EmpiricalBayesWarning) and "not positive definite" in str(w.message)
                for w in caught)
     assert fit.not_positive_definite == (0, 1, 2)
 
@@ -281,7 +281,7 @@ def test_nuts_on_a_random_intercept_logistic_model_agrees_with_quadrature():
     data = lik.make_data(y, None, np.ones((T, N, 1)))
     model = hm.with_priors(one_module(lik), phi_loc=0.0, phi_scale=1.5, sigma="half_normal", sigma_scale=1.5)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hm.PriorWarning)
+        warnings.simplefilter("ignore", hm.errors.PriorWarning)
         run = hm.run_nuts(model, data, jax.random.PRNGKey(0), num_warmup=500, num_samples=600, num_chains=4,
                           target_accept=0.95, noncentred=True, progress_bar=False)
     assert run.num_divergences == 0

@@ -60,7 +60,7 @@ def relative_error(theta, want):
 
 def quiet_adapt(learner, state, data, num_steps=None):
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hm.ConvergenceWarning)
+        warnings.simplefilter("ignore", hm.errors.ConvergenceWarning)
         return hm.adapt(learner, state, data, num_steps)
 
 
@@ -74,13 +74,13 @@ def test_newton_and_lbfgs_reach_the_closed_form_map_where_sgd_does_not(which, mo
     for solver in (solvers.newton(), solvers.lbfgs()):
         learner, state = learner_at(model, phi, sigma, inner_solver=solver)
         with warnings.catch_warnings():
-            warnings.simplefilter("error", hm.ConvergenceWarning)
+            warnings.simplefilter("error", hm.errors.ConvergenceWarning)
             adapted = hm.adapt(learner, state, data)
         assert relative_error(adapted.theta, want) < 1e-8, solver.name
         assert np.all(adapted.converged) and np.max(adapted.stationarity) <= 3.7e-11
     # the README's inner settings: 200 steps of SGD(0.3) end milliseconds from the MAP, and say so
     learner, state = learner_at(model, phi, sigma, inner_optimizer=optax.sgd(0.3), inner_steps=200)
-    with pytest.warns(hm.ConvergenceWarning, match="did not converge") as record:
+    with pytest.warns(hm.errors.ConvergenceWarning, match="did not converge") as record:
         adapted = hm.adapt(learner, state, data)
     assert np.max(np.abs(np.asarray(adapted.theta) - want)) > 1.0  # ms
     assert relative_error(adapted.theta, want) > 1e-3
@@ -115,7 +115,7 @@ def test_curvature_proximal_steps_and_prior_scaled_lbfgs_reach_the_map(model, si
         step = float(jax.jit(lambda th: solvers.curvature_step_size(loss, th, 30, prior_var=sigma**2))(jnp.asarray(PHI)))
         hessian = np.asarray(jax.jit(jax.hessian(loss))(jnp.asarray(PHI))) - np.diag(1.0 / sigma**2)
         assert step == pytest.approx(1.0 / np.max(np.linalg.eigvalsh(hessian)), rel=1e-6)
-        learner, state = learner_at(model, PHI, sigma, inner_optimizer=hm.proximal_sgd(), inner_steps=3000)
+        learner, state = learner_at(model, PHI, sigma, inner_optimizer=hm.learners.proximal_sgd(), inner_steps=3000)
         assert learner.inner_solver.name == "3000 proximal gradient steps (curvature rate)"
         adapted = hm.adapt(learner, state, sim)
         assert np.all(adapted.converged) and relative_error(adapted.theta, want) < 1e-8
@@ -127,7 +127,7 @@ def test_curvature_proximal_steps_and_prior_scaled_lbfgs_reach_the_map(model, si
         solvers.prior_scaled(optax.sgd(0.1))
     correlated = hm.HierarchicalModel(model.likelihood, model.partition, correlated=[(0, 1)])
     with pytest.raises(ValueError, match="correlated blocks"):
-        hm.m_shrinkage(correlated, inner_optimizer=hm.proximal_sgd(), inner_steps=3)
+        hm.m_shrinkage(correlated, inner_optimizer=hm.learners.proximal_sgd(), inner_steps=3)
     with pytest.raises(ValueError, match="not both"):
         hm.m_shrinkage(model, inner_solver=solvers.prior_scaled(solvers.lbfgs()), inner_steps=3)
 
@@ -177,7 +177,7 @@ def test_a_fixed_learning_rate_is_not_unit_equivariant(model):
 def test_newton_and_lbfgs_minimise_rosenbrock_monotonically():
     rosenbrock = lambda th, _: (1.0 - th[0]) ** 2 + 100.0 * (th[1] - th[0] ** 2) ** 2
     for solver in (solvers.newton(max_steps=100), solvers.lbfgs(max_steps=200)):
-        solve = lambda start: hm.run_inner(hm.InnerProblem(start, rosenbrock, solver), None,
+        solve = lambda start: hm.inner.run_inner(hm.inner.InnerProblem(start, rosenbrock, solver), None,
                                            observe=lambda th: rosenbrock(th, None))
         result = jax.jit(solve)(jnp.array([-1.2, 1.0]))
         assert bool(result.converged) and not bool(result.diverged), solver.name
@@ -246,17 +246,17 @@ def test_maml_reports_the_stationarity_of_its_steps_and_never_warns(model, sim):
     assert float(metrics["inner_stationarity"]) == pytest.approx(ratio.max(), rel=1e-10)
     assert ratio.max() > 1e-2 and int(metrics["num_unconverged"]) == 0  # far from stationary; not judged
     with warnings.catch_warnings():
-        warnings.simplefilter("error", hm.ConvergenceWarning)
+        warnings.simplefilter("error", hm.errors.ConvergenceWarning)
         hm.adapt(learner, state, sim)
 
 
 def test_fit_warns_once_when_inner_solves_do_not_converge(model, sim):
     sample = hm.sample_from(hm.TaskBatch(sim, sim), 6)
     learner, state = learner_at(model, inner_optimizer=optax.sgd(0.3), inner_steps=200)
-    with pytest.warns(hm.ConvergenceWarning) as record:
+    with pytest.warns(hm.errors.ConvergenceWarning) as record:
         _, history = hm.fit(learner, state, sample, 6, data_key=jax.random.PRNGKey(1), chunk_size=2,
                             progress=False)
-    convergence = [w for w in record if issubclass(w.category, hm.ConvergenceWarning)]
+    convergence = [w for w in record if issubclass(w.category, hm.errors.ConvergenceWarning)]
     assert len(convergence) == 1, [str(w.message) for w in convergence]
     steps = int(np.sum(history["num_unconverged"] > 0))
     assert steps > 0 and f"in {steps} of 6 meta-steps" in str(convergence[0].message)

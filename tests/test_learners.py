@@ -65,7 +65,7 @@ def test_adapt_and_inner_problem_follow_the_interface(trained, paper_tasks):
     problem = learner.inner_problem(state.params)
     np.testing.assert_array_equal(problem.init, state.params["phi"])
     # adapt(k) is the k-th iterate of run_inner
-    result = hm.run_inner(problem, jax.tree_util.tree_map(lambda a: a[0], batch.train), 5, observe=lambda th: th)
+    result = hm.inner.run_inner(problem, jax.tree_util.tree_map(lambda a: a[0], batch.train), 5, observe=lambda th: th)
     np.testing.assert_allclose(result.trace[-1], theta[0], rtol=1e-12)
     np.testing.assert_array_equal(result.trace[0], problem.init)
 
@@ -88,7 +88,7 @@ def test_diverging_inner_loop_is_skipped_and_training_stops(paper, paper_model, 
     _, metrics = jax.jit(learner.step)(state, paper_tasks[1])
     assert bool(metrics["skipped"]) and int(metrics["num_diverged"]) > 0
     sample = lambda key: linear.sample_tasks(paper, key, 25)[1]
-    with pytest.raises(hm.MetaTrainingError, match="skipped") as info:
+    with pytest.raises(hm.errors.MetaTrainingError, match="skipped") as info:
         hm.fit(learner, state, sample, 50, data_key=jax.random.PRNGKey(1), chunk_size=5,
                max_consecutive_skips=10, progress=False)
     assert int(info.value.state.num_skipped) == 10

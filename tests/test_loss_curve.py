@@ -6,7 +6,7 @@ import statistics
 
 import numpy as np
 
-from hiermeta import loss_curve
+from hiermeta.evaluate import loss_curve
 
 
 def test_sem_is_the_sample_sd_over_root_t():

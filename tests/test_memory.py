@@ -31,13 +31,13 @@ def measured(paper, paper_model, paper_tasks):
     sigma = lambda p: jnp.exp(0.5 * p["log_sigma2"])
 
     def problem(p):
-        return hm.InnerProblem(p["phi"], lambda th, d: model.inner_objective(th, p["phi"], sigma(p), d), optax.sgd(0.3))
+        return hm.inner.InnerProblem(p["phi"], lambda th, d: model.inner_objective(th, p["phi"], sigma(p), d), optax.sgd(0.3))
 
     inner_grad = lambda th, p, d: jax.grad(model.inner_objective)(th, p["phi"], sigma(p), d)
     prior_var = lambda p: model.partition.expand(jnp.exp(p["log_sigma2"]))
     out = {"implicit": [], "unrolled": [], "sigma-iMAML step": []}
     for K in KS:
-        solve = lambda p, d, K=K: hm.run_inner(problem(p), d, K).theta
+        solve = lambda p, d, K=K: hm.inner.run_inner(problem(p), d, K).theta
         solution = implicit_solution(solve, inner_grad, prior_var)
 
         def pll(p, b, solve):

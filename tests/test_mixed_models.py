@@ -198,6 +198,6 @@ def test_boundary_fit_warns_and_is_flagged():
     y = 3.0 + rng.normal(size=(20, 5, 1))
     data = hm.GaussianData.create(y, 1.0, inputs=np.ones((20, 5, 1, 1)))
     model = hm.HierarchicalModel(hm.linear_gaussian(noise="learned"), named("Intercept"))
-    with pytest.warns(hm.EmpiricalBayesWarning, match="singular"):
+    with pytest.warns(hm.errors.EmpiricalBayesWarning, match="singular"):
         fit = hm.type2_ml(model, data)
     assert fit.singular and fit.sigma[0] < 1e-3

@@ -55,7 +55,7 @@ def test_nuts_with_learned_noise_and_correlation_matches_quadrature():
     lik = hm.linear_gaussian(noise="learned", noise_prior=dist.Exponential(noise_rate))
     model = hm.HierarchicalModel(lik, named("a", "b"), correlated=[("a", "b")], corr_concentration=1.0)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hm.HiermetaWarning)
+        warnings.simplefilter("ignore", hm.errors.HiermetaWarning)
         res = hm.run_nuts(model, data, jax.random.PRNGKey(0), num_warmup=500, num_samples=1000, num_chains=4,
                           fixed={"sigma": sd}, noncentred=True, progress_bar=False)
     assert res.diagnostics["max_r_hat"] < 1.02 and res.num_divergences == 0
@@ -97,7 +97,7 @@ def test_scaled_priors_put_the_sleepstudy_intercept_near_251(sleepstudy_data):
     model = hm.HierarchicalModel(hm.linear_gaussian(noise="learned"), named("Intercept", "Days"),
                                  correlated=[("Intercept", "Days")])
     # the unit-scale default prior N(0, 10^2) on an intercept of 251: refused loudly
-    with pytest.warns(hm.PriorWarning, match="without data"):
+    with pytest.warns(hm.errors.PriorWarning, match="without data"):
         unscaled = hm.with_priors(model, sigma="half_normal", global_priors={"noise_sd": dist.HalfNormal(10.0)})
     conflicts = prior_tail_check(unscaled, {}, sleepstudy_data)
     assert any("phi[0]" in m for m in conflicts)
@@ -105,8 +105,8 @@ def test_scaled_priors_put_the_sleepstudy_intercept_near_251(sleepstudy_data):
     assert prior_tail_check(scaled, {}, sleepstudy_data) == []
     assert "Exponential" in hm.prior_summary(scaled) and "LKJCholesky" in hm.prior_summary(scaled)
     with warnings.catch_warnings():
-        warnings.simplefilter("error", hm.PriorWarning)  # no prior-data conflict on the scaled priors
-        warnings.simplefilter("ignore", hm.SamplingWarning)
+        warnings.simplefilter("error", hm.errors.PriorWarning)  # no prior-data conflict on the scaled priors
+        warnings.simplefilter("ignore", hm.errors.SamplingWarning)
         res = hm.run_nuts(scaled, sleepstudy_data, jax.random.PRNGKey(1), num_warmup=400, num_samples=400,
                           num_chains=2, noncentred=True, progress_bar=False)
     phi = res.flat("phi")

@@ -198,7 +198,7 @@ def _wait(procs, tmp_path, timeout: float) -> list[str]:
     return logs
 
 
-@pytest.mark.filterwarnings("ignore::hiermeta.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.ConvergenceWarning")
 def test_two_processes_give_the_single_process_run(tmp_path):
     procs = _start_workers(tmp_path)
     try:  # the single-process reference, computed while the workers run
@@ -224,7 +224,7 @@ def test_two_processes_give_the_single_process_run(tmp_path):
     assert np.max(np.abs(np.asarray(state.params["phi"]))) > 0.1
 
 
-@pytest.mark.filterwarnings("ignore::hiermeta.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.ConvergenceWarning")
 def test_single_process_helpers_are_plain_calls(tmp_path):
     """In one process the distributed helpers do what their single-process counterparts do."""
     paper = linear.paper_domain()

@@ -52,7 +52,7 @@ def schools():
     return es.make_model(), es.make_data()
 
 
-@pytest.mark.filterwarnings("ignore::hiermeta.SamplingWarning")
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.SamplingWarning")
 def test_second_call_traces_and_compiles_nothing(schools, counter):
     model, data = schools
     hm.run_nuts(model, data, jax.random.PRNGKey(0), **RUN)
@@ -74,7 +74,7 @@ def test_second_call_traces_and_compiles_nothing(schools, counter):
     assert 0.2 < spread < 0.8, spread
 
 
-@pytest.mark.filterwarnings("ignore::hiermeta.SamplingWarning")
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.SamplingWarning")
 def test_compiled_run_gives_numpyro_loop_draws(schools):
     """The one-program run is NumPyro's MCMC.run (same key, same configuration), only compiled whole."""
     model, data = schools
@@ -92,7 +92,7 @@ def test_compiled_run_gives_numpyro_loop_draws(schools):
     np.testing.assert_allclose(result.log_likelihood, expected, rtol=1e-10)
 
 
-@pytest.mark.filterwarnings("ignore::hiermeta.SamplingWarning")
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.SamplingWarning")
 def test_progress_bar_runs_numpyro_loop(schools):
     """With a bar, NumPyro's own loop runs; the log-likelihood comes from the cached program."""
     model, data = schools

@@ -254,7 +254,7 @@ def test_readme_own_data_snippet_runs(tmp_path, monkeypatch):
     import warnings
 
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hm.SamplingWarning)  # 2 x 50 draws do not converge, rightly
+        warnings.simplefilter("ignore", hm.errors.SamplingWarning)  # 2 x 50 draws do not converge, rightly
         run_readme_snippet(tmp_path, monkeypatch, num_chains=2, num_warmup=50, num_samples=50, progress_bar=False)
 
 

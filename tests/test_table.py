@@ -77,7 +77,7 @@ def test_fraction_split_is_stratified_seeded_and_reports_empty_queries(unbalance
     df = pd.concat([unbalanced, pd.DataFrame({"Reaction": [300.0], "Days": [0], "Subject": [999]})],
                    ignore_index=True)
     kwargs = dict(response="Reaction", group="Subject", random=["1", "Days"], query_fraction=0.3)
-    with pytest.warns(hm.HiermetaWarning, match=r"without a query row: \[999\]"):
+    with pytest.warns(hm.errors.HiermetaWarning, match=r"without a query row: \[999\]"):
         table = hm.from_table(df, seed=4, **kwargs)
     assert table.empty_query_groups == (999,) and table.query is None
     n = table.group_sizes
@@ -96,7 +96,7 @@ def test_fraction_split_is_stratified_seeded_and_reports_empty_queries(unbalance
         "query"].rows.shape[1]])
     # reproducible with the seed, different with another
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hm.HiermetaWarning)
+        warnings.simplefilter("ignore", hm.errors.HiermetaWarning)
         again = hm.from_table(df, seed=4, **kwargs)
         other = hm.from_table(df, seed=5, **kwargs)
     np.testing.assert_array_equal(again.arrays["query"].rows, table.arrays["query"].rows)
@@ -117,7 +117,7 @@ def test_last_rows_and_rule_splits(unbalanced):
         hm.from_table(df, response="Reaction", group="Subject", order="Days", query_last=3)
     with pytest.raises(ValueError, match="needs order="):
         hm.from_table(df, response="Reaction", group="Subject", query_last=1)
-    with pytest.warns(hm.HiermetaWarning, match=r"without a query row: \[309\]"):
+    with pytest.warns(hm.errors.HiermetaWarning, match=r"without a query row: \[309\]"):
         rule = hm.from_table(df.assign(late=df.Days >= 8), response="Reaction", group="Subject", query="late")
     np.testing.assert_array_equal(np.sort(days[rule.arrays["query"].rows[rule.arrays["query"].mask]]),
                                   np.sort(days[days >= 8]))

@@ -275,4 +275,4 @@ def test_another_learners_state_is_refused_by_fit(learner, paper_model, paper_ta
 
 def test_public_names_a_newcomer_reaches_for():
     assert hm.empirical_bayes.type2_maximum_likelihood is not None  # listed in the README
-    assert callable(hm.sigma_of) and issubclass(hm.CheckpointWriteError, hm.MetaTrainingError)
+    assert callable(hm.sigma_of) and issubclass(hm.errors.CheckpointWriteError, hm.errors.MetaTrainingError)

@@ -1,6 +1,6 @@
 """Task likelihoods ("families") for users' own data: one module per family.
 
-Each family is a :class:`~hiermeta.TaskLikelihood` with a data class or ``make_data`` that
+Each family is a :class:`~hiermeta.tasks.TaskLikelihood` with a data class or ``make_data`` that
 validates user input, so every learner, NUTS, type-II ML (exact, Laplace or quadrature) and the
 predictive scores work on it unchanged: the GLM families are built from a design and a link
 (docs/families.md), the categorical one from any network's logits (docs/fewshot.md).

@@ -12,7 +12,7 @@ says how ``y`` depends on ``eta`` (its NumPyro distribution); this is a generali
 model as lme4's ``glmer`` fits it: ``theta_t - phi`` are the random effects, ``phi`` and ``beta``
 the fixed effects.
 
-Each family is a :class:`~hiermeta.TaskLikelihood`, so every learner, ``run_nuts``, ``laplace``,
+Each family is a :class:`~hiermeta.tasks.TaskLikelihood`, so every learner, ``run_nuts``, ``laplace``,
 type-II ML (:func:`hiermeta.type2_ml` by the Laplace or quadrature approximation) and the
 predictive scores take it unchanged.
 """

@@ -1,4 +1,4 @@
-"""The Gaussian family (identity link): :class:`~hiermeta.LinearGaussianLikelihood`, whose
+"""The Gaussian family (identity link): :class:`~hiermeta.linear_gaussian.LinearGaussianLikelihood`, whose
 ``make_data(response, mask, random, fixed, offset, task_covariates, noise_scale=None)`` takes the
 same per-group layout as the other families'.
 

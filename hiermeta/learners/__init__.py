@@ -1,9 +1,10 @@
 """Meta-learners, one file per algorithm, all on the :class:`MetaLearner` interface."""
 
 from .base import MetaLearner, MetaState
+from .bilevel import proximal_sgd
 from .shrinkage import m_shrinkage, shrinkage, shrinkage_params, sigma_of
 
-__all__ = ["MetaLearner", "MetaState", "shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of"]
+__all__ = ["MetaLearner", "MetaState", "shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of", "proximal_sgd"]
 
 # exact implicit hypergradients
 from .imaml import imaml  # noqa: E402

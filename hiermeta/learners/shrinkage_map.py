@@ -39,11 +39,12 @@ def shrinkage_map(
     inner_steps: Optional[int] = None,
     inner_solver: Optional[InnerSolver] = None,
     outer_optimizer: Optional[optax.GradientTransformation] = None,
-    modular: bool = True,
+    modular: bool = False,
     init_sigma: Optional[float] = None,
     name: Optional[str] = None,
 ) -> MetaLearner:
-    """Build (M-)Shrinkage MAP; arguments as :func:`~hiermeta.learners.shrinkage.shrinkage`."""
+    """Build Shrinkage MAP (``modular=False``: one sigma) or M-Shrinkage MAP (one sigma per module);
+    arguments as :func:`~hiermeta.learners.shrinkage.shrinkage`."""
     outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-2)
     base = shrinkage(model, inner_optimizer=inner_optimizer, inner_steps=inner_steps, inner_solver=inner_solver,
                      outer_optimizer=outer, modular=modular, init_sigma=init_sigma)

@@ -1,4 +1,10 @@
-"""Reporting helpers for studies: command lines, plain-text tables, JSON output and loss-curve figures."""
+"""The examples' shared helpers: command lines, plain-text tables, JSON output and loss-curve figures.
+
+Not part of the library (``hiermeta`` holds no argparse or table code); every script under
+``examples/`` imports it as ``_common`` (each puts its own folder on ``sys.path`` first, so this
+works also when a test loads the script from elsewhere).  matplotlib is imported only when a
+figure is drawn (:func:`pyplot`).
+"""
 
 from __future__ import annotations
 
@@ -6,11 +12,11 @@ import argparse
 import json
 import math
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from .evaluate import LossCurve
+from hiermeta.utils import format_table, save_figure, to_jsonable  # noqa: F401  (re-exported for the examples)
 
 __all__ = ["format_table", "write_json", "plot_loss_curves", "to_jsonable", "pyplot", "save_figure",
            "study_parser", "count", "count_list", "positive_float"]
@@ -72,49 +78,6 @@ def positive_float(text: str) -> float:
     return value
 
 
-def _cell(value: Any, digits: int) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return f"{float(value):.{digits}f}"
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
-    """A right-aligned plain-text table (first column left-aligned)."""
-    cells = [[_cell(v, digits) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-
-    def line(values):
-        first = values[0].ljust(widths[0])
-        return "  ".join([first] + [v.rjust(w) for v, w in zip(values[1:], widths[1:])])
-
-    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-    return "\n".join([line(list(headers)), rule] + [line(r) for r in cells])
-
-
-def to_jsonable(obj: Any) -> Any:
-    """NumPy/JAX arrays and scalars to lists and floats, recursively (NaN and inf become None)."""
-    if isinstance(obj, LossCurve):
-        return obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        return to_jsonable(np.asarray(obj).tolist())
-    if isinstance(obj, (np.floating, float)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
 def write_json(path: Path | str, payload: Mapping[str, Any]) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -132,19 +95,9 @@ def pyplot():
     return plt
 
 
-def save_figure(fig, path: Path | str) -> Path:
-    """Lay ``fig`` out, write it to ``path`` at 120 dpi, close it, and return the path."""
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def plot_loss_curves(
     ax,
-    curves: Mapping[str, LossCurve],
+    curves: Mapping[str, "hiermeta.LossCurve"],
     references: Mapping[str, float] = (),
     band: Optional[str] = "sem",
 ):

@@ -1,4 +1,4 @@
-"""Comparison studies: a hyperparameter search on validation tasks, then held-out evaluation.
+"""examples/compare.py's protocol: a hyperparameter search on validation tasks, then held-out evaluation.
 
 Protocol (used by ``examples/compare.py``): each method has a small grid of candidate
 configurations.  Every candidate is meta-trained from the same initial parameters on the same task
@@ -18,10 +18,8 @@ from typing import Any, Callable, NamedTuple, Optional, Sequence
 import jax
 import numpy as np
 
-from .evaluate import LossCurve, evaluate
-from .learners.base import MetaLearner, MetaState
-from .tasks import TaskBatch
-from .train import MetaTrainingError, fit
+from hiermeta import LossCurve, MetaLearner, MetaState, TaskBatch, evaluate, fit
+from hiermeta.errors import MetaTrainingError
 
 __all__ = ["Candidate", "Trial", "run_trial", "search", "try_evaluate", "curve_summary"]
 
