@@ -77,11 +77,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "LossCurve": (".evaluate", "LossCurve"),
     # ---- runtime
     "enable_compilation_cache": (".utils", "enable_compilation_cache"),
-    # ---- mixed models in lme4's language (hiermeta.mixed; NumPy/SciPy only): the lead adds
-    # "mixed_model", "MixedModel" and "MixedFit" here, e.g.
-    # "mixed_model": (".mixed", "mixed_model"),
+    # ---- mixed models in lme4's language (hiermeta.mixed; NumPy/SciPy only, no JAX)
+    "mixed_model": (".mixed", "mixed_model"),
+    "MixedModel": (".mixed", "MixedModel"),
+    "MixedFit": (".mixed", "MixedFit"),
+    "anova": (".mixed", "anova"),
     # ---- modules
     "errors": (".errors", None),
+    "mixed": (".mixed", None),
     "families": (".families", None),
     "learners": (".learners", None),
     "solvers": (".solvers", None),
@@ -199,6 +202,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly
                            m_shrinkage_map, m_sigma_imaml, maml, protonet, reptile, shrinkage, shrinkage_map,
                            sigma_imaml, sigma_of)
     from .linear_gaussian import LinearDesign, linear_gaussian  # noqa: F401
+    from . import mixed  # noqa: F401
+    from .mixed import MixedFit, MixedModel, anova, mixed_model  # noqa: F401
     from .partition import ModulePartition  # noqa: F401
     from .posterior import NUTSResult, run_nuts  # noqa: F401
     from .priors import prior_summary, with_priors  # noqa: F401
