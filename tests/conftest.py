@@ -16,6 +16,7 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
@@ -67,3 +68,16 @@ def swirl_tasks(swirl_domain):
     from hiermeta.models import swirl
 
     return swirl.sample_tasks(swirl_domain, jax.random.PRNGKey(0), 4)
+
+
+@pytest.fixture(scope="session")
+def one_step():
+    """``one_step(learner, state, batch)``: one meta-step of a learner built with outer SGD at lr 1;
+    returns old - new params, i.e. the meta-gradient the step used (the step must not be skipped)."""
+
+    def step(learner, state, batch):
+        new, info = jax.jit(learner.step)(state, batch)
+        assert not bool(info.skipped)
+        return jax.tree_util.tree_map(lambda a, b: np.asarray(a - b), state.params, new.params)
+
+    return step

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from _examples import load_example as example  # an examples/NAME.py as a module
 from scipy import integrate, optimize
 from scipy.special import expit
 
@@ -18,7 +19,6 @@ from hiermeta import families as fam
 from hiermeta import marginal
 from hiermeta.empirical_bayes import log_marginal_likelihood
 from hiermeta.learners import sigma_of
-from test_posterior_examples import load as example  # an examples/NAME.py as a module
 
 
 def one_module(lik, P=1):

@@ -223,7 +223,7 @@ def test_a_rerun_of_the_same_script_in_a_new_process_matches_its_fingerprint(tmp
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     script, path = tmp_path / "rerun.py", tmp_path / "run.npz"
     script.write_text(RERUN_SCRIPT)
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(root / ".jax_cache"))

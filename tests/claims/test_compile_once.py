@@ -13,7 +13,7 @@ import optax
 import hiermeta as hm
 from hiermeta.models import sinusoid
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class Counter:

@@ -3,22 +3,15 @@ its default, bad values refused by argparse with a message, and ``examples/NAME.
 ``DIR/NAME.json`` and ``DIR/NAME.png`` (the sinusoid run end to end, tiny; the main job too, in
 the slow set: it compiles three learners and type-II ML)."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
+from _examples import EXAMPLES, load_example as load
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 NAMES = sorted(p.stem for p in EXAMPLES.glob("*.py") if not p.stem.startswith("_"))  # _name: shared by studies
 
 
-def load(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli_example", EXAMPLES / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", NAMES)

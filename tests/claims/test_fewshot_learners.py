@@ -25,7 +25,7 @@ from hiermeta.learners.bilevel import proximal_sgd
 from hiermeta.learners.info import step_metrics
 from hiermeta.models import fewshot, linear
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 WAYS, SHOTS, QUERIES = 3, 2, 2
 K = 300  # inner steps: the implicit learners' hypergradients hold at a stationary point
 RATE = 0.02  # proximal rate on the summed support log-likelihood (its curvature reaches ~70 here)

@@ -1,19 +1,14 @@
 """The estimators of examples/consistency.py against closed forms on the 1-D toy (Appendix B)."""
 
-import importlib.util
-from pathlib import Path
-
 import jax
 import numpy as np
 import pytest
+from _examples import load_example
 from scipy.optimize import brentq
 
 from hiermeta.models import linear
 
-spec = importlib.util.spec_from_file_location(
-    "consistency_example", Path(__file__).resolve().parent.parent / "examples" / "consistency.py")
-consistency = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(consistency)
+consistency = load_example("consistency")
 
 
 def test_expected_joint_map_gradient_root_is_eq10_in_one_dimension():

@@ -18,7 +18,7 @@ import hiermeta as hm
 from hiermeta.sharding import shard_tasks, task_mesh
 from hiermeta.models import linear
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 
 SCRIPT = textwrap.dedent(
     """

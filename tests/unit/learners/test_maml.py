@@ -1,6 +1,6 @@
-"""The baselines (MAML, M-MAML, FOMAML, FO-M-MAML, Reptile, M-Shrinkage MAP) against exact answers:
-finite differences of the unrolled objective, closed forms on the linear domain, independent
-first-order formulas, the Reptile special case of the shrinkage phi step, and quick end-to-end runs."""
+"""hiermeta/learners/maml.py: MAML, M-MAML, FOMAML and FO-M-MAML against exact answers: finite
+differences of the unrolled objective, closed forms on the linear domain, independent first-order
+formulas."""
 
 import jax
 import jax.numpy as jnp
@@ -13,13 +13,6 @@ from hiermeta.models import linear
 
 K = 4  # unrolled inner steps in the exact checks
 RATES = np.array([0.05, 0.08, 0.11, 0.14, 0.06, 0.09, 0.12, 0.15, 0.04, 0.1])  # distinct per module
-
-
-def one_step(learner, state, batch):
-    """Run one meta-step with outer SGD at lr 1, so the gradient used is old - new."""
-    new, metrics = jax.jit(learner.step)(state, batch)
-    assert not bool(metrics.skipped)
-    return jax.tree_util.tree_map(lambda a, b: np.asarray(a - b), state.params, new.params)
 
 
 def swirl_start(swirl_domain):
@@ -46,7 +39,7 @@ def unrolled(model, batch, first_order=False):
     return jax.jit(objective)
 
 
-def test_maml_meta_gradient_equals_finite_differences(swirl_domain, swirl_model, swirl_tasks):
+def test_maml_meta_gradient_equals_finite_differences(one_step, swirl_domain, swirl_model, swirl_tasks):
     """M-MAML on the non-linear swirl domain: the step's gradient in (phi, log_lr) is the derivative
     of the unrolled objective (central differences, float64)."""
     _, batch = swirl_tasks
@@ -62,7 +55,7 @@ def test_maml_meta_gradient_equals_finite_differences(swirl_domain, swirl_model,
     np.testing.assert_allclose(got["log_lr"], fd[10:], rtol=1e-6, atol=1e-8)
 
 
-def test_maml_phi_gradient_on_the_linear_domain_is_the_closed_form(paper, paper_model, paper_tasks):
+def test_maml_phi_gradient_on_the_linear_domain_is_the_closed_form(one_step, paper, paper_model, paper_tasks):
     """Linear-Gaussian tasks: theta_K - theta* = (I - a H)^K (phi - theta*), so dJ/dphi = mean_t (I - a H)^K g_t."""
     _, batch = paper_tasks
     lr, phi = 0.2, paper.phi + np.linspace(-0.5, 0.5, 8)
@@ -81,7 +74,7 @@ def test_maml_phi_gradient_on_the_linear_domain_is_the_closed_form(paper, paper_
     assert np.max(np.abs(got["phi"] - g_val.mean(0))) > 1e-2  # the second-order terms matter here
 
 
-def test_first_order_maml_is_maml_with_second_order_terms_stopped(swirl_domain, swirl_model, swirl_tasks):
+def test_first_order_maml_is_maml_with_second_order_terms_stopped(one_step, swirl_domain, swirl_model, swirl_tasks):
     """FO-M-MAML: dJ/dphi = mean_t g_val(theta_K) and dJ/dlog_lr_m = -mean_t sum_k a_m g_k,m . g_val,m."""
     _, batch = swirl_tasks
     make = lambda fo: hm.maml(swirl_model, inner_steps=K, init_lr=0.1, outer_optimizer=optax.sgd(1.0),
@@ -101,7 +94,7 @@ def test_first_order_maml_is_maml_with_second_order_terms_stopped(swirl_domain, 
 
 
 @pytest.mark.parametrize("first_order", [False, True])
-def test_m_maml_with_equal_rates_is_maml(first_order, swirl_domain, swirl_model, swirl_tasks):
+def test_m_maml_with_equal_rates_is_maml(one_step, first_order, swirl_domain, swirl_model, swirl_tasks):
     _, batch = swirl_tasks
     make = lambda modular: hm.maml(swirl_model, inner_steps=K, init_lr=0.1, outer_optimizer=optax.sgd(1.0),
                                    modular=modular, first_order=first_order)
@@ -134,7 +127,7 @@ def test_fixed_rate_maml_keeps_the_rate_and_takes_the_same_phi_step(swirl_domain
     np.testing.assert_array_equal(f_new.params["log_lr"], f_state.params["log_lr"])
 
 
-def test_rematerialised_inner_loop_gives_the_same_step(swirl_domain, swirl_model, swirl_tasks):
+def test_rematerialised_inner_loop_gives_the_same_step(one_step, swirl_domain, swirl_model, swirl_tasks):
     _, batch = swirl_tasks
     make = lambda remat: hm.m_maml(swirl_model, inner_steps=K, init_lr=0.1, outer_optimizer=optax.sgd(1.0),
                                    remat=remat)
@@ -150,45 +143,6 @@ def test_rematerialised_inner_loop_gives_the_same_step(swirl_domain, swirl_model
         compiled = jax.jit(learner.step).lower(learner.init(jax.random.PRNGKey(0), jnp.zeros(10)), batch).compile()
         temp[flag] = compiled.memory_analysis().temp_size_in_bytes
     assert temp[True] < temp[False] / 5, temp
-
-
-@pytest.mark.parametrize("sigma, close", [(1e6, True), (3.0, False)])
-def test_reptile_is_the_shrinkage_phi_step_as_sigma_goes_to_infinity(sigma, close, paper_model, paper_tasks):
-    """Shrinkage's phi step is -mean_t (theta_hat - phi) / sigma^2; scaled by sigma^2 and with sigma
-    -> inf (the prior term vanishes from the inner loop) it is Reptile's."""
-    _, batch = paper_tasks
-    beta, inner = 0.7, optax.sgd(0.2)
-    phi = jnp.linspace(-1.0, 2.0, 8)
-    rep = hm.reptile(paper_model, inner_optimizer=inner, inner_steps=10, outer_optimizer=optax.sgd(beta))
-    outer = optax.multi_transform({"phi": optax.sgd(beta * sigma**2), "rho": optax.set_to_zero()},
-                                  {"phi": "phi", "log_sigma2": "rho"})
-    shr = hm.shrinkage(paper_model, inner_optimizer=inner, inner_steps=10, outer_optimizer=outer, init_sigma=sigma)
-    reptile_move = -one_step(rep, rep.init(jax.random.PRNGKey(0), phi), batch)["phi"]
-    shrinkage_move = -one_step(shr, shr.init(jax.random.PRNGKey(0), phi), batch)["phi"]
-    # Reptile's move is beta * mean_t (theta_t - phi) with theta_t the K-step SGD iterate (no prior)
-    theta = jax.vmap(lambda d: hm.inner.run_inner(rep.inner_problem({"phi": phi}), d, 10).theta)(batch.train)
-    np.testing.assert_allclose(reptile_move, beta * np.mean(theta - phi, axis=0), rtol=1e-12)
-    if close:
-        np.testing.assert_allclose(shrinkage_move, reptile_move, rtol=1e-9)
-    else:
-        assert np.max(np.abs(shrinkage_move - reptile_move)) > 1e-2
-
-
-def test_shrinkage_map_steps_along_the_joint_map_gradient(paper, paper_model, paper_tasks):
-    """Converged inner MAP (closed form): phi moves by mean (theta_hat - phi) / sigma^2 and
-    rho = log sigma^2 by mean (theta_hat - phi)^2 / (2 sigma^2) - 1/2 (outer SGD at lr 1)."""
-    _, batch = paper_tasks
-    phi = paper.phi + np.linspace(-0.5, 0.5, 8)
-    sigma = np.array([3.0, 1.0, 2.0, 5.0, 0.8, 1.5, 2.5, 4.0])
-    learner = hm.m_shrinkage_map(paper_model, inner_optimizer=optax.sgd(0.3), inner_steps=2000,
-                                 outer_optimizer=optax.sgd(1.0))
-    assert learner.name == "M-Shrinkage MAP"
-    state = learner.init(jax.random.PRNGKey(0), jnp.asarray(phi), sigma=sigma)
-    minus_grad = jax.tree_util.tree_map(lambda a: -a, one_step(learner, state, batch))
-    theta_hat, _ = linear.posterior(batch.train, phi, sigma)
-    d = np.asarray(theta_hat) - phi
-    np.testing.assert_allclose(minus_grad["phi"], np.mean(d / sigma**2, axis=0), rtol=1e-8)
-    np.testing.assert_allclose(minus_grad["log_sigma2"], np.mean(d**2 / (2 * sigma**2) - 0.5, axis=0), rtol=1e-7)
 
 
 def test_adaptive_inner_optimiser_needs_eps_root():
@@ -217,92 +171,3 @@ def test_bad_configuration_raises(paper_model):
         hm.m_maml(paper_model, inner_steps=3, init_lr=0.1).init(jax.random.PRNGKey(0), jnp.zeros(8), lr=RATES)
     with pytest.raises(ValueError, match="inner_steps"):
         hm.reptile(paper_model, inner_optimizer=optax.sgd(0.1), inner_steps=0)
-
-
-def test_m_shrinkage_map_biases_sigma_low(paper, paper_model):
-    """The joint MAP pulls sigma below the truth (8, 8, 8, 8, 2, 2, 2, 2), toward 0 for the second group."""
-    learner = hm.m_shrinkage_map(paper_model, inner_optimizer=optax.sgd(0.3), inner_steps=200,
-                                 outer_optimizer=optax.adam(0.05), init_sigma=4.0)
-    state = learner.init(jax.random.PRNGKey(0), jnp.asarray(paper.phi))
-    sample = lambda key: linear.sample_tasks(paper, key, 25)[1]
-    state, history = hm.fit(learner, state, sample, 150, data_key=jax.random.PRNGKey(1), progress=False,
-                            chunk_size=150)
-    sigma = np.asarray(history["sigma"][-1])
-    assert int(state.num_skipped) == 0
-    assert np.all(sigma[4:] < 1.0) and np.all(sigma[:4] < 8.0), sigma
-
-
-def run_compare(argv, out):
-    """Run examples/compare.py with ``argv`` writing to ``out``; return its JSON."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "compare.py"
-    spec = importlib.util.spec_from_file_location("compare_example", path)
-    compare = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(compare)
-    compare.main([*argv, "--no-plot", "--no-progress", "--out", str(out)])
-    return json.loads((out / "compare.json").read_text())
-
-
-@pytest.mark.slow  # the compare study end to end (every learner, tiny)
-def test_compare_quick_runs_every_learner_end_to_end(tmp_path):
-    """examples/compare.py --quick on the linear domain: every method is searched, meta-trained,
-    evaluated on validation and held-out tasks, and written to JSON."""
-    result = run_compare(["--quick", "--domain", "linear", "--meta-steps", "40", "--eval-steps", "30",
-                          "--val-tasks", "50", "--test-tasks", "50"], tmp_path)
-    assert result["schema"] == "hiermeta/compare/v1"
-    methods = result["domains"]["linear"]["methods"]
-    expected = {"Shrinkage", "M-Shrinkage", "MAML", "M-MAML", "FOMAML", "FO-M-MAML", "Reptile", "M-Shrinkage MAP"}
-    assert expected <= set(methods)
-    for name, entry in methods.items():
-        mean = np.asarray(entry["curve"]["mean"], dtype=float)
-        assert mean.shape == (31,) and np.all(np.isfinite(mean)), name
-        assert mean[10] < mean[0], name  # adaptation helps
-        assert entry["status"] == "ok" and entry["num_skipped"] == 0, name
-        assert entry["summary"]["best"] == pytest.approx(mean.min())
-        assert len(result["domains"]["linear"]["search"][name]) == 1
-    refs = result["domains"]["linear"]["references"]
-    assert refs["MLE"]["expected"] == pytest.approx(5.5)
-
-
-def _claims(domain):
-    methods, refs = domain["methods"], domain["references"]
-    s = {m: e["summary"] for m, e in methods.items()}
-    return methods, refs, s
-
-
-@pytest.mark.slow
-def test_full_comparison_linear(tmp_path):
-    """The full linear study (about 8 minutes): what docs/comparison.md reports."""
-    methods, refs, s = _claims(run_compare(["--domain", "linear"], tmp_path)["domains"]["linear"])
-    oracle = refs["Bayes oracle (posterior mean = MAP)"]["held_out"]
-    # M-Shrinkage reaches the oracle and does not overfit
-    assert s["M-Shrinkage"]["best_step"] >= 195 and s["M-Shrinkage"]["last"] - oracle < 0.01
-    assert abs(methods["M-Shrinkage"]["paired_vs_oracle_at_val_step"]["mean"]) < 0.005
-    # the modular MAML variants tie it at their early-stopped best, then rise
-    for m in ("M-MAML", "FO-M-MAML"):
-        assert abs(methods[m]["paired_vs_M-Shrinkage"]["at_val_step"]["mean"]) < 0.01, m
-        assert s[m]["last"] > s[m]["best"] + 0.02, m
-    assert s["MAML"]["last"] > s["MAML"]["best"] + 0.02
-    # non-modular methods are clearly worse; the joint-MAP variant is worse than the MLE
-    for m in ("Shrinkage", "MAML", "FOMAML", "Reptile"):
-        assert methods[m]["paired_vs_M-Shrinkage"]["at_val_step"]["mean"] > 0.15, m
-    assert s["M-Shrinkage MAP"]["best"] > refs["MLE"]["held_out"]
-
-
-@pytest.mark.slow
-def test_full_comparison_swirl(tmp_path):
-    """The full swirl study (about 16 minutes): what docs/comparison.md reports."""
-    methods, refs, s = _claims(run_compare(["--domain", "swirl"], tmp_path)["domains"]["swirl"])
-    oracle = refs["Bayes oracle (global MAP)"]["held_out"]
-    assert s["M-Shrinkage"]["best_step"] >= 990  # no overfitting
-    for m in ("MAML", "M-MAML", "FO-M-MAML"):
-        assert s[m]["last"] > s[m]["best"] + 0.015, m  # a minimum, then a rise
-    for m, e in methods.items():
-        if m != "M-Shrinkage MAP":
-            assert 0.0 < e["paired_vs_oracle_at_val_step"]["mean"] < 0.06, m  # all close to the global MAP
-    # not reproduced: M-Shrinkage is not the lowest (MAML is below it at its validation-chosen step)
-    assert methods["MAML"]["paired_vs_M-Shrinkage"]["at_val_step"]["mean"] < 0
-    assert s["M-Shrinkage MAP"]["best"] > refs["MLE"]["held_out"]

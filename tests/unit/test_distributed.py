@@ -26,7 +26,7 @@ from hiermeta.distributed import check_mesh, collectively, global_tasks, same_ev
 from hiermeta.sharding import task_mesh
 from hiermeta.models import linear
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 NUM_PROCESSES, DEVICES_PER_PROCESS = 2, 2
 NUM_STEPS, CHUNK, BATCH, EVAL_TASKS = 12, 6, 25, 11  # 25 and 11 tasks: uneven over 4 devices
 

@@ -5,6 +5,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from _examples import load_example
 from scipy.stats import norm
 
 from hiermeta.models import swirl
@@ -108,14 +109,7 @@ def test_oracle_finds_the_global_map_and_the_posterior_mean(swirl_domain, swirl_
 @pytest.mark.slow  # the nonlinear_toy study end to end
 def test_nonlinear_toy_quick(tmp_path):
     """examples/nonlinear_toy.py end to end with tiny settings: JSON written, curves and references finite."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    path = Path(__file__).resolve().parent.parent / "examples" / "nonlinear_toy.py"
-    spec = importlib.util.spec_from_file_location("nonlinear_toy_example", path)
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+    example = load_example("nonlinear_toy")
     example.main(["--quick", "--meta-steps", "20", "--inner-steps", "10", "--test-tasks", "40", "--test-steps", "30",
                   "--no-plot", "--out", str(tmp_path)])
     result = json.loads((tmp_path / "nonlinear_toy.json").read_text())

@@ -95,7 +95,7 @@ def test_headline_benchmark_runs_and_its_implementations_agree(tmp_path):
     import sys
     from pathlib import Path
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[3]
     env = {k: v for k, v in os.environ.items() if k != "JAX_ENABLE_X64"}
     out = subprocess.run([sys.executable, str(root / "benchmarks" / "sinusoid_maml.py"), "--quick", "--repeats", "1",
                           "--min-block", "0.05", "--inner-steps", "2", "--out", str(tmp_path)],
