@@ -263,7 +263,7 @@ class MixedFit:
             dev_resid = self.nobs - self.df
             lines += _table(["AIC", "BIC", "logLik", "-2*log(L)", "df.resid"],
                             [[f"{self.aic:.4f}", f"{self.bic:.4f}", f"{self.loglik:.4f}", f"{self.deviance:.4f}",
-                              str(dev_resid)]], index=False)
+                              str(dev_resid)]], left=())
         if self.is_gaussian:
             r = self.residuals() * np.sqrt(self.design.weights) / self.sigma
             q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
