@@ -324,7 +324,7 @@ class MixedFit:
         for _, row in self.varcorr().iterrows():
             if row["grp"] == "Residual":
                 vc.append({"group": "Residual", "variance": row["vcov"], "sd": row["sdcor"]})
-            elif row["var2"] is None:
+            elif pd.isna(row["var2"]):
                 vc.append({"group": row["grp"], "name": row["var1"], "variance": row["vcov"], "sd": row["sdcor"]})
             else:
                 vc.append({"group": row["grp"], "name": row["var1"], "name2": row["var2"], "covariance": row["vcov"],
