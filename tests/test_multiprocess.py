@@ -46,7 +46,8 @@ SETUP = textwrap.dedent(
     """
 )
 
-WORKER = textwrap.dedent(
+# every worker's start: join the job, then the shared configuration
+PRELUDE = textwrap.dedent(
     """
     import sys
     from pathlib import Path
@@ -54,15 +55,21 @@ WORKER = textwrap.dedent(
     import jax
     jax.config.update("jax_enable_x64", True)
     jax.distributed.initialize(coordinator_address=f"localhost:{port}", num_processes=2, process_id=process_id)
+    import numpy as np
     import hiermeta as hm
-    import hiermeta.train
-    from hiermeta.distributed import DistributedError, global_tasks
-    from hiermeta.sharding import shard_tasks, sharded_step, task_mesh
     hm.enable_compilation_cache(sys.argv[4])
     exec(sys.argv[5])  # SETUP: learner, state0, sample, data_key, held_out
 
     def say(*args):
         print(f"[{process_id}]", *args, flush=True)
+    """
+)
+
+WORKER = PRELUDE + textwrap.dedent(
+    """
+    import hiermeta.train
+    from hiermeta.distributed import DistributedError, global_tasks
+    from hiermeta.sharding import shard_tasks, sharded_step, task_mesh
 
     assert jax.process_count() == 2 and jax.device_count() == 4 and jax.local_device_count() == 2
     mesh = task_mesh()
@@ -151,13 +158,106 @@ WORKER = textwrap.dedent(
 )
 
 
+# processes given different runs refuse to start; a divergence stops the run at the last agreed state
+DISAGREE = PRELUDE + textwrap.dedent(
+    """
+    import optax
+    import hiermeta.train as train
+    from hiermeta.checkpoint import load_checkpoint, read_metadata
+    from hiermeta.distributed import DistributedError, global_tasks
+    from hiermeta.errors import ProcessDisagreementError, ReplicaDivergenceError
+    from hiermeta.sharding import task_mesh
+
+    mesh = task_mesh()
+    kwargs = dict(data_key=data_key, chunk_size=CHUNK, progress=False, mesh=mesh)
+    # count the chunks run, and let process 1 change its copy of the state after a given step
+    real_runner, runs, perturb_at = train._chunk_runner, [], []
+
+    def runner(*args):
+        inner = real_runner(*args)
+
+        def run(*a):
+            runs.append(1)
+            (state, streak), metrics = inner.run(*a)
+            if process_id == 1 and int(state.step) in perturb_at:
+                phi = state.params["phi"]
+                value = np.asarray(phi) + 1e-9  # built from this process's copy alone: no collective
+                phi = jax.make_array_from_callback(phi.shape, phi.sharding, lambda index: value[index])
+                state = state._replace(params={**state.params, "phi": phi})
+            return (state, streak), metrics
+
+        return train._Runner(run, inner.meta_step)
+
+    train._chunk_runner = runner
+
+    def refused(fn, error, *needles):
+        try:
+            fn()
+        except error as err:
+            assert all(n in str(err) for n in needles), (needles, str(err))
+            say("refused:", err)
+            return
+        raise AssertionError(f"no {error.__name__}; expected {needles}")
+
+    # 1. a data set whose response is shifted by 100 in process 1 (same shapes): refused, nothing run
+    tasks = linear.sample_tasks(paper, jax.random.PRNGKey(3), 40)[1]
+    if process_id == 1:
+        tasks = tasks._replace(train=tasks.train._replace(obs=tasks.train.obs + 100.0))
+    refused(lambda: hm.fit(learner, state0, hm.sample_from(tasks, 8), 2 * CHUNK, **kwargs), ProcessDisagreementError,
+            "not given the same run", "the task sampler (what it draws, the data it draws from", "process(es) [1]",
+            "no meta-step was run")
+    # 2. another outer learning rate in process 1
+    other = hm.m_shrinkage(linear.make_model(8), inner_optimizer=optax.sgd(0.3), inner_steps=20,
+                           outer_optimizer=optax.adam(0.05 if process_id == 1 else 0.03))
+    refused(lambda: hm.fit(other, state0, sample, 2 * CHUNK, **kwargs), ProcessDisagreementError,
+            "the meta-step (learning rates", "process(es) [1]")
+    # 3. another number of steps, and a bad argument in process 1 only (which must not leave process 0 waiting)
+    refused(lambda: hm.fit(learner, state0, sample, 2 * CHUNK + process_id, **kwargs), ProcessDisagreementError,
+            "the step to reach", "process(es) [1]")
+    bad = state0 if process_id == 0 else state0._replace(params={**state0.params, "phi": state0.params["phi"] * np.nan})
+    refused(lambda: hm.fit(learner, bad, sample, 2 * CHUNK, **kwargs), (ValueError, DistributedError),
+            "NaN" if process_id == 1 else "checking fit's arguments failed in processes [1]")
+    assert not runs, "a refused run ran meta-steps"
+    # evaluation over the mesh: each process passes its own copy of the tasks, which must be the same
+    refused(lambda: hm.evaluate(learner, state0, tasks, num_steps=2, mesh=mesh), ProcessDisagreementError,
+            "evaluate over several processes", "the tasks (in process(es) [1])")
+    # shares held in host memory differ by design, but not in layout
+    share = linear.sample_tasks(paper, jax.random.PRNGKey(7), 4)[1]
+    if process_id == 1:
+        share = share._replace(val=share.val._replace(obs=np.asarray(share.val.obs, np.float32)))
+    refused(lambda: global_tasks(share, mesh), ValueError, "task batches differ in leaf .val.obs", "processes [1]")
+    say("refusals ok")
+
+    # 4. process 1's state drifts during the second chunk: the run stops at the first chunk's state, saved
+    reference, _ = hm.fit(learner, state0, sample, CHUNK, **kwargs)
+    perturb_at.append(2 * CHUNK)
+    ckpt = out / "diverged.npz"
+    try:
+        hm.fit(learner, state0, sample, 3 * CHUNK, checkpoint=ckpt, **kwargs)
+    except ReplicaDivergenceError as err:
+        assert f"differ after meta-steps {CHUNK} to {2 * CHUNK - 1}" in str(err) and "process(es) [1]" in str(err), err
+        assert f"agreed on, step {CHUNK}, saved to {ckpt}" in str(err), err
+        assert int(err.state.step) == CHUNK and len(err.history["sigma"]) == CHUNK
+        say("stopped:", err)
+    else:
+        raise AssertionError("the divergence was not noticed")
+    assert read_metadata(ckpt)["step"] == CHUNK
+    saved = load_checkpoint(ckpt, state0)[0]
+    for a, b in zip(jax.tree_util.tree_leaves(saved.params), jax.tree_util.tree_leaves(reference.params)):
+        assert np.array_equal(np.asarray(a), np.asarray(b)), "the saved state is not the last agreed one"
+    say("divergence ok")
+    print("ALL OK", flush=True)
+    """
+)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))
         return s.getsockname()[1]
 
 
-def _start_workers(tmp_path):
+def _start_workers(tmp_path, worker=WORKER):
     env = dict(os.environ)
     flags = env.get("XLA_FLAGS", "").replace("--xla_force_host_platform_device_count", "--ignored")
     env["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={DEVICES_PER_PROCESS}".strip()
@@ -166,7 +266,7 @@ def _start_workers(tmp_path):
     cache = os.environ.get("JAX_COMPILATION_CACHE_DIR", str(ROOT / ".jax_cache"))
     script = tmp_path / "worker.py"
     constants = f"NUM_STEPS, CHUNK = {NUM_STEPS}, {CHUNK}\n"
-    script.write_text(constants + WORKER)
+    script.write_text(constants + worker)
     port = str(_free_port())
     procs = []
     for i in range(NUM_PROCESSES):
@@ -249,3 +349,14 @@ def test_single_process_helpers_are_plain_calls(tmp_path):
     a = hm.evaluate(learner, state, tasks, num_steps=3)
     b = hm.evaluate(learner, state, tasks, num_steps=3, mesh=mesh)
     np.testing.assert_allclose(a.per_task, b.per_task, rtol=1e-12)
+
+
+@pytest.mark.filterwarnings("ignore::hiermeta.ConvergenceWarning")
+def test_processes_given_different_runs_refuse_to_start_and_a_divergence_stops_the_run(tmp_path):
+    """Different data in one process, another learning rate, another step count: every process
+    refuses before the first meta-step, naming the difference; a state that drifts in one process
+    stops the run with the last agreed state saved."""
+    logs = _wait(_start_workers(tmp_path, DISAGREE), tmp_path, timeout=420)
+    assert all("ALL OK" in log for log in logs), logs
+    for log in logs:  # both processes refused each run, for the same reason
+        assert log.count("refused:") == 6 and "stopped:" in log, log
