@@ -56,7 +56,7 @@ import warnings
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
-from scipy import optimize
+from scipy import optimize, stats
 
 from ..errors import DataDefectError, EmpiricalBayesWarning, SeparationWarning
 from .estimate import Estimate
@@ -64,7 +64,8 @@ from .family import Family, get_family
 from .linalg import CrossProducts, Layout, PLSFactor, factorize
 from .terms import MixedDesign, _lower_indices, relative_factors, theta_lower_bounds, theta_names, theta_start
 
-__all__ = ["GLMM", "PIRLSResult", "fit_glmm", "separation_direction", "MAX_AGQ"]
+__all__ = ["GLMM", "PIRLSResult", "Standardised", "standardise", "fit_glmm", "log_joint", "separation_direction",
+           "MAX_AGQ"]
 
 MAX_AGQ = 25  # as lme4 allows
 SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on the diagonal of T
@@ -116,6 +117,36 @@ def _column_scales(X: np.ndarray) -> tuple:
     return M
 
 
+class Standardised(NamedTuple):
+    """A design on the standardised scale (module docstring): ``X_s = X M``, ``beta = M beta_s``;
+    ``Z_s = Z D^-1`` per term (``column_scales`` the ``d``), ``T_s = D T`` so ``theta_s = theta * theta_scale``."""
+
+    M: np.ndarray
+    X: np.ndarray
+    column_scales: list
+    terms: tuple
+    theta_scale: np.ndarray
+
+
+def standardise(design: MixedDesign) -> Standardised:
+    """The standardised copy of ``design``'s fixed and random-effect columns (the response is left alone)."""
+    n = design.num_rows
+    X = np.asarray(design.X, dtype=float).reshape(n, -1)
+    if not np.all(np.isfinite(X)):
+        raise DataDefectError("the fixed-effects design holds NaN or infinite values")
+    M = _column_scales(X)
+    scales, terms, theta_scale = [], [], []
+    for t in design.terms:
+        d = np.sqrt(np.mean(t.Z**2, axis=0))
+        d = np.where(d > 0, d, 1.0)
+        scales.append(d)
+        terms.append(t._replace(Z=t.Z / d))
+        rows, _ = _lower_indices(t)
+        theta_scale.append(d[rows])
+    return Standardised(M, X @ M, scales, tuple(terms),
+                        np.concatenate(theta_scale) if theta_scale else np.zeros(0))
+
+
 class GLMM:
     """A GLMM's data on the standardised scale and its criteria (PIRLS, Laplace, AGQ) there.
 
@@ -127,31 +158,20 @@ class GLMM:
     def __init__(self, design: MixedDesign, family: Union[str, Family] = "binomial", link: Optional[str] = None):
         self.design = design
         self.family = get_family(family, link)
+        if self.family.has_scale:
+            raise ValueError("a Gaussian response is a linear mixed model: fit it by ML/REML (hiermeta.mixed.lmm), "
+                             "not by the GLMM approximations")
         self.y, self.w = self.family.prepare(design.response, design.weights)
         n = design.num_rows
-        X = np.asarray(design.X, dtype=float).reshape(n, -1)
-        if not np.all(np.isfinite(X)):
-            raise DataDefectError("the fixed-effects design holds NaN or infinite values")
         self.offset = np.zeros(n) if design.offset is None else np.asarray(design.offset, dtype=float)
-        self.M = _column_scales(X)
-        self.X = X @ self.M
-        if X.shape[1] and np.linalg.matrix_rank(self.X) < X.shape[1]:
+        std = standardise(design)
+        self.M, self.X, self.column_scales, self.terms, self.theta_scale = std
+        if self.X.shape[1] and np.linalg.matrix_rank(self.X) < self.X.shape[1]:
             raise DataDefectError(f"the fixed-effects design ({', '.join(design.fixed_names)}) is rank deficient "
                                   "on the rows used: some columns are linear combinations of others")
-        # random-effect columns scaled to unit root-mean-square: Z_s = Z D^-1, T_s = D T
-        self.column_scales, scaled_terms, theta_scale = [], [], []
-        for t in design.terms:
-            d = np.sqrt(np.mean(t.Z**2, axis=0))
-            d = np.where(d > 0, d, 1.0)
-            self.column_scales.append(d)
-            scaled_terms.append(t._replace(Z=t.Z / d))
-            rows, _ = _lower_indices(t)
-            theta_scale.append(d[rows])
-        self.terms = tuple(scaled_terms)
-        self.theta_scale = np.concatenate(theta_scale) if theta_scale else np.zeros(0)
         self.layout = Layout(self.terms, n)
         self.num_theta = int(self.theta_scale.size)
-        self.num_fixed = int(X.shape[1])
+        self.num_fixed = int(self.X.shape[1])
         self.lower = theta_lower_bounds(self.terms)
         self._no_fixed = np.zeros((n, 0))
         self._warm = {}
@@ -302,6 +322,26 @@ class GLMM:
         if nagq <= 1:
             return self.laplace_deviance
         return lambda theta_s, beta_s: self.agq_deviance(theta_s, beta_s, nagq)
+
+
+def log_joint(design: MixedDesign, family: Union[str, Family], beta, b: Sequence, covariances: Sequence,
+              scale: Optional[float] = None) -> float:
+    """The host engine's log joint density ``log p(y | beta, b) + sum_k sum_l log N(b_kl; 0, Sigma_k)``.
+
+    ``b``: one ``(L_k, q_k)`` array per term, ``covariances``: the ``Sigma_k``, on the original
+    scale; ``scale``: the residual sd of a Gaussian response.  The NumPyro model
+    (:mod:`hiermeta.mixed.numpyro_model`) is tested against this.
+    """
+    fam = get_family(family)
+    y, w = fam.prepare(design.response, design.weights)
+    layout = Layout(design.terms, design.num_rows)
+    offset = np.zeros(design.num_rows) if design.offset is None else np.asarray(design.offset, dtype=float)
+    eta = np.asarray(design.X, dtype=float) @ np.asarray(beta, dtype=float) + offset + layout.random_predictor(b)
+    total = float(np.sum(fam.log_likelihood(y, fam.inverse_link(eta), w, scale)))
+    for bk, S in zip(b, covariances):
+        total += float(np.sum(stats.multivariate_normal(np.zeros(S.shape[0]), S, allow_singular=False).logpdf(
+            np.asarray(bk, dtype=float))))
+    return total
 
 
 # ---------------------------------------------------------------------------- checks before fitting
