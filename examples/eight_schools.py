@@ -12,7 +12,7 @@ tau ~ HalfCauchy(5).  The script
   and query by Gaussian data fission, the PLL taken in expectation over the split), both exact;
 * prints them side by side and writes eight_schools.json and eight_schools.png to --out.
 
-    python examples/eight_schools.py            # about a minute on 2 CPU cores (less with a warm cache)
+    python examples/eight_schools.py            # about 30 s on 2 CPU cores
     python examples/eight_schools.py --quick    # fewer draws
 """
 
