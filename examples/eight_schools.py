@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import posterior as hp  # noqa: E402
-from models import eight_schools as es  # noqa: E402
+from hiermeta.models import eight_schools as es  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import count, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402

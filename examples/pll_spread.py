@@ -112,7 +112,7 @@ def train_seeds(learner, model, data, args, crossfit: bool, seeds) -> tuple[np.n
         def body(state, _):
             batch = sampler(jax.random.fold_in(data_key, state.step)) if crossfit else fixed
             state, metrics = learner.step(state, batch)
-            return state, (estimates(model, state.params), metrics["skipped"])
+            return state, (estimates(model, state.params), metrics.skipped)
 
         state, (trace, skipped) = jax.lax.scan(body, state0, None, length=args.steps)
         if crossfit:  # the mean of log |value| over the last steps (the correlation: its plain mean)

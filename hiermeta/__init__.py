@@ -9,11 +9,20 @@ The top level holds the verbs of the user paths and the core types; everything e
 its module (``hm.solvers.newton``, ``hm.errors.ConvergenceWarning``, ``hm.predictive.score_draws``),
 as in optax and NumPyro.  Names are resolved on first use (PEP 562): ``import hiermeta`` imports
 neither JAX nor NumPyro, ArviZ, matplotlib or pandas; the first name that needs one imports it.
+
+JAX's persistent compilation cache is on by default, in ``~/.cache/hiermeta/jax``, from the moment
+hiermeta first needs JAX; ``HIERMETA_COMPILATION_CACHE=off`` turns it off and
+``HIERMETA_COMPILATION_CACHE=DIR`` moves it; a cache directory you configured yourself
+(``$JAX_COMPILATION_CACHE_DIR``, ``jax.config``) is left alone
+(:func:`hiermeta.utils.default_compilation_cache`).
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.util
+import os
 import sys
 import types
 from typing import TYPE_CHECKING
@@ -68,11 +77,14 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "LossCurve": (".evaluate", "LossCurve"),
     # ---- runtime
     "enable_compilation_cache": (".utils", "enable_compilation_cache"),
-    # ---- mixed models in lme4's language (hiermeta.mixed; NumPy/SciPy only): the lead adds
-    # "mixed_model", "MixedModel" and "MixedFit" here, e.g.
-    # "mixed_model": (".mixed", "mixed_model"),
+    # ---- mixed models in lme4's language (hiermeta.mixed; NumPy/SciPy only, no JAX)
+    "mixed_model": (".mixed", "mixed_model"),
+    "MixedModel": (".mixed", "MixedModel"),
+    "MixedFit": (".mixed", "MixedFit"),
+    "anova": (".mixed", "anova"),
     # ---- modules
     "errors": (".errors", None),
+    "mixed": (".mixed", None),
     "families": (".families", None),
     "learners": (".learners", None),
     "solvers": (".solvers", None),
@@ -126,6 +138,57 @@ class _Namespace(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Namespace
 
+# Submodules that need no JAX (importing them leaves the compilation cache alone).
+_JAX_FREE = ("hiermeta.errors", "hiermeta.mixed")
+
+
+class _CompilationCacheOnFirstUse(importlib.abc.MetaPathFinder):
+    """Turns on the default compilation cache just before hiermeta first imports a JAX module.
+
+    It sits first on ``sys.meta_path`` from ``import hiermeta`` until the first ``hiermeta.*``
+    submodule that needs JAX is imported (through ``hm.NAME``, ``import hiermeta.X`` or ``from
+    hiermeta.X import Y`` alike); it then removes itself, calls
+    :func:`hiermeta.utils.default_compilation_cache`, and finds nothing, so the import proceeds
+    as usual.  Other packages' imports pass it untouched.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname.startswith(__name__ + ".") and not fullname.startswith(_JAX_FREE):
+            try:
+                sys.meta_path.remove(self)
+            except ValueError:  # another thread got here first
+                return None
+            from .utils import default_compilation_cache
+
+            default_compilation_cache()
+        return None
+
+
+if not any(isinstance(finder, _CompilationCacheOnFirstUse) for finder in sys.meta_path):
+    sys.meta_path.insert(0, _CompilationCacheOnFirstUse())
+
+# The paper's domains: the repository's models/ folder, installed as hiermeta.models (pyproject.toml
+# maps it; normal and editable installs alike).  In a source checkout used without installing it
+# (hiermeta/ and models/ side by side, on PYTHONPATH), this finder gives hiermeta.models the same
+# folder, so such a checkout never imports the models of another installed copy.
+_CHECKOUT_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+class _CheckoutModels(importlib.abc.MetaPathFinder):
+    """``hiermeta.models`` -> the checkout's ``models/`` folder (only when hiermeta has no models/ of its own)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".models":
+            return None
+        return importlib.util.spec_from_file_location(fullname, os.path.join(_CHECKOUT_MODELS, "__init__.py"),
+                                                      submodule_search_locations=[_CHECKOUT_MODELS])
+
+
+if (os.path.isfile(os.path.join(_CHECKOUT_MODELS, "__init__.py"))
+        and not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
+        and not any(isinstance(finder, _CheckoutModels) for finder in sys.meta_path)):
+    sys.meta_path.insert(0, _CheckoutModels())
+
 
 if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly
     from . import (checkpoint, distributed, empirical_bayes, errors, families, implicit, inner, laplace,  # noqa: F401
@@ -139,6 +202,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly
                            m_shrinkage_map, m_sigma_imaml, maml, protonet, reptile, shrinkage, shrinkage_map,
                            sigma_imaml, sigma_of)
     from .linear_gaussian import LinearDesign, linear_gaussian  # noqa: F401
+    from . import mixed  # noqa: F401
+    from .mixed import MixedFit, MixedModel, anova, mixed_model  # noqa: F401
     from .partition import ModulePartition  # noqa: F401
     from .posterior import NUTSResult, run_nuts  # noqa: F401
     from .priors import prior_summary, with_priors  # noqa: F401

@@ -19,7 +19,11 @@ that are about processes rather than devices:
 * :func:`barrier`, :func:`is_primary`: the checkpoint is written by process 0 only and read by
   every process after a barrier (the file must be on a file system that every process sees);
 * :func:`global_tasks`: a task batch held in host memory, each process its own share, assembled
-  into one global array sharded over the mesh.
+  into one global array sharded over the mesh (the shares differ by design; their layout, each
+  leaf's trailing shape and dtype, must agree);
+* :func:`disagreements`: which processes hold another value than process 0 (digests of the run's
+  configuration and data before training, of the replicated state after each chunk: ``fit``
+  refuses to start, or stops, when they differ).
 
 All of them are no-ops (or plain calls) in a single process.  Launching (see
 ``examples/multiprocess.py`` and ``docs/distributed.md``)::
@@ -30,7 +34,8 @@ All of them are no-ops (or plain calls) in a single process.  Launching (see
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional, TypeVar
+import hashlib
+from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import jax
 import numpy as np
@@ -41,7 +46,7 @@ from .errors import DistributedError
 from .sharding import shard_tasks, task_sharding
 
 __all__ = ["is_primary", "check_mesh", "barrier", "collectively", "global_tasks", "same_everywhere",
-           "DistributedError"]
+           "disagreements", "require_agreement", "tree_digest", "DistributedError"]
 
 T = TypeVar("T")
 
@@ -112,6 +117,69 @@ def same_everywhere(value: tuple, what: str) -> None:
         raise ValueError(f"the processes disagree on {what}: {[tuple(v) for v in everyone.tolist()]} by process")
 
 
+def tree_digest(tree) -> str:
+    """SHA-256 of a pytree's structure and every leaf's dtype, shape and bytes (this process's copy)."""
+    from .checkpoint import _to_numpy
+
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    digest = hashlib.sha256(str(treedef).encode())
+    for leaf in leaves:
+        arr, impl = _to_numpy(leaf)
+        digest.update(f"{arr.dtype.str}{arr.shape}{impl}".encode())
+        digest.update(np.ascontiguousarray(arr).tobytes())
+    return digest.hexdigest()
+
+
+def _codes(texts) -> np.ndarray:
+    """Each text as two int32 words of its SHA-256 (int32, so that a job without x64 gathers them intact)."""
+    return np.asarray([np.frombuffer(hashlib.sha256(t.encode()).digest()[:8], np.int32) for t in texts],
+                      np.int32).reshape(-1)
+
+
+def _gather(words: np.ndarray) -> np.ndarray:
+    """Every process's ``words``, ``(processes, len)``."""
+    everyone = np.asarray(multihost_utils.process_allgather(words))
+    return everyone.reshape(jax.process_count(), -1)
+
+
+def disagreements(values: Mapping[str, str]) -> dict:
+    """For each named value (a string, e.g. a digest) the processes that hold another one than process 0.
+
+    Every process passes its own ``values``; returns ``{name: [process, ...]}`` for the names whose
+    value differs somewhere (process 0 is never listed: it is the reference), ``{}`` when all agree
+    and always in a single process.  Two small collectives: the list of names first (a process with
+    other names is reported under ``"the names of the values compared"`` rather than left waiting),
+    then 8 bytes of SHA-256 per value.
+    """
+    if jax.process_count() == 1:
+        return {}
+    names = sorted(values)
+    listed = _gather(_codes(["\n".join(names)]))
+    differ = np.flatnonzero(np.any(listed != listed[0], axis=1))
+    if differ.size:
+        return {"the names of the values compared": differ.tolist()}
+    everyone = _gather(_codes([values[name] for name in names])).reshape(jax.process_count(), len(names), 2)
+    out = {}
+    for i, name in enumerate(names):
+        differ = np.flatnonzero(np.any(everyone[:, i] != everyone[0, i], axis=1))
+        if differ.size:
+            out[name] = differ.tolist()
+    return out
+
+
+def require_agreement(values: Mapping[str, str], what: str) -> None:
+    """Raise :class:`~hiermeta.errors.ProcessDisagreementError` in every process unless every
+    process holds the same ``values`` (name -> string, e.g. :func:`tree_digest`) as process 0."""
+    differ = disagreements(values)
+    if differ:
+        from .errors import ProcessDisagreementError
+
+        raise ProcessDisagreementError(
+            f"{what} needs the same arguments in every process: " + "; ".join(
+                f"{name} (in process(es) {procs})" for name, procs in sorted(differ.items()))
+            + " differ(s) from process 0's")
+
+
 def _local_devices(mesh: Mesh) -> int:
     return sum(1 for d in np.ravel(mesh.devices) if d.process_index == jax.process_index())
 
@@ -139,6 +207,16 @@ def global_tasks(local_batch: Any, mesh: Mesh) -> Any:
     per_process = np.asarray(multihost_utils.process_allgather(np.int64(size)))
     if np.any(per_process != size):
         raise ValueError(f"processes hold different numbers of tasks {per_process.tolist()}; give each the same")
+    # each process's share holds other tasks by design, but the same layout: compare that
+    paths, treedef = jax.tree_util.tree_flatten_with_path(local_batch)
+    layout = {jax.tree_util.keystr(p) or "<root>": f"{np.shape(leaf)[1:]} {np.asarray(leaf).dtype}"
+              for p, leaf in paths}
+    differ = disagreements({"the batch's structure": str(treedef), **layout})
+    if differ:
+        raise ValueError("the processes' task batches differ in " + "; ".join(
+            f"{name if name.startswith('the ') else 'leaf ' + name + ' (shape per task, dtype)'} "
+            f"(processes {procs} differ from process 0: this one has {layout.get(name, treedef)})"
+            for name, procs in differ.items()))
     local = _local_devices(mesh)
     if size % local:
         raise ValueError(

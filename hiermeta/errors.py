@@ -14,7 +14,9 @@ from __future__ import annotations
 from typing import Any
 
 __all__ = ["HiermetaWarning", "ConvergenceWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning",
-           "SigmaRunOffWarning", "CheckpointError", "DistributedError", "MetaTrainingError", "CheckpointWriteError"]
+           "SigmaRunOffWarning", "CheckpointError", "CheckpointExistsError", "DistributedError",
+           "MetaTrainingError", "CheckpointWriteError", "ProcessDisagreementError", "ReplicaDivergenceError",
+           "DesignWarning", "FormulaError", "DataDefectError", "SeparationWarning"]
 
 
 class HiermetaWarning(UserWarning):
@@ -63,3 +65,53 @@ class MetaTrainingError(RuntimeError):
 
 class CheckpointWriteError(MetaTrainingError):
     """A checkpoint could not be written; ``state`` and ``history`` are the run's, up to that step."""
+
+
+class ProcessDisagreementError(ValueError):
+    """The processes of a multi-process run were not given the same run (configuration, data or
+    initial state); raised in every process before the first meta-step, naming what differs."""
+
+
+class ReplicaDivergenceError(RuntimeError):
+    """The replicated meta-state differs between processes after a chunk of meta-steps.
+
+    ``state`` is the last state every process agreed on (also written to the run's checkpoint, if
+    it has one) and ``history`` the metrics up to it, as :class:`hiermeta.MetaTrainingError` carries.
+    """
+
+    def __init__(self, message: str, state: Any, history: dict):
+        super().__init__(message)
+        self.state = state
+        self.history = history
+
+
+class CheckpointExistsError(FileExistsError):
+    """``fit`` was given a checkpoint path that already holds a file, with neither ``resume=True``
+    (continue it) nor ``overwrite=True`` (replace it on purpose): nothing is overwritten silently."""
+
+
+# ---------------------------------------------------------------------------- mixed models (hiermeta.mixed)
+
+
+class DesignWarning(HiermetaWarning):
+    """A mixed model was built differently from how it was written: columns dropped from a
+    rank-deficient fixed-effects design (as lme4 does), or a numeric grouping column with
+    non-integer values treated as a factor.  The model records what was changed."""
+
+
+class FormulaError(ValueError):
+    """A model formula cannot be read against its data: bad syntax, an unknown column, a term
+    hiermeta does not support, a formula without random-effect terms."""
+
+
+class DataDefectError(ValueError):
+    """The data cannot identify or fit the model as written, found before fitting, with the rows or
+    columns named: missing or infinite values in a used column, an all-equal response, a
+    random-effect term with as many levels as observations beside a residual, a rank-deficient
+    fixed design (when asked to refuse one), a response outside the family's range (negative or
+    non-integer counts, successes above the trials), complete separation."""
+
+
+class SeparationWarning(HiermetaWarning):
+    """Quasi-complete separation in a GLMM's fixed effects: the likelihood grows without bound
+    along a direction of the named columns, so their estimates and standard errors are not finite."""

@@ -20,7 +20,7 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from .distributed import check_mesh
+from .distributed import check_mesh, require_agreement, tree_digest
 from .inner import Adaptation, run_inner
 from .learners.base import MetaLearner, MetaState
 from .sharding import replicate, replicated, shard_tasks
@@ -157,8 +157,9 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     (``curve.mean[-1]``) is the loss at the solution (the MAP).
 
     ``mesh`` (:func:`hiermeta.sharding.task_mesh`) splits the tasks over its devices, across
-    processes in a ``jax.distributed`` job (every process passes the same ``tasks``), and gathers
-    the per-task losses back to every process.
+    processes in a ``jax.distributed`` job (every process passes the same ``tasks`` and state:
+    checked, :class:`~hiermeta.errors.ProcessDisagreementError` otherwise), and gathers the
+    per-task losses back to every process.
 
     Raises:
       ValueError: malformed tasks, or an inner solve that diverged (with the count of tasks).
@@ -172,6 +173,9 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
         per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n)
     else:
         check_mesh(mesh)
+        if jax.process_count() > 1:  # each process passes its own copy: they must be the same
+            require_agreement({"the tasks": tree_digest(tasks), "the meta-parameters": tree_digest(state.params),
+                               "num_steps": str(n)}, "evaluate over several processes")
         per_task, diverged, converged, stationarity = _sharded_curves(learner, n, mesh)(state.params, tasks)
     per_task, diverged = np.asarray(per_task), np.asarray(diverged)
     diverged = diverged | ~np.all(np.isfinite(per_task), axis=1)

@@ -357,9 +357,13 @@ def _compiled_run(model: HierarchicalModel, config: _SamplerConfig):
     return jax.jit(run)
 
 
-def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndarray], stats: Mapping,
+def sampling_diagnostics(model: Optional[HierarchicalModel], samples: Mapping[str, np.ndarray], stats: Mapping,
                          data: Any = None) -> dict:
-    """Convergence of a NUTS run: split r-hat, bulk ESS, divergences, and the prior-tail check."""
+    """Convergence of a NUTS run: split r-hat, bulk ESS, divergences, and the prior-tail check.
+
+    ``model`` None (a model that is not a :class:`~hiermeta.HierarchicalModel`, e.g. the mixed-model
+    engine's NumPyro model): no prior-tail check here (``prior_conflicts`` empty; the caller checks).
+    """
     C, S = np.shape(stats["diverging"])
     r_hat, ess, worst = -np.inf, np.inf, {}
     for name, draws in samples.items():
@@ -393,7 +397,7 @@ def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndar
     if np.isfinite(ess) and ess < 100 * C:
         messages.append(f"NUTS: bulk ESS {ess:.0f} < {100 * C} (100 per chain; worst: {worst['ess']}): "
                         "too few effective draws for reliable summaries")
-    tail = prior_tail_check(model, samples, data)
+    tail = prior_tail_check(model, samples, data) if model is not None else []  # None: the caller checks its priors
     return {
         "max_r_hat": r_hat if np.isfinite(r_hat) else float("nan"),
         "min_ess": ess if np.isfinite(ess) else float("nan"),

@@ -433,6 +433,9 @@ def from_table(
     if both:
         raise ValueError(f"column(s) {both} are in both random= and fixed=: a random coefficient's population "
                          "mean (phi) already plays the fixed effect's part")
+    if isinstance(group, (list, tuple)):
+        raise ValueError(f"group={list(group)!r}: from_table builds tasks of one grouping factor; for several (crossed or "
+                         "nested) use the formula path, hiermeta.mixed.mixed_model('y ~ x + (1 | a) + (1 | b)', data)")
     for role, value in (("response", response), ("group", group)):
         if not isinstance(value, str):
             raise ValueError(f"{role}= must be a column name, got {value!r}")

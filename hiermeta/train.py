@@ -13,6 +13,17 @@ In a job of several processes (:mod:`hiermeta.distributed`) every process calls 
 same arguments and a mesh over every process's devices; each process holds the replicated state,
 process 0 alone writes the checkpoint (the others wait for it, and all learn if it failed), and a
 resumed run is read by every process from the same file (a file system that all of them see).
+Nothing checks this by itself in SPMD (each process runs the program it traced, on the data it
+holds), so ``fit`` does: before the first meta-step every process compares its settings and run
+fingerprint (the traced meta-step and task sampler with the data they close over, the initial
+state) with process 0's and refuses to start, naming what differs
+(:class:`~hiermeta.errors.ProcessDisagreementError`); after each chunk it compares a digest of its
+replicated state, and a divergence stops the run with the last state all processes agreed on
+(:class:`~hiermeta.errors.ReplicaDivergenceError`, and the checkpoint, if any, holds that state).
+
+An existing checkpoint file is never replaced by a new run by accident: ``resume=True`` continues
+it, ``overwrite=True`` replaces it, anything else raises
+:class:`~hiermeta.errors.CheckpointExistsError` naming the file and its step.
 """
 
 from __future__ import annotations
@@ -31,10 +42,12 @@ import numpy as np
 from jax.sharding import Mesh
 from tqdm.auto import tqdm
 
-from .checkpoint import _to_numpy, load_checkpoint, save_checkpoint
-from .distributed import check_mesh, collectively, same_everywhere
-from .errors import CheckpointError, CheckpointWriteError, MetaTrainingError
+from .checkpoint import load_checkpoint, read_metadata, save_checkpoint
+from .distributed import check_mesh, collectively, disagreements, same_everywhere, tree_digest
+from .errors import (CheckpointError, CheckpointExistsError, CheckpointWriteError, MetaTrainingError,
+                     ProcessDisagreementError, ReplicaDivergenceError)
 from .learners.base import MetaLearner, MetaState, all_finite
+from .learners.info import step_metrics
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
@@ -78,7 +91,8 @@ def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[M
         batch = sample_tasks(jax.random.fold_in(data_key, state.step))
         if mesh is not None:
             batch = shard_tasks(batch, mesh)
-        return learner.step(state, batch)
+        state, info = learner.step(state, batch)
+        return state, step_metrics(info)  # the flat dict the history stacks
 
     meta_step = jax.jit(meta_step)  # traced once: the fingerprint, eval_shape and the scan share its trace
 
@@ -113,28 +127,24 @@ def _key_data(key) -> list:
 # ---------------------------------------------------------------------------- run fingerprint
 
 
-def _tree_digest(tree) -> str:
-    """SHA-256 of a pytree's structure and every leaf's dtype, shape and bytes."""
-    leaves, treedef = jax.tree_util.tree_flatten(tree)
-    digest = hashlib.sha256(str(treedef).encode())
-    for leaf in leaves:
-        arr, impl = _to_numpy(leaf)
-        digest.update(f"{arr.dtype.str}{arr.shape}{impl}".encode())
-        digest.update(np.ascontiguousarray(arr).tobytes())
-    return digest.hexdigest()
-
-
 def _jaxpr_digest(closed) -> str:
     """SHA-256 of a traced program: its text (literals such as learning rates included, object
     addresses removed) and the values of its constants (arrays a function closes over)."""
     text = re.sub(r"0x[0-9a-fA-F]+", "0x", str(closed.jaxpr))
-    return hashlib.sha256((text + _tree_digest(list(closed.consts))).encode()).hexdigest()
+    return hashlib.sha256((text + tree_digest(list(closed.consts))).encode()).hexdigest()
 
 
 _FINGERPRINT_PARTS = {
     "meta_step": "the meta-step (learning rates and schedules, inner steps, optimisers, hypergradient, "
                  "model, batch shapes, device mesh or precision)",
-    "task_sampler": "the task sampler (what it draws, or how many tasks)",
+    "task_sampler": "the task sampler (what it draws, the data it draws from, or how many tasks)",
+}
+_SETTINGS = {  # fit's settings compared between processes, in words
+    "learner": "the learner's name",
+    "start_step": "the initial state's step",
+    "target_step": "the step to reach (initial step + num_steps)",
+    "checkpoint": "whether a checkpoint path is given",
+    "the names of the values compared": "the list of settings compared (another hiermeta version?)",
 }
 
 
@@ -151,15 +161,14 @@ def _fingerprint(runner: _Runner, sample_tasks, state, data_key) -> dict:
     }
     fields = getattr(state, "_fields", None)
     if fields:
-        parts.update({f"initial_state.{name}": _tree_digest(getattr(state, name)) for name in fields})
+        parts.update({f"initial_state.{name}": tree_digest(getattr(state, name)) for name in fields})
     else:
-        parts["initial_state"] = _tree_digest(state)
+        parts["initial_state"] = tree_digest(state)
     return parts
 
 
-def _differences(theirs: dict, ours: dict) -> list[str]:
-    names = sorted(set(theirs) | set(ours))
-    differ = [name for name in names if theirs.get(name) != ours.get(name)]
+def _describe_parts(differ: list[str]) -> list[str]:
+    """What the differing fingerprint parts (or run settings) are, in words."""
     out = []
     for name in differ:
         if name.startswith("initial_state"):
@@ -167,8 +176,34 @@ def _differences(theirs: dict, ours: dict) -> list[str]:
         elif name == "meta_step" and "task_sampler" in differ:
             out.append("the meta-step (it draws from the sampler, so it differs too)")
         else:
-            out.append(_FINGERPRINT_PARTS.get(name, name))
+            out.append(_FINGERPRINT_PARTS.get(name) or _SETTINGS.get(name) or f"fit's argument {name}")
     return out
+
+
+def _differences(theirs: dict, ours: dict) -> list[str]:
+    names = sorted(set(theirs) | set(ours))
+    return _describe_parts([name for name in names if theirs.get(name) != ours.get(name)])
+
+
+def _check_processes_agree(settings: dict, fingerprint: dict) -> None:
+    """Refuse to start a multi-process run whose processes were not given the same run.
+
+    In SPMD every process runs the program it traced on the data it holds: a process with another
+    learning rate or other data would silently train something that is neither run.  Compares
+    ``settings`` (fit's arguments) and ``fingerprint`` (:func:`_fingerprint`) with process 0's.
+    """
+    differ = disagreements({**{name: repr(value) for name, value in settings.items()}, **fingerprint})
+    if not differ:
+        return
+    names = sorted(differ, key=lambda name: (name == "meta_step", name))  # the cause before its consequence
+    said = _describe_parts(names)
+    raise ProcessDisagreementError(
+        f"the {jax.process_count()} processes of this run were not given the same run: "
+        + "; ".join(f"{what} (in process(es) {differ[name]})" for name, what in zip(names, said))
+        + " differ(s) from process 0's. Every process must call fit with the same learner, arguments, "
+        "task sampler, data and initial state (data held as each process's own share go through "
+        "hiermeta.distributed.global_tasks); no meta-step was run"
+    )
 
 
 def _resume(path, state, learner, data_key, target, fingerprint) -> tuple[MetaState, list, int]:
@@ -205,11 +240,23 @@ def _resume(path, state, learner, data_key, target, fingerprint) -> tuple[MetaSt
     return loaded, [history] if history else [], streak
 
 
-def _check_writable(path) -> Path:
-    """Refuse a checkpoint path that cannot be written, before any training time is spent."""
+def _check_writable(path, resume: bool = False, overwrite: bool = False) -> Path:
+    """Refuse a checkpoint path that cannot be written, or that holds a file this run would replace
+    without being asked to (``resume`` continues it, ``overwrite`` replaces it), before any training."""
     path = Path(path)
     if path.is_dir():
         raise ValueError(f"checkpoint {path} is a directory; give a file path such as {path / 'run.npz'}")
+    if path.exists() and not (resume or overwrite):
+        try:
+            meta = read_metadata(path)
+            what = (f"a checkpoint of {meta.get('learner', 'a run')!r} at step {meta.get('step', '?')} "
+                    f"of a run to step {meta.get('target_step', '?')}")
+        except CheckpointError as err:
+            what = f"a file that is not a readable checkpoint ({err})"
+        raise CheckpointExistsError(
+            f"checkpoint {path} already exists ({what}); this run would replace it. Pass resume=True to "
+            "continue it, overwrite=True to replace it, or another checkpoint path; nothing was run"
+        )
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -262,6 +309,7 @@ def fit(
     checkpoint: Optional[str | os.PathLike] = None,
     checkpoint_every: Optional[int] = None,
     resume: bool = False,
+    overwrite: bool = False,
     mesh: Optional[Mesh] = None,
 ) -> tuple[MetaState, dict]:
     """Run ``num_steps`` meta-steps of ``learner`` from ``state``.
@@ -288,10 +336,14 @@ def fit(
         meta-step with its learning rates, inner steps and optimisers, the task sampler, the
         initial state) or a corrupt one raises :class:`~hiermeta.checkpoint.CheckpointError`
         saying what differs.
+      overwrite: replace an existing file at ``checkpoint`` (at the first checkpoint write; until
+        then it is left as it is).  Without ``resume`` or ``overwrite`` an existing file raises
+        :class:`~hiermeta.errors.CheckpointExistsError` naming it and its step, before training.
       mesh: a device mesh (:func:`hiermeta.sharding.task_mesh`): each batch's tasks are split
         over its devices and the state is replicated.  In a job of several processes
         (``jax.distributed``) it must give every process a device; checkpoints are then written
-        by process 0 and read by all.
+        by process 0 and read by all.  Every process must be given the same run (checked, see the
+        module docstring).
     Returns:
       The final state and the history: each metric stacked over the steps run, as NumPy arrays.
     Raises:
@@ -301,21 +353,32 @@ def fit(
       MetaTrainingError: ``max_consecutive_skips`` meta-steps in a row were skipped.
       CheckpointWriteError: a checkpoint write failed (a ``MetaTrainingError``).
       CheckpointError: ``resume=True`` found a corrupt checkpoint or one of another run.
+      CheckpointExistsError: ``checkpoint`` exists and neither ``resume`` nor ``overwrite`` is set.
+      ProcessDisagreementError: (several processes) the processes were given different runs.
+      ReplicaDivergenceError: (several processes) their replicated states diverged during a chunk;
+        it carries the last agreed state (also saved to ``checkpoint``) and the history up to it.
     """
     num_steps = check_count(num_steps, "num_steps", 0)
     chunk_size = check_count(chunk_size, "chunk_size", 1)
     max_skips = check_count(max_consecutive_skips, "max_consecutive_skips", 1)
     every = None if checkpoint_every is None else check_count(checkpoint_every, "checkpoint_every", 1)
-    if (checkpoint_every is not None or resume) and checkpoint is None:
-        raise ValueError("checkpoint_every and resume need a checkpoint path")
-    _check_state(learner, state)
+    if (checkpoint_every is not None or resume or overwrite) and checkpoint is None:
+        raise ValueError("checkpoint_every, resume and overwrite need a checkpoint path")
+    if resume and overwrite:
+        raise ValueError("resume=True continues the checkpoint and overwrite=True replaces it: give one of them")
     check_mesh(mesh)
-    if not bool(all_finite(state.params)):
-        raise ValueError("the initial meta-parameters hold NaN or infinite values")
-    # check one batch eagerly, so malformed data fails here with a clear message, not in XLA
-    check_task_batch(learner.model.likelihood, sample_tasks(jax.random.fold_in(data_key, state.step)))
+
+    def check_arguments():
+        _check_state(learner, state)
+        if not bool(all_finite(state.params)):
+            raise ValueError("the initial meta-parameters hold NaN or infinite values")
+        # check one batch eagerly, so malformed data fails here with a clear message, not in XLA
+        check_task_batch(learner.model.likelihood, sample_tasks(jax.random.fold_in(data_key, state.step)))
+
+    collectively("checking fit's arguments", check_arguments)  # a failure in one process stops all
     if checkpoint is not None:  # written by process 0 alone in a job of several processes
-        collectively("checking the checkpoint path", lambda: _check_writable(checkpoint), only_primary=True)
+        collectively("checking the checkpoint path", lambda: _check_writable(checkpoint, resume, overwrite),
+                     only_primary=True)
         checkpoint = Path(checkpoint)
     runner = _chunk_runner(learner, sample_tasks, mesh, chunk_size)
     start, target = int(state.step), int(state.step) + num_steps
@@ -323,8 +386,14 @@ def fit(
     streak = 0
     metadata = {"learner": learner.name, "data_key": _key_data(data_key), "start_step": start,
                 "target_step": target}
-    if checkpoint is not None:
+    several = jax.process_count() > 1
+    if checkpoint is not None or several:
         metadata["fingerprint"] = _fingerprint(runner, sample_tasks, state, data_key)
+    if several:
+        settings = {**metadata, "chunk_size": chunk_size, "checkpoint_every": every, "max_consecutive_skips": max_skips,
+                    "checkpoint": checkpoint is not None, "resume": resume, "overwrite": overwrite}
+        _check_processes_agree({k: v for k, v in settings.items() if k != "fingerprint"}, metadata["fingerprint"])
+    if checkpoint is not None:
         if resume:
             found = collectively(f"resuming from checkpoint {checkpoint}", lambda: checkpoint.exists() and _resume(
                 checkpoint, state, learner, data_key, target, metadata["fingerprint"]))
@@ -335,7 +404,7 @@ def fit(
     if mesh is not None:
         state = replicate(state, mesh)
 
-    def save(state):
+    def save(state, streak):
         history = _concat(chunks)
 
         def write():
@@ -365,6 +434,24 @@ def fit(
             history,
         )
 
+    def diverged(agreed, differ, step):
+        """Stop a multi-process run whose replicated states differ: save and carry the last agreed one."""
+        state, streak, count = agreed
+        del chunks[count:]
+        if checkpoint is not None:
+            save(state, streak)
+        raise ReplicaDivergenceError(
+            f"{learner.name}: the processes' replicated meta-states differ after meta-steps {int(state.step)} "
+            f"to {step - 1}: "
+            f"process(es) {differ} hold another state than process 0 (a non-deterministic operation, a "
+            "process whose code or data changed during the run, or a hardware fault). Training stopped at "
+            f"the last state they all agreed on, step {int(state.step)}"
+            + (f", saved to {checkpoint}" if checkpoint is not None else "")
+            + " and carried by this error (err.state, err.history)",
+            state,
+            _concat(chunks),
+        )
+
     if streak >= max_skips:  # a resumed run that had already stopped
         stop(state)
     bar = None
@@ -372,6 +459,7 @@ def fit(
         bar = tqdm(total=target - start, initial=int(state.step) - start,
                    desc=description or learner.name, leave=False)
     limit = jnp.asarray(max_skips, jnp.int32)
+    agreed = (state, streak, len(chunks))  # the last state every process holds (checked after each chunk)
     try:
         while int(state.step) < target:
             # chunk ends fall on multiples of chunk_size and checkpoint_every counted from the
@@ -386,9 +474,14 @@ def fit(
             streak, ran = int(streak_out), int(state.step) - before
             metrics = jax.tree_util.tree_map(lambda a: np.asarray(a)[:ran], metrics)
             chunks.append(metrics)
+            if several:  # a cheap digest of the replicated state, compared with process 0's
+                differ = disagreements({"state": tree_digest(state)})
+                if differ:
+                    diverged(agreed, differ["state"], int(state.step))
+                agreed = (state, streak, len(chunks))
             stopped = streak >= max_skips
             if checkpoint is not None and (stopped or int(state.step) == target or (every and end % every == 0)):
-                save(state)
+                save(state, streak)
             if bar is not None:
                 postfix = {"skipped": int(state.num_skipped)}
                 if "val_log_lik" in metrics and ran:
@@ -401,7 +494,7 @@ def fit(
         if bar is not None:
             bar.close()
     if checkpoint is not None and not chunks:  # nothing to run: still leave a checkpoint
-        save(state)
+        save(state, streak)
     history = _concat(chunks)
     if "num_unconverged" in history and np.any(history["num_unconverged"] > 0):  # once per fit
         bad, worst = history["num_unconverged"], history["inner_stationarity"]

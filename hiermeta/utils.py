@@ -4,29 +4,70 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import numpy as np
 
-__all__ = ["enable_compilation_cache", "check_count", "format_table", "to_jsonable", "save_figure"]
+from .errors import HiermetaWarning
+
+__all__ = ["enable_compilation_cache", "default_compilation_cache", "CACHE_ENV", "check_count", "format_table",
+           "to_jsonable", "save_figure"]
+
+# Turns the default persistent compilation cache off ("0", "off", "false", "no") or moves it (a directory).
+CACHE_ENV = "HIERMETA_COMPILATION_CACHE"
+
+
+def _user_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/hiermeta/jax``, else ``~/.cache/hiermeta/jax``."""
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "hiermeta" / "jax"
 
 
 def enable_compilation_cache(path: Optional[str] = None) -> str:
     """Turn on JAX's persistent compilation cache, so a second run skips XLA compilation.
 
-    The directory is ``path``, else ``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/hiermeta/jax``.
-    Every compiled program is cached (minimum compile time 0 s).  Returns the directory.
+    The directory is ``path``, else ``$JAX_COMPILATION_CACHE_DIR``, else ``~/.cache/hiermeta/jax``
+    (``$XDG_CACHE_HOME/hiermeta/jax`` where that is set).  Every compiled program is cached
+    (minimum compile time 0 s).  Returns the directory.  hiermeta already does this by default
+    (:func:`default_compilation_cache`); call it to choose the directory in code.
     """
-    directory = path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(
-        Path.home() / ".cache" / "hiermeta" / "jax"
-    )
+    directory = path or os.environ.get("JAX_COMPILATION_CACHE_DIR") or str(_user_cache_dir())
     Path(directory).mkdir(parents=True, exist_ok=True)
     jax.config.update("jax_compilation_cache_dir", directory)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
     return directory
+
+
+def default_compilation_cache() -> Optional[str]:
+    """The persistent compilation cache hiermeta turns on for its users; returns its directory or None.
+
+    Called once, when hiermeta first imports a module that needs JAX (not at ``import hiermeta``):
+    a second run of a script then loads its compiled programs instead of compiling them again.
+
+    * ``HIERMETA_COMPILATION_CACHE=off`` (or ``0``, ``false``, ``no``) turns it off;
+      ``HIERMETA_COMPILATION_CACHE=DIR`` moves it to ``DIR``.
+    * A cache directory the user configured is left alone: ``$JAX_COMPILATION_CACHE_DIR``, or
+      ``jax.config.update("jax_compilation_cache_dir", ...)`` before hiermeta's first JAX module.
+    * Otherwise: ``~/.cache/hiermeta/jax`` (``$XDG_CACHE_HOME/hiermeta/jax``), every program cached.
+
+    A directory that cannot be created leaves the cache off, with a :class:`~hiermeta.errors.HiermetaWarning`.
+    JAX decides at its first compilation whether a cache is used: in a process that compiled
+    something before hiermeta's first import, the default has no effect.
+    """
+    setting = os.environ.get(CACHE_ENV, "").strip()
+    if setting.lower() in ("0", "off", "false", "no"):
+        return None
+    if jax.config.jax_compilation_cache_dir:  # the user's own (set in code or by $JAX_COMPILATION_CACHE_DIR)
+        return None
+    try:
+        return enable_compilation_cache(setting or str(_user_cache_dir()))
+    except OSError as err:
+        warnings.warn(f"hiermeta: no persistent compilation cache ({err}); set {CACHE_ENV}=DIR to move it or "
+                      f"{CACHE_ENV}=off to silence this", HiermetaWarning, stacklevel=2)
+        return None
 
 
 def check_count(value, name: str, minimum: int = 0) -> int:

@@ -1,10 +1,12 @@
 """Meta-learners, one file per algorithm, all on the :class:`MetaLearner` interface."""
 
 from .base import MetaLearner, MetaState
+from .info import BilevelInfo, MAMLInfo, ProtoNetInfo, ReptileInfo, ShrinkageMAPInfo, StepInfo, step_metrics
 from .bilevel import proximal_sgd
 from .shrinkage import m_shrinkage, shrinkage, shrinkage_params, sigma_of
 
-__all__ = ["MetaLearner", "MetaState", "shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of", "proximal_sgd"]
+__all__ = ["MetaLearner", "MetaState", "StepInfo", "BilevelInfo", "ShrinkageMAPInfo", "MAMLInfo", "ReptileInfo",
+           "ProtoNetInfo", "step_metrics", "shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of", "proximal_sgd"]
 
 # exact implicit hypergradients
 from .imaml import imaml  # noqa: E402

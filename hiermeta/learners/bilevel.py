@@ -50,6 +50,7 @@ from ..solvers import GRADIENT_STEPS_TOL, InnerSolver, PriorScaled, curvature_st
 from ..utils import check_count
 from .base import (MetaLearner, MetaState, extra_metrics, extra_params, extra_values, flat_phi,
                    inner_metrics, learned_sites, make_adapt, new_state, outer_update, starting_values, task_start)
+from .info import BilevelInfo
 
 __all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner", "proximal_sgd", "ProximalSGD"]
 
@@ -299,18 +300,17 @@ def gaussian_prior_learner(
         grads, (inner, val_log_lik, info) = meta_gradient(state.params, batch)
         num_diverged = jnp.sum(inner.diverged)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
-        metrics = {
-            "val_log_lik": jnp.mean(val_log_lik),
-            "inner_loss": jnp.mean(inner.final_loss),
-            "sigma": sigma_from(state.params),
-            **extra_metrics(model, state.params),
-            "num_diverged": num_diverged,
+        return state, BilevelInfo(
+            val_log_lik=jnp.mean(val_log_lik),
+            inner_loss=jnp.mean(inner.final_loss),
+            sigma=sigma_from(state.params),
+            extra=extra_metrics(model, state.params),
+            num_diverged=num_diverged,
             **inner_metrics(inner),
-            "skipped": skipped,
-            "cg_iterations": jnp.max(info.iterations),  # the most any task took
-            "cg_residual": jnp.max(info.residual),  # worst relative residual of H v = g
-        }
-        return state, metrics
+            skipped=skipped,
+            cg_iterations=jnp.max(info.iterations),  # the most any task took
+            cg_residual=jnp.max(info.residual),  # worst relative residual of H v = g
+        )
 
     return MetaLearner(
         name=name,

@@ -34,10 +34,12 @@ __all__ = [
     "Term",
     "MixedDesign",
     "theta_sizes",
+    "theta_indices",
     "theta_start",
     "theta_lower_bounds",
     "theta_names",
     "relative_factors",
+    "theta_from_factors",
     "covariances",
     "theta_from_covariances",
     "make_term",
@@ -132,6 +134,11 @@ def _lower_indices(term: Term) -> tuple:
     return rows, cols
 
 
+def theta_indices(term: Term) -> tuple:
+    """``(rows, cols)``: where each of ``term``'s covariance parameters sits in ``T_k`` (lme4's order)."""
+    return _lower_indices(term)
+
+
 def theta_sizes(terms: Sequence[Term]) -> tuple:
     """Number of covariance parameters of each term."""
     return tuple(t.num_theta for t in terms)
@@ -185,6 +192,16 @@ def relative_factors(terms: Sequence[Term], theta) -> list:
         T[rows, cols] = th
         out.append(T)
     return out
+
+
+def theta_from_factors(terms: Sequence[Term], factors: Sequence[np.ndarray]) -> np.ndarray:
+    """The inverse of :func:`relative_factors`: the free entries of every ``T_k``, lme4's order
+    (the entries above the diagonal, and off the diagonal of a diagonal term, are ignored)."""
+    out = []
+    for t, T in zip(terms, factors):
+        rows, cols = _lower_indices(t)
+        out.append(np.asarray(T, dtype=float)[rows, cols])
+    return np.concatenate(out) if out else np.zeros(0)
 
 
 def covariances(terms: Sequence[Term], theta, scale: float = 1.0) -> list:

@@ -1,0 +1,7 @@
+"""``python -m hiermeta``: the command line (:mod:`hiermeta.cli`)."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())

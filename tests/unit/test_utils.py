@@ -1,0 +1,127 @@
+"""hiermeta/utils.py: the default compilation cache, counts, tables, JSON-able values."""
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from hiermeta.utils import CACHE_ENV, check_count, format_table, to_jsonable
+
+ROOT = Path(__file__).resolve().parents[2]
+
+PROBE = f"""
+import json, sys
+sys.path.insert(0, {str(ROOT)!r})
+import hiermeta as hm
+jax_at_import = "jax" in sys.modules
+import hiermeta.errors  # needs no JAX: leaves the cache alone
+jax_after_errors = "jax" in sys.modules
+hm.HierarchicalModel  # the first name that needs JAX
+import jax, jax.numpy as jnp
+jax.jit(lambda x: x * 2.0 + 1.0)(jnp.arange(3.0)).block_until_ready()
+print(json.dumps({{"jax_at_import": jax_at_import, "jax_after_errors": jax_after_errors,
+                  "dir": jax.config.jax_compilation_cache_dir,
+                  "min_time": jax.config.jax_persistent_cache_min_compile_time_secs}}))
+"""
+
+
+def probe(tmp_path, before="", **env):
+    environ = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", CACHE_ENV)}
+    environ.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), **env)
+    code = PROBE.replace("import hiermeta as hm\n", before + "import hiermeta as hm\n", 1)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def cached_files(directory) -> int:
+    return sum(1 for p in Path(directory).rglob("*") if p.is_file()) if Path(directory).exists() else 0
+
+
+def test_the_cache_is_on_by_default_from_the_first_jax_module_in_the_user_cache_dir(tmp_path):
+    got = probe(tmp_path)
+    default = tmp_path / "xdg" / "hiermeta" / "jax"
+    assert got == {"jax_at_import": False, "jax_after_errors": False, "dir": str(default), "min_time": 0.0}
+    assert cached_files(default) > 0  # the jitted program was written
+
+
+def test_the_environment_variable_moves_or_turns_off_the_cache(tmp_path):
+    moved = tmp_path / "elsewhere"
+    assert probe(tmp_path, **{CACHE_ENV: str(moved)})["dir"] == str(moved) and cached_files(moved) > 0
+    for off in ("off", "0", "False"):
+        got = probe(tmp_path, **{CACHE_ENV: off})
+        assert got["dir"] is None and got["min_time"] == 1.0  # JAX's own default left as it was
+    assert cached_files(tmp_path / "xdg") == 0
+
+
+def test_a_cache_dir_the_user_configured_is_left_alone(tmp_path):
+    mine = tmp_path / "mine"
+    got = probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(mine))
+    assert got["dir"] == str(mine) and got["min_time"] == 1.0  # not ours: JAX's settings untouched
+    in_code = tmp_path / "in_code"
+    got = probe(tmp_path, before=f"import jax; jax.config.update('jax_compilation_cache_dir', {str(in_code)!r})\n")
+    assert got["dir"] == str(in_code)
+    assert cached_files(tmp_path / "xdg") == 0
+
+
+def test_an_unwritable_cache_dir_warns_and_leaves_the_cache_off(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    code = (f"import sys, warnings, json; sys.path.insert(0, {str(ROOT)!r})\n"
+            "warnings.simplefilter('always')\n"
+            "with warnings.catch_warnings(record=True) as w:\n"
+            "    import hiermeta.hierarchy\n"
+            "import jax\n"
+            "print(json.dumps([jax.config.jax_compilation_cache_dir, [str(x.message) for x in w]]))\n")
+    environ = {k: v for k, v in os.environ.items() if k != "JAX_COMPILATION_CACHE_DIR"}
+    environ[CACHE_ENV] = str(blocker / "jax")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=600)
+    directory, messages = json.loads(out.stdout.strip().splitlines()[-1])
+    assert directory is None
+    assert any("no persistent compilation cache" in m and CACHE_ENV in m for m in messages)
+
+
+@pytest.mark.parametrize("value", [3, np.int64(3), np.asarray(3)])
+def test_check_count_accepts_integers(value):
+    assert check_count(value, "n", 3) == 3 and type(check_count(value, "n")) is int
+
+
+@pytest.mark.parametrize("value", [2.7, 3.0, "3", True, np.bool_(True), np.asarray([3])])
+def test_check_count_refuses_what_is_not_an_integer(value):
+    with pytest.raises(ValueError, match=r"n must be an integer >= 0"):
+        check_count(value, "n")
+
+
+def test_check_count_refuses_a_count_below_the_minimum():
+    with pytest.raises(ValueError, match=r"n must be >= 2, got 1"):
+        check_count(1, "n", 2)
+    assert check_count(2, "n", 2) == 2
+
+
+def test_format_table_aligns_and_formats_each_kind_of_cell():
+    text = format_table(["name", "count", "value"], [["a", 3, 1.23456], ["longer", np.int64(12), float("nan")],
+                                                     ["b", None, np.float32(2.5)]], digits=2)
+    assert text.split("\n") == [
+        "name    count  value",
+        "--------------------",
+        "a           3   1.23",
+        "longer     12      -",
+        "b           -   2.50",
+    ]
+    assert format_table(["x", "y"], []) == "x  y\n----"
+
+
+def test_to_jsonable_converts_arrays_scalars_and_non_finite_values():
+    class Curve:
+        def to_dict(self):
+            return {"mean": [1.0]}
+
+    got = to_jsonable({1: np.array([1.0, np.inf]), "t": (np.int32(2), np.bool_(True)), "nan": math.nan,
+                       "c": Curve(), "s": "text", "f": np.float64(0.5)})
+    assert got == {"1": [1.0, None], "t": [2, True], "nan": None, "c": {"mean": [1.0]}, "s": "text", "f": 0.5}
+    assert json.dumps(got)
