@@ -183,6 +183,9 @@ def numbers_in(text: str) -> list[Number]:
             before = line[a - 1] if a else " "
             if before.isalnum() or before in "_.^/\\":
                 continue
+            if (before == "-" and a >= 2 and line[a - 2].isalpha()
+                    and not re.search(r"\d(?:st|nd|rd|th)$", line[:a - 1])):  # a name (SHA-256), not "16th-84th"
+                continue
             after = line[b:]
             if re.match(r"\.\d", after):  # a version or a dotted name
                 continue
