@@ -183,6 +183,9 @@ def numbers_in(text: str) -> list[Number]:
             before = line[a - 1] if a else " "
             if before.isalnum() or before in "_.^/\\":
                 continue
+            if (before == "-" and a >= 2 and line[a - 2].isalpha()
+                    and not re.search(r"\d(?:st|nd|rd|th)$", line[:a - 1])):  # a name (SHA-256), not "16th-84th"
+                continue
             after = line[b:]
             if re.match(r"\.\d", after):  # a version or a dotted name
                 continue
@@ -501,7 +504,7 @@ def snippets(page: Page, problems: Optional[list] = None) -> list[Snippet]:
 
 
 RUNNER = r"""
-import json, sys, traceback, os
+import json, sys, traceback, os, resource
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 spec = json.load(open(sys.argv[1]))
 cache = spec.get("cache")
@@ -511,19 +514,25 @@ if cache:
 results, spaces = [], {}
 for s in spec["snippets"]:
     space = spaces.setdefault(s["page"], {"__name__": "__docs__"})
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    start = usage.ru_utime + usage.ru_stime
     try:
         exec(compile(s["code"], s["where"], "exec"), space)
         results.append({"where": s["where"], "ok": True})
     except BaseException:
         results.append({"where": s["where"], "ok": False, "error": traceback.format_exc(limit=-4)})
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results[-1]["cpu_s"] = usage.ru_utime + usage.ru_stime - start
     sys.stdout.flush()
 json.dump(results, open(sys.argv[2], "w"))
 """
 
 
-def run_snippets(chosen: list[Snippet], timeout: float = 1800.0, cache: Optional[str] = None) -> dict:
+def run_snippets(chosen: list[Snippet], timeout: float = 1800.0, cache: Optional[str] = None,
+                 cpu: Optional[dict] = None) -> dict:
     """Run the snippets in one fresh Python process (a namespace per page, blocks in order), in a
-    temporary directory; returns ``{where: error or None}``."""
+    temporary directory; returns ``{where: error or None}`` (and fills ``cpu`` with each block's
+    CPU seconds, if given)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.json"
         result = Path(tmp) / "result.json"
@@ -534,7 +543,10 @@ def run_snippets(chosen: list[Snippet], timeout: float = 1800.0, cache: Optional
                               capture_output=True, text=True, timeout=timeout)
         if not result.exists():
             return {s.where: f"the runner failed:\n{proc.stderr[-4000:]}" for s in chosen}
-        return {r["where"]: (None if r["ok"] else r["error"]) for r in json.loads(result.read_text())}
+        records = json.loads(result.read_text())
+        if cpu is not None:
+            cpu.update({r["where"]: r["cpu_s"] for r in records})
+        return {r["where"]: (None if r["ok"] else r["error"]) for r in records}
 
 
 # ---------------------------------------------------------------------------- command line
