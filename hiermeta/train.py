@@ -48,6 +48,7 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointWriteErro
                      ProcessDisagreementError, ReplicaDivergenceError)
 from .learners.base import MetaLearner, MetaState, all_finite
 from .learners.info import step_metrics
+from .learners.runoff import check_run_off
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
@@ -500,6 +501,8 @@ def fit(
         bad, worst = history["num_unconverged"], history["inner_stationarity"]
         warn_unconverged(learner.name, f"up to {bad.max()} tasks of a batch in {np.sum(bad > 0)} of {bad.size} "
                          "meta-steps", float(worst.max()), resolved_tol(learner.inner_solver.tol, worst.dtype))
+    if "sigma_growth" in history:  # a learned sigma: warn if it is running off (hiermeta.learners.runoff)
+        check_run_off(history, names=learner.model.partition.names, who=learner.name, stacklevel=3)
     return state, history
 
 
