@@ -32,7 +32,7 @@ def measure_here(num_devices: int, tasks: int, steps: int, repeats: int) -> dict
     import optax
 
     import hiermeta as hm
-    from models import sinusoid
+    from hiermeta.models import sinusoid
 
     assert jax.device_count() >= num_devices, jax.devices()
     mesh = hm.sharding.task_mesh(num_devices=num_devices)

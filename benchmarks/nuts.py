@@ -39,7 +39,7 @@ from numpyro.infer import MCMC, NUTS  # noqa: E402
 from numpyro.infer.util import initialize_model  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
-from models import linear  # noqa: E402
+from hiermeta.models import linear  # noqa: E402
 
 HEADERS = ["problem", "model", "min ESS/s", "min ESS", "run s", "leapfrog/s", "grad us", "first run s",
            "divergences"]

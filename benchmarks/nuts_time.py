@@ -175,7 +175,7 @@ def worker(problem: str, impl: str, warmup: int, samples: int, chains: int, call
         imported = time.perf_counter() - _START  # the process's imports, jax's included
         t1 = time.perf_counter()
         if problem == "eight schools":
-            from models import eight_schools as es
+            from hiermeta.models import eight_schools as es
 
             model, data = es.make_model(), es.make_data()
             scales = {"tau": ("sigma", 0)}

@@ -1,6 +1,6 @@
 """The sinusoid MAML step written by hand in plain JAX: no hiermeta, just jit + vmap + scan.
 
-The same computation as hiermeta's MAML step on ``models.sinusoid`` (fixed inner rate): for each
+The same computation as hiermeta's MAML step on ``hiermeta.models.sinusoid`` (fixed inner rate): for each
 task, K SGD steps from phi on ``1/2 sum_n (y_n - f(x_n))^2 / noise_sd^2`` (the Gaussian negative
 log-likelihood up to its constant), the query loss at the adapted weights, the mean over tasks
 differentiated through the unrolled steps, and one Adam step.  This is the yardstick for

@@ -26,7 +26,7 @@ class Domain(NamedTuple):
 def domains(meta_batch: int = 25, only: Optional[list[str]] = None) -> tuple[list[Domain], list[str]]:
     """The benchmark domains present in this checkout, and notes on the missing ones."""
     out, notes = [], []
-    from models import linear, sinusoid, swirl
+    from hiermeta.models import linear, sinusoid, swirl
 
     if not only or "linear" in only:
         paper = linear.paper_domain()

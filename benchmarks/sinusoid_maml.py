@@ -1,6 +1,6 @@
 """Headline benchmark: one sinusoid MAML meta-step, hiermeta against hand-written JAX and PyTorch.
 
-Sinusoid regression (MAML protocol, ``models.sinusoid``): MLP 1-40-40-1, meta-batch 25 tasks,
+Sinusoid regression (MAML protocol, ``hiermeta.models.sinusoid``): MLP 1-40-40-1, meta-batch 25 tasks,
 10 support + 10 query points, K inner SGD steps (rate 0.002 on 1/2 sum of squares = MAML's 0.01
 on the MSE), second-order meta-gradient through the K steps, one Adam step.  float32 on the CPU.
 
@@ -34,7 +34,7 @@ import hiermeta as hm  # noqa: E402
 import hiermeta.train  # noqa: E402  (hm.train._chunk_runner below)
 import peers_jax  # noqa: E402
 import peers_torch  # noqa: E402
-from models import sinusoid  # noqa: E402
+from hiermeta.models import sinusoid  # noqa: E402
 
 META_BATCH = 25
 OUTER_LR = 1e-3

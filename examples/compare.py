@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
-from models import linear, swirl  # noqa: E402
+from hiermeta.models import linear, swirl  # noqa: E402
 
 from hiermeta.learners import m_sigma_imaml, sigma_imaml  # noqa: E402
 

@@ -14,7 +14,7 @@ T = 10 .. 10,000 tasks and several seeds, sigma is estimated by
           large sigma, or 0 when the objective has none (collapse)
 
 against the truth and the asymptotic joint-MAP value (Eq. 10 in 1-D; on the linear domain the
-root of its expected gradient, models.linear.expected_joint_map_gradient).  phi is the pooled MAP
+root of its expected gradient, hiermeta.models.linear.expected_joint_map_gradient).  phi is the pooled MAP
 value (the phi-step of Algorithm 1 and of joint MAP; with a shared design it does not depend on
 sigma) for (i), (ii), (iv) and type-II ML's own for (iii).  Estimates below 1e-3 count as 0.
 
@@ -42,7 +42,7 @@ import scipy.optimize  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import implicit  # noqa: E402
-from models import linear  # noqa: E402
+from hiermeta.models import linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import count, count_list, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402

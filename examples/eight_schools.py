@@ -12,7 +12,7 @@ tau ~ HalfCauchy(5).  The script
   and query by Gaussian data fission, the PLL taken in expectation over the split), both exact;
 * prints them side by side and writes eight_schools.json and eight_schools.png to --out.
 
-    python examples/eight_schools.py            # about a minute on 2 CPU cores (less with a warm cache)
+    python examples/eight_schools.py            # about 30 s on 2 CPU cores
     python examples/eight_schools.py --quick    # fewer draws
 """
 
@@ -34,7 +34,7 @@ import numpy as np  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import posterior as hp  # noqa: E402
-from models import eight_schools as es  # noqa: E402
+from hiermeta.models import eight_schools as es  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import count, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402

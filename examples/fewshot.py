@@ -1,7 +1,7 @@
 """Few-shot classification: which layers of a convnet should adapt to a new task?
 
-Meta-trains the 4-block convnet (``models.fewshot``) on k-way n-shot episodes of the rendered
-glyph set (``models.glyphs``: an Omniglot-like stand-in, NOT Omniglot; ``--omniglot ROOT`` uses the
+Meta-trains the 4-block convnet (``hiermeta.models.fewshot``) on k-way n-shot episodes of the rendered
+glyph set (``hiermeta.models.glyphs``: an Omniglot-like stand-in, NOT Omniglot; ``--omniglot ROOT`` uses the
 real data if you have it) with M-Shrinkage and M-sigma-iMAML (one sigma per layer), MAML,
 FOMAML, Reptile, iMAML and ProtoNet, then scores each on at least 600 test episodes of classes
 (and alphabets) never seen in meta-training: query accuracy and cross-entropy with 95%
@@ -40,7 +40,7 @@ from hiermeta.checkpoint import read_metadata  # noqa: E402
 from hiermeta.implicit import cg_solve  # noqa: E402
 from hiermeta.learners import rates_of, sigma_of  # noqa: E402
 from hiermeta.learners.bilevel import proximal_sgd  # noqa: E402
-from models import fewshot, glyphs  # noqa: E402
+from hiermeta.models import fewshot, glyphs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
@@ -113,7 +113,7 @@ def parse_args(argv=None):
 
 def load_data(args):
     if args.omniglot:
-        from models import omniglot
+        from hiermeta.models import omniglot
 
         dataset = omniglot.load_omniglot(args.omniglot, image_size=args.image_size)
         return dataset, omniglot.background_evaluation_split(dataset), "Omniglot"

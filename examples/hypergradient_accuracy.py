@@ -35,7 +35,7 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.implicit import cg_solve, eq4_solve, implicit_hypergradient, implicit_solution  # noqa: E402
-from models import linear  # noqa: E402
+from hiermeta.models import linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import count, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402

@@ -1,7 +1,7 @@
 """Inner solvers on data not on unit scale: which reach the MAP, and what stationarity says.
 
 For each task the MAP theta_hat_t = argmin L_t (Eq. 2) at fixed (phi, sigma) is known in closed
-form on linear-Gaussian data (models.linear.posterior).  The script adapts with each inner solver
+form on linear-Gaussian data (hiermeta.models.linear.posterior).  The script adapts with each inner solver
 of hiermeta.solvers and reports, over the tasks, the largest relative error of theta against the
 closed form, the worst stationarity (relative gradient norm, what hiermeta reports), how many
 solves it flags as not converged, the worst distance to the MAP in posterior standard deviations
@@ -36,7 +36,7 @@ import optax  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta import solvers  # noqa: E402
-from models import linear  # noqa: E402
+from hiermeta.models import linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402

@@ -29,7 +29,7 @@ from scipy.optimize import brentq, minimize_scalar  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
 from hiermeta.learners import shrinkage_params, sigma_of  # noqa: E402
-from models import linear  # noqa: E402
+from hiermeta.models import linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import count, format_table, plot_loss_curves, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402

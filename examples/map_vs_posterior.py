@@ -55,7 +55,7 @@ from hiermeta.predictive import (  # noqa: E402
     score_gaussian_mixture,
 )
 from hiermeta.tasks import num_tasks  # noqa: E402
-from models import linear  # noqa: E402
+from hiermeta.models import linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import count, count_list, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
@@ -115,9 +115,9 @@ def linear_arm():
 
 def swirl_arm():
     """The non-linear swirl domain (models/swirl.py), or None when it is not installed."""
-    if importlib.util.find_spec("models.swirl") is None:
+    if importlib.util.find_spec("hiermeta.models.swirl") is None:
         return None
-    from models import swirl
+    from hiermeta.models import swirl
 
     domain = swirl.paper_domain()
     return {

@@ -106,7 +106,7 @@ def main(argv=None):
     import hiermeta as hm
     from hiermeta.distributed import is_primary
     from hiermeta.sharding import task_mesh
-    from models import linear
+    from hiermeta.models import linear
 
     hm.enable_compilation_cache()
     steps = args.meta_steps or (60 if args.quick else 600)

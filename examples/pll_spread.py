@@ -18,7 +18,7 @@ under data-scaled priors (:func:`hiermeta.with_priors`).  Every seed runs the ve
 seeds so the whole study compiles once per configuration.  Prints a table of the spread over seeds
 (min, max, max/min) and writes ``DIR/pll_spread.json`` and ``DIR/pll_spread.png``.
 
-    python examples/pll_spread.py            # 1.5 minutes on 2 CPU cores with a warm compilation cache
+    python examples/pll_spread.py            # about 100 s of CPU time (4 minutes of wall time on 2 busy cores)
     python examples/pll_spread.py --quick    # fewer seeds, steps and draws (smoke run)
 """
 
@@ -112,7 +112,7 @@ def train_seeds(learner, model, data, args, crossfit: bool, seeds) -> tuple[np.n
         def body(state, _):
             batch = sampler(jax.random.fold_in(data_key, state.step)) if crossfit else fixed
             state, metrics = learner.step(state, batch)
-            return state, (estimates(model, state.params), metrics["skipped"])
+            return state, (estimates(model, state.params), metrics.skipped)
 
         state, (trace, skipped) = jax.lax.scan(body, state0, None, length=args.steps)
         if crossfit:  # the mean of log |value| over the last steps (the correlation: its plain mean)

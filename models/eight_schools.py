@@ -3,7 +3,7 @@
     mu ~ N(0, 5^2),  tau ~ HalfCauchy(5),  theta_j ~ N(mu, tau^2),  y_j ~ N(theta_j, s_j^2)  (s_j known)
 
 In hiermeta's terms: 8 tasks with one scalar observation each, P = M = 1, phi = mu, sigma = tau;
-the data are ``models.linear.make_data(y[:, None, None], np.ones((1, 1)), s[:, None, None])``.
+the data are ``hiermeta.models.linear.make_data(y[:, None, None], np.ones((1, 1)), s[:, None, None])``.
 
 Exact posterior: theta integrates out analytically (y_j | mu, tau ~ N(mu, tau^2 + s_j^2)) and so
 does mu given tau (a normal prior and normal likelihood), leaving a one-dimensional integral over

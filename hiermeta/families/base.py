@@ -29,7 +29,7 @@ import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions import constraints
 
-from ..linear_gaussian import LinearDesign, column_spread, regression_prior_scales
+from ..regression import LinearDesign, module_mean, regression_prior_scales
 from ..sites import GlobalParam
 from ..tasks import check_task_covariates
 

@@ -4,11 +4,13 @@ A learner is a :class:`MetaLearner`, a NamedTuple of pure functions closed over 
 configuration (like an optax ``GradientTransformation``):
 
     state            = learner.init(key, params)               # params: a pytree like the model's
-    state, metrics   = learner.step(state, batch)               # one meta-iteration on a TaskBatch
+    state, info      = learner.step(state, batch)               # one meta-iteration on a TaskBatch
     problem          = learner.inner_problem(state.params)      # how a task is adapted
     adaptation       = learner.adapt(state, support)            # theta (T, P), stationarity, converged...
 
-``step`` and ``adapt`` are jittable and vmap over the task axis inside; ``state`` is a
+``info`` is the learner family's step-info NamedTuple (:mod:`hiermeta.learners.info`: the
+validation log-likelihood, sigma or the learned rates, the inner solves' diagnostics, whether the
+step was skipped).  ``step`` and ``adapt`` are jittable and vmap over the task axis inside; ``state`` is a
 :class:`MetaState` NamedTuple, so it can be checkpointed, sharded and passed through ``lax.scan``.
 ``learner.inner_solver`` is the :class:`~hiermeta.solvers.InnerSolver` the learner adapts with
 (its budget and tolerance, for host-side checks such as :func:`hiermeta.adapt`);
@@ -68,7 +70,7 @@ class MetaLearner(NamedTuple):
     name: str
     model: HierarchicalModel
     init: Callable[..., MetaState]
-    step: Callable[[MetaState, Any], tuple[MetaState, dict]]
+    step: Callable[[MetaState, Any], tuple[MetaState, Any]]  # (state, batch) -> (state, a StepInfo NamedTuple)
     inner_problem: Callable[[Any], InnerProblem]
     adapt: Callable[..., Adaptation]
     inner_solver: Optional[InnerSolver] = None
@@ -197,7 +199,7 @@ def task_start(model: HierarchicalModel, phi, extra):
 
 
 def extra_metrics(model: HierarchicalModel, params) -> dict:
-    """Step metrics: the constrained value of every extra site the learner learns, by site name."""
+    """A step info's ``extra``: the constrained value of every extra site the learner learns, by site name."""
     learned = params.get("extra", {}) if isinstance(params, dict) else {}
     values = extra_values(model, params) or {}
     return {name: values[name] for name in learned}
@@ -224,7 +226,7 @@ def make_adapt(inner_problem: Callable[[Any], InnerProblem]):
 
 
 def inner_metrics(inner: InnerResult) -> dict:
-    """Step metrics of a batch's inner solves: ``inner_stationarity`` (the worst relative gradient
+    """A step info's fields for a batch's inner solves: ``inner_stationarity`` (the worst relative gradient
     norm over the batch, inf if one is not finite) and ``num_unconverged`` (diverged included)."""
     return {
         "inner_stationarity": jnp.max(inner.stationarity),

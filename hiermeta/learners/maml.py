@@ -43,6 +43,7 @@ from ..solvers import gradient_steps
 from ..utils import check_count
 from .base import (MetaLearner, MetaState, extra_metrics, extra_params, extra_values, flat_phi,
                    inner_metrics, learned_sites, make_adapt, new_state, outer_update, starting_values, task_start)
+from .info import MAMLInfo
 
 __all__ = ["maml", "m_maml", "fomaml", "fo_m_maml", "learned_rate_sgd", "maml_params", "rates_of"]
 
@@ -176,16 +177,15 @@ def maml(
         grads, (loss, inner) = meta_gradient(state.params, batch)
         num_diverged = jnp.sum(inner.diverged)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
-        metrics = {
-            "val_log_lik": -loss,
-            "inner_loss": jnp.mean(inner.final_loss),
-            "lr": rates_of(state.params, M),
-            **extra_metrics(model, state.params),
-            "num_diverged": num_diverged,
+        return state, MAMLInfo(
+            val_log_lik=-loss,
+            inner_loss=jnp.mean(inner.final_loss),
+            lr=rates_of(state.params, M),
+            extra=extra_metrics(model, state.params),
+            num_diverged=num_diverged,
             **inner_metrics(inner),
-            "skipped": skipped,
-        }
-        return state, metrics
+            skipped=skipped,
+        )
 
     default = {(False, False): "MAML", (True, False): "M-MAML", (False, True): "FOMAML",
                (True, True): "FO-M-MAML"}[(bool(modular), bool(first_order))]

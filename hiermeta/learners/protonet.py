@@ -39,6 +39,7 @@ import optax
 from ..hierarchy import HierarchicalModel
 from ..inner import Adaptation
 from .base import MetaLearner, MetaState, new_state, outer_update
+from .info import ProtoNetInfo
 
 __all__ = ["protonet", "prototypes"]
 
@@ -132,7 +133,7 @@ def protonet(
     def step(state: MetaState, batch):
         (loss, (accuracy, missing)), grads = jax.value_and_grad(meta_objective, has_aux=True)(state.params, batch)
         state, skipped = outer_update(state, grads, outer, ok=missing == 0)
-        return state, {"val_log_lik": -loss, "val_accuracy": accuracy, "num_missing": missing, "skipped": skipped}
+        return state, ProtoNetInfo(val_log_lik=-loss, val_accuracy=accuracy, num_missing=missing, skipped=skipped)
 
     def adapt(state: MetaState, support, num_steps: Optional[int] = 0) -> Adaptation:
         if num_steps not in (0, None):

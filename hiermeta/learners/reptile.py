@@ -34,6 +34,7 @@ from ..inner import InnerProblem, run_inner
 from ..solvers import InnerSolver, resolve_inner_solver
 from .base import (MetaLearner, MetaState, extra_metrics, extra_params, extra_values, flat_phi,
                    inner_metrics, learned_sites, make_adapt, new_state, outer_update, starting_values, task_start)
+from .info import ReptileInfo
 
 __all__ = ["reptile"]
 
@@ -112,15 +113,14 @@ def reptile(
         val_log_lik = jax.vmap(lambda th, d: model.log_likelihood(th, d, extra))(inner.theta, batch.val)
         num_diverged = jnp.sum(inner.diverged)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
-        metrics = {
-            "val_log_lik": jnp.mean(val_log_lik),
-            "inner_loss": jnp.mean(inner.final_loss),
-            **extra_metrics(model, state.params),
-            "num_diverged": num_diverged,
+        return state, ReptileInfo(
+            val_log_lik=jnp.mean(val_log_lik),
+            inner_loss=jnp.mean(inner.final_loss),
+            extra=extra_metrics(model, state.params),
+            num_diverged=num_diverged,
             **inner_metrics(inner),
-            "skipped": skipped,
-        }
-        return state, metrics
+            skipped=skipped,
+        )
 
     return MetaLearner(
         name=name or "Reptile",

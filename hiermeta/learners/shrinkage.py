@@ -11,7 +11,7 @@ M-Shrinkage, ``(1,)`` shared by all modules for Shrinkage).  Each meta-iteration
    (``hypergradient="exact"`` or ``hiermeta.implicit.cg_solve(...)``), or by any solver of H v = g.
 
 Means over tasks (not sums) keep the outer learning rates independent of the batch size.
-Step metrics include the solvers' diagnostics: ``inner_stationarity`` (worst relative gradient
+The step info (:class:`~hiermeta.learners.info.BilevelInfo`) holds the solvers' diagnostics: ``inner_stationarity`` (worst relative gradient
 norm of the inner solutions over the batch), ``num_unconverged``, ``cg_iterations`` (0 for Eq. 4)
 and ``cg_residual``, the worst relative residual ``||H v - g|| / ||g||`` over the batch.
 """
@@ -67,12 +67,12 @@ def shrinkage(
     return gaussian_prior_learner(
         model,
         name=name or default_name,
+        phi_step="map",
+        sigma_step=hypergradient,
         inner_optimizer=inner_optimizer,
         inner_steps=inner_steps,
         inner_solver=inner_solver,
         outer_optimizer=outer_optimizer,
-        hypergradient=hypergradient,
-        phi_gradient="map",
         modular=modular,
         init_sigma=init_sigma,
     )

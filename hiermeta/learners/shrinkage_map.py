@@ -27,6 +27,7 @@ from ..hierarchy import HierarchicalModel
 from ..inner import run_inner
 from ..solvers import InnerSolver
 from .base import MetaLearner, MetaState, extra_metrics, extra_values, inner_metrics, outer_update
+from .info import ShrinkageMAPInfo
 from .shrinkage import shrinkage, sigma_of
 
 __all__ = ["shrinkage_map", "m_shrinkage_map"]
@@ -66,16 +67,15 @@ def shrinkage_map(
         val_log_lik = jax.vmap(lambda th, d: model.log_likelihood(th, d, extra))(inner.theta, batch.val)
         num_diverged = jnp.sum(inner.diverged)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
-        metrics = {
-            "val_log_lik": jnp.mean(val_log_lik),
-            "inner_loss": jnp.mean(inner.final_loss),
-            "sigma": sigma_of(state.params, M),
-            **extra_metrics(model, state.params),
-            "num_diverged": num_diverged,
+        return state, ShrinkageMAPInfo(
+            val_log_lik=jnp.mean(val_log_lik),
+            inner_loss=jnp.mean(inner.final_loss),
+            sigma=sigma_of(state.params, M),
+            extra=extra_metrics(model, state.params),
+            num_diverged=num_diverged,
             **inner_metrics(inner),
-            "skipped": skipped,
-        }
-        return state, metrics
+            skipped=skipped,
+        )
 
     default = "M-Shrinkage MAP" if modular else "Shrinkage MAP"
     return base._replace(name=name or default, step=step, meta_gradient=meta_gradient)

@@ -263,7 +263,7 @@ class MixedFit:
             dev_resid = self.nobs - self.df
             lines += _table(["AIC", "BIC", "logLik", "-2*log(L)", "df.resid"],
                             [[f"{self.aic:.4f}", f"{self.bic:.4f}", f"{self.loglik:.4f}", f"{self.deviance:.4f}",
-                              str(dev_resid)]], index=False)
+                              str(dev_resid)]], left=())
         if self.is_gaussian:
             r = self.residuals() * np.sqrt(self.design.weights) / self.sigma
             q = np.quantile(r, [0, 0.25, 0.5, 0.75, 1.0])
@@ -324,7 +324,7 @@ class MixedFit:
         for _, row in self.varcorr().iterrows():
             if row["grp"] == "Residual":
                 vc.append({"group": "Residual", "variance": row["vcov"], "sd": row["sdcor"]})
-            elif row["var2"] is None:
+            elif pd.isna(row["var2"]):
                 vc.append({"group": row["grp"], "name": row["var1"], "variance": row["vcov"], "sd": row["sdcor"]})
             else:
                 vc.append({"group": row["grp"], "name": row["var1"], "name2": row["var2"], "covariance": row["vcov"],

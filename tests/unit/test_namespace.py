@@ -21,14 +21,18 @@ def test_import_hiermeta_loads_no_heavy_package_and_every_name_resolves():
 import json, types
 import hiermeta as hm
 before = [m for m in {HEAVY!r} if m in sys.modules]
-resolved = {{name: type(getattr(hm, name)).__name__ for name in hm.__all__}}
+mixed = {{"mixed", "mixed_model", "MixedModel", "MixedFit", "anova"}}  # the formula path reads data frames
+resolved = {{name: type(getattr(hm, name)).__name__ for name in hm.__all__ if name not in mixed}}
 after = [m for m in ("arviz", "matplotlib", "pandas") if m in sys.modules]
-print(json.dumps({{"before": before, "after": after, "all": hm.__all__, "dir": dir(hm),
+resolved.update({{name: type(getattr(hm, name)).__name__ for name in hm.__all__ if name in mixed}})
+after_mixed = [m for m in ("arviz", "matplotlib") if m in sys.modules]
+print(json.dumps({{"before": before, "after": after, "after_mixed": after_mixed, "all": hm.__all__, "dir": dir(hm),
                   "resolved": resolved, "file": hm.__file__}}))
 """)
     assert got["file"].startswith(str(ROOT))
     assert got["before"] == []  # nothing heavy until a name is used
     assert got["after"] == []  # ArviZ, matplotlib and pandas only when a function needs them
+    assert got["after_mixed"] == []  # hiermeta.mixed adds pandas, never ArviZ or matplotlib
     assert len(got["all"]) == len(set(got["all"]))  # no name listed twice
     assert set(got["all"]) <= set(got["dir"])
     assert got["resolved"]["evaluate"] == "function" and got["resolved"]["errors"] == "module"
@@ -59,3 +63,18 @@ def test_unknown_names_raise_attribute_error():
     # names that moved to their modules are there, not at the top
     assert not hasattr(hm, "ConvergenceWarning") and hm.errors.ConvergenceWarning.__name__ == "ConvergenceWarning"
     assert not hasattr(hm, "run_inner") and callable(hm.inner.run_inner)
+
+
+def test_models_install_as_hiermeta_models_and_not_as_a_top_level_package():
+    import tomllib
+
+    setup = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert "hiermeta.models" in setup["packages"] and not any(p.split(".")[0] == "models" for p in setup["packages"])
+    assert setup["package-dir"] == {"hiermeta.models": "models"}
+    # a source checkout gives hiermeta.models its own models/ folder (not another installed copy's)
+    got = run("""
+import json
+from hiermeta.models import linear
+print(json.dumps(linear.__file__))
+""")
+    assert got == str(ROOT / "models" / "linear.py")
