@@ -18,7 +18,9 @@ data), held-out rows and optionally a NUTS run on the same model
   effective sample size is reported and usually small: ``"auto"`` then takes ``"laplace"``), (c) NUTS: per unit (the levels of one grouping factor in the held-out rows) the log
   predictive density per observation (mean and standard error over units), the coverage of the
   central 50% and 90% predictive intervals (randomised PIT for counts), the Brier score of 0/1 rows;
-  and **paired differences** between the methods, unit by unit, with their standard errors;
+  and **paired differences** between the methods, unit by unit, with their standard errors; where
+  the model has one grouping factor and a Gaussian likelihood, the paper's PLL learners' plug-in
+  scores from a :func:`hiermeta.shrinkage_report` on the same split (``shrinkage=``) as extra rows;
 * **the approximation checked**: for a Laplace fit of a GLMM, the log-likelihood at the estimate
   by importance sampling beside Laplace's; with one scalar term, the AGQ(25) refit's estimates
   beside the Laplace ones in units of their standard errors; with NUTS, the posterior means beside
@@ -483,9 +485,34 @@ def _approximation(fit, nuts, check: bool, num_draws: int, seed: int) -> dict:
 # ---------------------------------------------------------------------------- the call
 
 
+def _learner_rows(shrinkage, held, per_unit: dict) -> dict:
+    """The paper's learners' rows (``plug-in (NAME)``) of a :func:`hiermeta.shrinkage_report` on the same
+    split, aligned with the held-out units by group name; refused when the groups or rows differ."""
+    names = [str(g) for g in shrinkage.groups]
+    index = {g: i for i, g in enumerate(names)}
+    missing = [u for u in held.unit_names if u not in index]
+    if missing:
+        raise ValueError(f"the shrinkage report's groups do not include the held-out units {missing[:5]}: "
+                         "it was made on another split or grouping")
+    rows = {}
+    for method, s in shrinkage.predictive.items():
+        if not method.startswith("plug-in ("):
+            continue
+        if s["num_obs"] != held.num_rows:
+            raise ValueError(f"the shrinkage report scored {s['num_obs']} held-out rows, this comparison "
+                             f"{held.num_rows}: not the same split")
+        per = np.array([s["per_group"][index[u]] for u in held.unit_names])
+        name = f"{method[len('plug-in ('):-1]} (PLL learner, plug-in)"
+        rows[name] = ({"lpd_per_obs": float(s["log_score"]), "lpd_sem": float(s["log_score_sem"]),
+                       "coverage": {float(q): float(c) for q, c in s["coverage"].items()},
+                       "num_units": int(s["num_groups"]), "num_rows": int(s["num_obs"]),
+                       "units_scored": int(np.isfinite(per).sum()), "source": "hiermeta.shrinkage_report"}, per)
+    return rows
+
+
 def compare(fit, heldout, nuts=None, *, eb: str = "auto", unit_term: Optional[int] = 0, num_draws: int = 2000,
             num_nodes: int = 25, seed: int = 0, levels: Sequence[float] = (0.5, 0.9),
-            check_approximation: bool = True) -> Comparison:
+            check_approximation: bool = True, shrinkage=None) -> Comparison:
     """MAP plug-in vs EB posterior vs NUTS for ``fit`` on the ``heldout`` rows (module docstring).
 
     Args:
@@ -498,6 +525,10 @@ def compare(fit, heldout, nuts=None, *, eb: str = "auto", unit_term: Optional[in
       num_draws, num_nodes: Monte Carlo draws (Laplace/importance) and quadrature nodes.
       seed: the draws' and the randomised PIT's seed.
       check_approximation: run the approximation checks (an AGQ refit, importance sampling).
+      shrinkage: a :func:`hiermeta.shrinkage_report` of the same model and split (one grouping factor,
+        linear-Gaussian; the JAX engine) with the paper's PLL learners' adapted values: their
+        plug-in scores become extra rows (``NAME (PLL learner, plug-in)``) of the scores and the paired
+        differences.
     """
     if eb not in EB_METHODS:
         raise ValueError(f"eb must be one of {EB_METHODS}, got {eb!r}")
@@ -547,6 +578,12 @@ def compare(fit, heldout, nuts=None, *, eb: str = "auto", unit_term: Optional[in
             summaries[name]["brier"] = float(np.nanmean(b)) if np.isfinite(b).any() else float("nan")
         per_unit[name] = s.log_pred / s.num_obs
         brier[name] = b
+    if shrinkage is not None:
+        if len(d.terms) != 1 or not family.has_scale:
+            raise ValueError("the paper's learners (a shrinkage report) apply to one grouping factor and a "
+                             f"Gaussian likelihood here; this model has {[t.label() for t in d.terms]} ({family.name})")
+        for name, (summary, per) in _learner_rows(shrinkage, held, per_unit).items():
+            summaries[name], per_unit[name], brier[name] = summary, per, None
     provenance = {"formula": fit.model.formula, "family": family.describe(), "train_rows": d.num_rows,
                   "heldout_rows": held.num_rows, "num_units": held.num_units, "units_by": held.unit_by,
                   "unseen_levels": {t.group: int(max(nc.max(), -1)) + 1 for t, nc in zip(d.terms, held.new_codes)},

