@@ -113,15 +113,18 @@ class GroupedStatistics(NamedTuple):
 def _design_groups(rows: np.ndarray):
     """``(first, inverse)``: one task of each distinct row of ``rows`` ``(T, k)`` and every task's group.
 
-    Rows are compared through two random projections (one sort of ``(T, 2)`` numbers), then checked
-    exactly against their group's first row; a collision (never seen) falls back to an exact sort."""
-    projections = rows @ np.random.default_rng(0).standard_normal((rows.shape[1], 2))
-    _, first, inverse = np.unique(projections, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    Every row equal to the first (a balanced design) is checked first; else rows are sorted by one
+    random projection and checked exactly against their group's first row; a collision (never
+    seen) falls back to an exact sort of the rows."""
+    T = rows.shape[0]
     step = max(1, (1 << 22) // max(1, rows.shape[1]))
-    for lo in range(0, rows.shape[0], step):
-        representative = rows[first[0]] if first.shape[0] == 1 else rows[first[inverse[lo:lo + step]]]
-        if not np.array_equal(rows[lo:lo + step], np.broadcast_to(representative, rows[lo:lo + step].shape)):
+    if all(np.array_equal(rows[lo:lo + step], np.broadcast_to(rows[0], rows[lo:lo + step].shape))
+           for lo in range(0, T, step)):
+        return np.zeros(1, int), np.zeros(T, int)
+    projection = rows @ np.random.default_rng(0).standard_normal(rows.shape[1])
+    _, first, inverse = np.unique(projection, return_index=True, return_inverse=True)
+    for lo in range(0, T, step):
+        if not np.array_equal(rows[lo:lo + step], rows[first[inverse[lo:lo + step]]]):
             _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
             return first, inverse.reshape(-1)
     return first, inverse
@@ -173,6 +176,18 @@ class PooledMoments(NamedTuple):
     weighted: Any
     unweighted: Any
     count: Any
+
+
+def _sum_log_squares(sd):
+    """``sum log sd^2`` over all but the leading axis of positive ``sd``, with one logarithm per 512
+    values instead of one each: ``sd = m 2^k`` (``frexp``, ``m`` in [0.5, 1)), so the sum is
+    ``2 (sum log prod m + log 2 sum k)``, products over blocks of 512 mantissas (>= 2^-512: no underflow)."""
+    mantissa, exponent = jnp.frexp(sd.reshape(sd.shape[0], -1))
+    n = mantissa.shape[1]
+    blocks = -(-n // 512)
+    mantissa = jnp.pad(mantissa, [(0, 0), (0, blocks * 512 - n)], constant_values=1.0)
+    log_mantissa = jnp.sum(jnp.log(jnp.prod(mantissa.reshape(-1, blocks, 512), axis=2)), axis=1)
+    return 2.0 * (log_mantissa + jnp.log(2.0) * jnp.sum(exponent, axis=1))
 
 
 def _num_random(k: int, K: int, Q: int) -> int:
@@ -285,22 +300,33 @@ class LinearGaussianLikelihood(GaussianLikelihood):
 
     def pooled_moments(self, data: GaussianData, task_covariates=None, statistics=None) -> PooledMoments:
         """The cross-products of the pooled design and the response over every observed scalar
-        (:class:`PooledMoments`; jittable), from which :meth:`start_from_moments` fits the pooled
-        model: sums over tasks of the per-task statistics, weighted (``statistics``, computed when not
-        given) and unweighted (computed only when some observed ``noise_sd`` is not 1).
+        (:class:`PooledMoments`; jittable), from which :meth:`start_from_moments` fits the pooled model.
 
-        A pooled row is ``[e_t (x) Z_n, X_n, y_n]`` with ``e_t = [1, z_t]``, so its cross-products are
-        ``sum_t (e_t e_t^T) (x) Z_t^T W Z_t`` and the like: O(((1 + Q) P + K)^2) per task."""
+        A pooled row is ``[e_t (x) Z_n, X_n, y_n]`` with ``e_t = [1, z_t]``.  Weighted: sums over tasks
+        of the per-task statistics (``statistics``, computed when not given),
+        ``sum_t (e_t e_t^T) (x) Z_t^T W Z_t`` and the like, O(((1 + Q) P + K)^2) per task.  Unweighted:
+        the same when every observed ``noise_sd`` is 1, else one matrix product over the rows."""
         weighted = self.sufficient_statistics(data, task_covariates) if statistics is None else statistics
-        observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
-        unit = jnp.all(jnp.where(observed, data.noise_sd == 1.0, True))
-        unweighted = jax.lax.cond(unit, lambda: weighted,
-                                  lambda: self.sufficient_statistics(data, task_covariates, weighted=False))
         e = jnp.ones((weighted.ZZ.shape[0], 1), weighted.ZZ.dtype)
         if task_covariates is not None:
             e = jnp.concatenate([e, jnp.asarray(task_covariates, e.dtype)], axis=1)
-        pooled = lambda st: _pooled_cross_products(st, e, self.num_fixed)
-        return PooledMoments(pooled(weighted), pooled(unweighted), jnp.sum(weighted.count))
+        pooled = _pooled_cross_products(weighted, e, self.num_fixed)
+        observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
+        unit = jnp.all(jnp.where(observed, data.noise_sd == 1.0, True))
+        unweighted = jax.lax.cond(unit, lambda: pooled, lambda: self._pooled_rows(data, e, observed))
+        return PooledMoments(pooled, unweighted, jnp.sum(weighted.count))
+
+    def _pooled_rows(self, data: GaussianData, e, observed):
+        """``A^T A`` over every observed row of ``A = [e_t (x) Z, X, y]`` (unweighted)."""
+        design = _design(data.inputs)
+        Z = design.random
+        columns = [(e[:, None, None, :, None] * Z[..., None, :]).reshape(Z.shape[:3] + (-1,))]
+        if self.num_fixed:
+            columns.append(design.fixed)
+        columns.append((data.obs - (0.0 if design.offset is None else design.offset))[..., None])
+        A = jnp.where(observed[..., None], jnp.concatenate(columns, axis=-1), 0.0).reshape(-1, sum(
+            c.shape[-1] for c in columns))
+        return A.T @ A
 
     def start_from_moments(self, moments: PooledMoments, model=None) -> dict:
         """Starting values on the data's own scale from :meth:`pooled_moments` (summed over any chunks).
@@ -398,11 +424,9 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         except ValueError:
             return None
 
-    def sufficient_statistics(self, data: GaussianData, task_covariates=None, weighted: bool = True
-                              ) -> LinearGaussianStatistics:
+    def sufficient_statistics(self, data: GaussianData, task_covariates=None) -> LinearGaussianStatistics:
         """The per-task sums from which :meth:`log_marginal_from_statistics` gives the log marginal
-        (module docstring).  Jittable; padding (``mask`` False) counts nowhere.  ``weighted=False``:
-        the same sums with every weight 1 (for :meth:`pooled_moments`).
+        (module docstring).  Jittable; padding (``mask`` False) counts nowhere.
 
         Each sum is one batched matrix product per task of the rows scaled by ``sqrt(W0)``,
         ``(W0^1/2 Z)^T (W0^1/2 Z)``, over the scalars of each noise group (gathered by a static index)."""
@@ -415,7 +439,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
             )
         T = data.obs.shape[0]
         observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
-        root_w = jnp.where(observed, 1.0 / jnp.where(observed, data.noise_sd, 1.0) if weighted else 1.0, 0.0)
+        root_w = jnp.where(observed, 1.0 / jnp.where(observed, data.noise_sd, 1.0), 0.0)
         y = data.obs - (0.0 if design.offset is None else design.offset)
         # rows (T, n, ...) over the task's scalars, then (T, G, n_g, ...) gathered by noise group; a
         # group with fewer scalars than the largest is padded with an appended zero row
@@ -441,8 +465,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
             Zy=jnp.einsum("tgnp,tgn->tgp", Zw, yw),
             yy=jnp.sum(yw * yw, axis=-1),
             count=jnp.sum(by_group(observed.astype(yw.dtype), scale=False), axis=-1),
-            log_det_known=jnp.sum(jnp.where(observed, 2.0 * jnp.log(jnp.where(observed, data.noise_sd, 1.0)), 0.0),
-                                  axis=(1, 2)),
+            log_det_known=_sum_log_squares(jnp.where(observed, data.noise_sd, 1.0)),
             task_covariates=task_covariates,
         )
         if self.num_fixed:

@@ -237,15 +237,16 @@ def _check_gaussian(data: GaussianData, where: str) -> None:
             "GaussianData.create converts a 0/1 mask"
         )
     observed = np.broadcast_to(mask[..., None], obs.shape)
-    bad = ~np.isfinite(obs) & observed
-    if np.any(bad):
+    bad = None if mask.all() and all_finite(obs) else ~np.isfinite(obs) & observed  # one pass when all is well
+    if bad is not None and np.any(bad):
         tasks = np.flatnonzero(bad.any(axis=(1, 2)))
         raise ValueError(
             f"{where}: obs holds {int(bad.sum())} NaN or infinite observed value(s), in task(s) "
             f"{tasks[:10].tolist()}"
         )
-    bad = ~(np.isfinite(noise) & (noise > 0))
-    if np.any(bad):
+    compact = distinct(noise)  # a noise sd shared by the tasks is checked once
+    if not np.all(np.isfinite(compact) & (compact > 0)):
+        bad = ~(np.isfinite(noise) & (noise > 0))
         tasks = np.flatnonzero(bad.any(axis=(1, 2)))
         padding = " (in padding too: it reaches the gradients; GaussianData.create fills it)"
         raise ValueError(
@@ -269,11 +270,19 @@ def _check_gaussian(data: GaussianData, where: str) -> None:
     _check_overflow(obs, noise, observed, where)
 
 
+def distinct(values: np.ndarray) -> np.ndarray:
+    """``values`` without its broadcast axes (stride 0: every entry along them the same), e.g. a
+    design shared by every task given as ``np.broadcast_to``: what a check needs to read."""
+    values = np.asarray(values)
+    return values[tuple(slice(0, 1) if stride == 0 and n > 1 else slice(None)
+                        for stride, n in zip(values.strides, values.shape))]
+
+
 def all_finite(values: np.ndarray) -> bool:
     """Every value finite, in one pass without a temporary array of the values' size: a finite sum
     says so (a NaN or infinity makes any sum NaN or infinite); only an overflowing sum is checked
-    value by value."""
-    values = np.asarray(values)
+    value by value.  Broadcast axes are read once (:func:`distinct`)."""
+    values = distinct(values)
     with np.errstate(over="ignore", invalid="ignore"):
         if np.isfinite(np.sum(values)):
             return True
