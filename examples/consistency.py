@@ -339,6 +339,7 @@ def main(argv=None):
             "truth_sigma": domain.sigma, "asymptotic_joint_map_sigma": asym, "n_train": domain.n_train,
             "n_val": domain.n_val, "seeds": seeds, "estimates": results, "checks": checks,
             "closed_form_gap": max_closed_form_gap if domain.num_params == 1 else None,
+            "summary": {"headers": headers, "rows": rows},  # the printed table
         }
     payload["timings_seconds"] = {"total": time.perf_counter() - t_start}
     out = Path(args.out)

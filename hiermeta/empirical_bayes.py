@@ -51,7 +51,7 @@ from .marginal import approximate_log_marginal, check_approximation, compiled_ma
 from .linear_gaussian import GroupedStatistics, group_statistics
 from .sites import constrain, unconstrain
 from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
-from .utils import check_count
+from .utils import check_count, check_positive
 
 try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -486,6 +486,7 @@ def type2_ml(
         warnings.warn("type-II ML is meant for float64: enable jax_enable_x64", stacklevel=2)
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    tol = check_positive(tol, "tol (the largest gradient component of a converged fit)")
     model.likelihood.check(data, "data")
     approximation, num_nodes = resolve_approximation(model, approximation, num_nodes)
     if method == "REML" and approximation != "exact":
@@ -698,6 +699,7 @@ def type2_maximum_likelihood(
     """
     if jnp.zeros(()).dtype != jnp.float64:
         warnings.warn("type-II ML is meant for float64: enable jax_enable_x64", stacklevel=2)
+    tol = check_positive(tol, "tol (the largest gradient component of a converged fit)")
     sigma0 = np.asarray(sigma0, dtype=float)
     if not np.all(np.isfinite(sigma0)) or np.any(sigma0 <= 0):
         raise ValueError(f"sigma0 must be finite and > 0, got {sigma0}")

@@ -180,6 +180,15 @@ def _num_random(k: int, K: int, Q: int) -> int:
     return (k - K) // (1 + Q)
 
 
+def _real(name: str, value) -> np.ndarray:
+    """``value`` as float64, refusing text (which NumPy would parse) and complex numbers (whose
+    imaginary part it would drop)."""
+    arr = np.asarray(value)
+    if arr.dtype.kind not in "biuf":
+        raise ValueError(f"{name} must be real numbers, got dtype {arr.dtype}")
+    return arr.astype(float)
+
+
 def _pooled_cross_products(stats: LinearGaussianStatistics, e, K: int):
     """``sum_t [e_t (x) Z, X, y]^T W0 [e_t (x) Z, X, y]`` from per-task statistics (noise groups summed)."""
     T, _, P, _ = stats.ZZ.shape
@@ -263,12 +272,12 @@ class LinearGaussianLikelihood(GaussianLikelihood):
           noise_scale: ``(T, N)`` known noise sd (``noise="known"``) or known relative scales
             (``noise="learned"``); default 1.
         """
-        response = np.asarray(response, dtype=float)
+        response = _real("response", response)
         if response.ndim != 2:
             raise ValueError(f"response must have shape (groups, observations), got {np.shape(response)}")
-        add_dim = lambda a: None if a is None else np.asarray(a, dtype=float)[:, :, None]
-        design = LinearDesign(add_dim(random), add_dim(fixed), add_dim(offset))
-        scale = 1.0 if noise_scale is None else add_dim(noise_scale)
+        add_dim = lambda name, a: None if a is None else _real(name, a)[:, :, None]
+        design = LinearDesign(add_dim("random", random), add_dim("fixed", fixed), add_dim("offset", offset))
+        scale = 1.0 if noise_scale is None else add_dim("noise_scale", noise_scale)
         data = GaussianData.create(response[..., None], scale, inputs=design, mask=mask,
                                    task_covariates=task_covariates)
         self.check(data, "data")

@@ -48,6 +48,35 @@ class TaskLikelihood(Protocol):
     scale) lists them in an attribute ``global_params`` (name -> :class:`~hiermeta.GlobalParam`);
     the model samples them once, outside the plate, and calls ``likelihood(theta, data, g)``
     with ``g`` the dict of their values.  Data may carry ``task_covariates`` ``(T, Q)``.
+
+    The three methods below are required (:class:`~hiermeta.HierarchicalModel` refuses a
+    likelihood without them).  Everything else a likelihood may offer is optional; the library
+    asks for it by name and says so when it is missing:
+
+    ==============================================  ==============================================
+    attribute (who reads it)                        what it is
+    ==============================================  ==============================================
+    ``global_params`` (HierarchicalModel)           name -> :class:`~hiermeta.GlobalParam`, the
+                                                    parameters shared by every task
+    ``linear_globals`` (type-II ML)                 names of globals entering the mean linearly
+                                                    (profiled with phi, e.g. ``beta``)
+    ``initial_values(data, model)`` (learners,      constrained starts on the data's scale (a
+    type-II ML, cross-fitting)                      pooled fit): ``phi``, ``sigma``, globals
+    ``prior_scales(data, model)`` (``with_priors``) the data's scales of phi, sigma and globals
+    ``log_marginal(...)`` (type-II ML ``exact``)    the closed-form marginal likelihood
+    ``sufficient_statistics``,                      per-task statistics, so that type-II ML reads
+    ``log_marginal_from_statistics``,               them instead of the rows
+    ``noise_groups`` (type-II ML)
+    ``cdf``, ``discrete``, ``binary``               the predictive CDF of an observation and its
+    (``predictive.score_draws``)                    kind (randomised PIT for discrete responses)
+    ``mean``, ``sd`` (predictive scores)            Gaussian moments of an observation
+    ``make_data``, ``num_fixed`` (``from_table``)   build checked task data from table columns
+    ``num_classes`` (ProtoNet)                      classes of a categorical likelihood
+    ==============================================  ==============================================
+
+    The GLM families implement these for their link and response
+    (:class:`~hiermeta.families.base.GLMLikelihood`: a family supplies its distribution, CDF,
+    checks and pooled fit through a few hooks listed there).
     """
 
     def __call__(self, theta: Any, data: Any) -> None: ...

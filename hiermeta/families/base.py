@@ -91,6 +91,17 @@ class GLMLikelihood:
     may declare more global parameters (the Student-t's scale and degrees of freedom) in
     :meth:`_family_globals`.
 
+    The family protocol, in full (data: class attributes; hooks: methods with a default here):
+
+    * ``name``, ``discrete`` (integer responses: randomised PIT), ``binary`` (0/1 responses),
+      ``takes_trials`` (its data carry ``trials``, the binomial);
+    * :meth:`distribution` and :meth:`cdf_from_eta` (required);
+    * :meth:`_pooled_fit` (required for starts): the pooled GLM's coefficients and the link
+      scale's unit;
+    * :meth:`_check_family` (response checks), :meth:`_family_globals` (extra globals),
+      :meth:`_family_start` (their starts), :meth:`_family_priors` (their data-scaled priors),
+      :meth:`_response_scale` (the response's scale for priors) — optional, default "none".
+
     Args:
       num_fixed: K, the number of unpooled fixed effects (global ``beta`` ``(K,)``, flat prior
         unless ``beta_prior`` is given); 0 for none.

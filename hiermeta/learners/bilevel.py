@@ -51,7 +51,7 @@ import numpy as np
 import optax
 
 from ..hierarchy import HierarchicalModel
-from ..implicit import Solver, as_solver, implicit_hypergradient
+from ..implicit import Solver, SolveInfo, as_solver, implicit_hypergradient
 from ..inner import Adaptation, InnerProblem, run_inner
 from ..solvers import GRADIENT_STEPS_TOL, InnerSolver, PriorScaled, curvature_step_size, gradient_steps, resolve_inner_solver
 from ..tasks import num_tasks
@@ -401,10 +401,10 @@ def gaussian_prior_learner(
             residuals.append(info.residual)
         return first_order, pll, val_log_lik, iterations, residuals
 
-    def meta_gradient(params, batch, key=None):
-        """The gradient (to minimise) of one meta-step on ``batch`` and ``(inner, val_log_lik, iterations,
-        residuals)`` (per solve and task).  ``key`` draws the minibatches (default ``PRNGKey(0)``)."""
-        inner = solve_tasks(params, batch.train, jax.random.PRNGKey(0) if key is None else key)
+    def gradient_and_solves(params, batch, key):
+        """The gradient (to minimise) of one meta-step on ``batch``, and ``(inner, val_log_lik, iterations,
+        residuals)`` (the last two: a ``(T,)`` array per distinct solve)."""
+        inner = solve_tasks(params, batch.train, key)
         first_order, pll, val_log_lik, iterations, residuals = jax.vmap(task_terms, in_axes=(None, 0, 0, 0))(
             params, inner.theta, batch.train, batch.val
         )
@@ -424,11 +424,21 @@ def gaussian_prior_learner(
                     grads["extra"][site_name] = -pll[which]["extra"][site_name]
         return grads, (inner, val_log_lik, iterations, residuals)
 
+    def meta_gradient(params, batch, key=None):
+        """The gradient (to minimise) of one meta-step on ``batch`` and ``(inner, val_log_lik, info)``,
+        ``info`` the worst over the step's solves per task (a ``SolveInfo``; zeros when nothing is
+        solved).  ``key`` draws the minibatches (default ``PRNGKey(0)``; the step uses the state's)."""
+        grads, (inner, val_log_lik, iterations, residuals) = gradient_and_solves(
+            params, batch, jax.random.PRNGKey(0) if key is None else key)
+        worst = lambda xs, like: jnp.max(jnp.stack(xs), axis=0) if xs else jnp.zeros_like(like)
+        info = SolveInfo(worst(iterations, val_log_lik).astype(jnp.int32), worst(residuals, val_log_lik))
+        return grads, (inner, val_log_lik, info)
+
     def step_key(state):
         return jax.random.fold_in(state.key, state.step)
 
     def step(state: MetaState, batch):
-        grads, (inner, val_log_lik, iterations, residuals) = meta_gradient(state.params, batch, step_key(state))
+        grads, (inner, val_log_lik, iterations, residuals) = gradient_and_solves(state.params, batch, step_key(state))
         num_diverged = jnp.sum(inner.diverged)
         before = sigma_from(state.params)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)

@@ -73,6 +73,7 @@ def check_run_off(history: dict, *, names: Optional[Sequence[str]] = None, who: 
     if growth_steps.ndim == 1:
         growth_steps = growth_steps[:, None]
     steps, M = growth_steps.shape
+    shared = M > 1 and bool(np.all(growth_steps == growth_steps[:, :1]))  # one sigma shared by every module
     window = min(steps, max(MIN_WINDOW, steps // 5))
     if steps < MIN_WINDOW:
         return RunOffCheck(0, np.ones(M), np.zeros(M), np.zeros(M, bool), math.nan)
@@ -87,6 +88,8 @@ def check_run_off(history: dict, *, names: Optional[Sequence[str]] = None, who: 
     check = RunOffCheck(window, np.exp(total), agree, ran_off, residual)
     if warn and np.any(ran_off):
         labels = list(names) if names is not None and len(names) == M else [f"module {m}" for m in range(M)]
+        if shared:
+            labels, ran_off = ["every module (one shared sigma)"] + labels[1:], ran_off & (np.arange(M) == 0)
         parts = [f"{labels[m]}: sigma {'rose' if total[m] > 0 else 'fell'} by a factor "
                  f"{math.exp(abs(total[m])) if np.isfinite(total[m]) else math.inf:.3g} "
                  f"({100 * agree[m]:.0f}% of the steps the same way)" for m in np.flatnonzero(ran_off)]
