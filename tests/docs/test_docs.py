@@ -20,7 +20,6 @@ IDS = [str(p.relative_to(dc.ROOT)) for p in PAGES]
 NOT_YET = {
     "docs/architecture.md": "the lead's design page: two numbers of maths (line 31) need a prose marker",
     "docs/consistency.md": "its table's medians come from examples/consistency.py's rerun (docs helper, in progress)",
-    "docs/linear-toy.md": "its paired gaps come from examples/linear_toy.py's rerun (docs helper, in progress)",
 }
 
 
