@@ -48,9 +48,10 @@ from jax.flatten_util import ravel_pytree
 from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
 from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
+from .linear_gaussian import GroupedStatistics, group_statistics
 from .sites import constrain, unconstrain
 from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
-from .utils import check_count
+from .utils import check_count, check_positive
 
 try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
     from threadpoolctl import threadpool_limits as _threadpool_limits
@@ -180,16 +181,24 @@ DEFAULT_CHUNK_SIZE = 2048
 class TaskStatistics(NamedTuple):
     """Every task's sufficient statistics in chunks of equal size (:func:`task_statistics`).
 
-    ``stats``: the likelihood's statistics (e.g. :class:`~hiermeta.linear_gaussian.LinearGaussianStatistics`), each
-    leaf ``(num_chunks, chunk_size, ...)``; ``valid`` ``(num_chunks, chunk_size)``: False on the
-    padding that fills the last chunk (those slots hold zero statistics and are never counted).
+    ``stats``: the likelihood's statistics, each leaf ``(num_chunks, chunk_size, ...)``: per task
+    (:class:`~hiermeta.LinearGaussianStatistics`), or per group of tasks that share their design
+    (:class:`~hiermeta.linear_gaussian.GroupedStatistics`, when that holds fewer numbers);
+    ``valid`` ``(num_chunks, chunk_size)``: False on the padding that fills the last chunk (those
+    slots hold zero statistics and are never counted); ``moments``: the pooled design's
+    cross-products over every task (:class:`~hiermeta.linear_gaussian.PooledMoments`), for the
+    starting values.
     """
 
     stats: Any
     valid: Any
+    moments: Any = None
 
     @property
     def num_tasks(self) -> int:
+        if isinstance(self.stats, GroupedStatistics):
+            tasks = np.asarray(self.stats.moments)[..., -1, -1]
+            return int(np.rint(np.sum(np.where(np.asarray(self.valid), tasks, 0.0))))
         return int(np.sum(np.asarray(self.valid)))
 
 
@@ -205,25 +214,48 @@ def uses_statistics(model: HierarchicalModel, data, approximation: str = "exact"
 
 @functools.lru_cache(maxsize=32)
 def _compiled_statistics(likelihood):
-    return jax.jit(likelihood.sufficient_statistics)
+    def statistics_and_moments(data, z):
+        stats = likelihood.sufficient_statistics(data, z)
+        return stats, likelihood.pooled_moments(data, z, stats)
+
+    return jax.jit(statistics_and_moments)
 
 
-def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = None) -> TaskStatistics:
-    """The per-task sufficient statistics of ``data``, computed chunk by chunk.
-
-    One compiled program for every chunk of ``chunk_size`` tasks (default: all ``T`` tasks in one
-    chunk up to 4096, else ``DEFAULT_CHUNK_SIZE``; the last chunk is padded with masked-out copies of its last task),
-    so the memory of the computation is that of one chunk of observations; the result holds
-    O(P^2 + K^2) numbers per task whatever the number of observations.
-    """
-    T = count_tasks(data)
+def _chunk_layout(T: int, chunk_size: Optional[int]) -> tuple:
+    """``(C, num_chunks)``: all ``T`` in one chunk up to ``2 * DEFAULT_CHUNK_SIZE`` unless a chunk size is given."""
     C = T if chunk_size is None and T <= 2 * DEFAULT_CHUNK_SIZE else min(check_count(
         chunk_size or DEFAULT_CHUNK_SIZE, "chunk_size", 1), T)
-    n_chunks = -(-T // C)
+    return C, -(-T // C)
+
+
+def _in_chunks(arrays, T: int, chunk_size: Optional[int]):
+    """NumPy ``arrays`` (leading axis ``T``) as ``(num_chunks, C, ...)``, the last chunk padded with
+    zeros, and the ``valid`` mask ``(num_chunks, C)``."""
+    C, n_chunks = _chunk_layout(T, chunk_size)
+    pad = n_chunks * C - T
+    split = lambda a: np.pad(a, [(0, pad)] + [(0, 0)] * (a.ndim - 1)).reshape((n_chunks, C) + a.shape[1:])
+    return jax.tree_util.tree_map(split, arrays), (np.arange(n_chunks * C) < T).reshape(n_chunks, C)
+
+
+def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = None,
+                    group: bool = True) -> TaskStatistics:
+    """The sufficient statistics of ``data``, computed chunk by chunk, with the pooled moments.
+
+    One compiled program for every chunk of ``chunk_size`` tasks (default: all ``T`` tasks in one
+    chunk up to 4096, else ``DEFAULT_CHUNK_SIZE``; the last chunk is padded with masked-out copies
+    of its last task), so the memory of the computation is that of one chunk of observations; the
+    result holds O(P^2 + K^2) numbers per task whatever the number of observations.  With ``group``
+    the tasks that share their design statistics are summed into groups
+    (:func:`~hiermeta.linear_gaussian.group_statistics`) when that holds fewer numbers (a balanced
+    design: one group, and an objective whose cost does not grow with the number of tasks); the
+    groups are chunked in the same way.
+    """
+    T = count_tasks(data)
+    C, n_chunks = _chunk_layout(T, chunk_size)
     z = model.task_covariates(data)
     host = jax.tree_util.tree_map(np.asarray, (data, z))
     fn = _compiled_statistics(model.likelihood)
-    out = None
+    per_task, moments = None, None
     for i in range(n_chunks):
         lo, hi = i * C, min((i + 1) * C, T)
         pad = C - (hi - lo)
@@ -231,12 +263,18 @@ def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = 
             lambda a: np.pad(a[lo:hi], [(0, pad)] + [(0, 0)] * (a.ndim - 1), mode="edge") if pad else a[lo:hi], host)
         if pad:
             chunk_data = chunk_data._replace(mask=np.where((np.arange(C) < hi - lo)[:, None], chunk_data.mask, False))
-        stats = fn(chunk_data, chunk_z)
-        if out is None:
-            out = jax.tree_util.tree_map(lambda a: np.empty((n_chunks,) + a.shape, a.dtype), stats)
-        jax.tree_util.tree_map(lambda dst, a: dst.__setitem__(i, np.asarray(a)), out, stats)
-    valid = (np.arange(n_chunks * C) < T).reshape(n_chunks, C)
-    return TaskStatistics(jax.tree_util.tree_map(jnp.asarray, out), jnp.asarray(valid))
+        stats, chunk_moments = fn(chunk_data, chunk_z)
+        moments = chunk_moments if moments is None else jax.tree_util.tree_map(jnp.add, moments, chunk_moments)
+        if per_task is None:
+            per_task = jax.tree_util.tree_map(lambda a: np.empty((T,) + a.shape[1:], a.dtype), stats)
+        jax.tree_util.tree_map(lambda dst, a: dst.__setitem__(slice(lo, hi), np.asarray(a)[:hi - lo]), per_task, stats)
+    grouped = group_statistics(per_task) if group else None
+    if grouped is not None:
+        stats, valid = _in_chunks(grouped, grouped.ZZ.shape[0], chunk_size)
+    else:
+        stats, valid = _in_chunks(per_task, T, chunk_size)
+    return TaskStatistics(jax.tree_util.tree_map(jnp.asarray, stats), jnp.asarray(valid),
+                          jax.tree_util.tree_map(np.asarray, moments))
 
 
 class _Objective(NamedTuple):
@@ -245,6 +283,7 @@ class _Objective(NamedTuple):
     split: Callable  # (u, psi) -> constrained (phi, sigma, extra)
     layout: dict  # site -> indices in u
     fixed_effect_hessian: Callable  # (phi, sigma, extra, data) -> -d^2 log L_ML / d psi^2 over the fixed effects
+    values: Callable  # (us (n, dim u), data, psi, num_tasks) -> (n,) mean negative objective at each row (no gradient)
 
 
 @functools.lru_cache(maxsize=32)
@@ -302,8 +341,14 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
 
         def chunk(args):
             stats, valid = args
-            mean = model.prior_mean(phi, extra, stats.task_covariates)
-            return jnp.sum(jnp.where(valid, lik.log_marginal_from_statistics(stats, mean, L, g), 0.0))
+            if isinstance(stats, GroupedStatistics):  # the prior mean is affine in z: its value at 0 and slope
+                Q = model.num_task_covariates
+                at_zero = model.prior_mean(phi, extra, jnp.zeros((1, Q)) if Q else None).reshape(-1)
+                slope = model.prior_mean(phi, extra, jnp.eye(Q)) - at_zero if Q else None
+                values = lik.log_marginal_from_groups(stats, at_zero, slope, L, g)
+            else:
+                values = lik.log_marginal_from_statistics(stats, model.prior_mean(phi, extra, stats.task_covariates), L, g)
+            return jnp.sum(jnp.where(valid, values, 0.0))
 
         if data.valid.shape[0] == 1:  # one chunk: no loop
             return -chunk(jax.tree_util.tree_map(lambda a: a[0], (data.stats, data.valid)))
@@ -358,7 +403,11 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
     size = ravel_pytree(opt_template)[0].shape[0]
     layout = {name: np.rint(np.asarray(index)).astype(int).ravel()
               for name, index in unravel_opt(jnp.arange(size, dtype=ravel_pytree(opt_template)[0].dtype)).items()}
-    return _Objective(value_and_grad, pack, jax.jit(split), layout, fixed_effect_hessian)
+    @jax.jit
+    def values(us, data, psi, num_tasks):
+        return jax.lax.map(lambda u: objective(u, data, psi)[0], us) / num_tasks
+
+    return _Objective(value_and_grad, pack, jax.jit(split), layout, fixed_effect_hessian, values)
 
 
 def _check_init(model: HierarchicalModel, init: Optional[Mapping[str, Any]]) -> dict:
@@ -437,6 +486,7 @@ def type2_ml(
         warnings.warn("type-II ML is meant for float64: enable jax_enable_x64", stacklevel=2)
     if isinstance(max_iter, bool) or int(max_iter) != max_iter or max_iter < 1:
         raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}")
+    tol = check_positive(tol, "tol (the largest gradient component of a converged fit)")
     model.likelihood.check(data, "data")
     approximation, num_nodes = resolve_approximation(model, approximation, num_nodes)
     if method == "REML" and approximation != "exact":
@@ -446,17 +496,22 @@ def type2_ml(
         )
     T = int(jax.tree_util.tree_leaves(data)[0].shape[0])
     part = model.partition
-    start = {"phi": np.zeros(part.num_params), "sigma": np.ones(part.num_modules),
-             **{n: s.init for n, s in model.hyper_sites().items()}}
-    start.update(_default_start(model, data))
-    start.update(_check_init(model, init))
+    given = _check_init(model, init)
     statistics = uses_statistics(model, data, approximation)
     if chunk_size is not None:
         check_count(chunk_size, "chunk_size", 1)
+    inputs = task_statistics(model, data, chunk_size) if statistics else data
+    start = {"phi": np.zeros(part.num_params), "sigma": np.ones(part.num_modules),
+             **{n: s.init for n, s in model.hyper_sites().items()}}
+    if statistics:  # the pooled fit from the statistics pass, not from the rows again
+        start.update(model.likelihood.start_from_moments(inputs.moments, model))
+        inputs = inputs._replace(moments=None)
+    else:
+        start.update(_default_start(model, data))
+    start.update(given)
     objective = _compiled_objective(model, method, approximation, num_nodes, statistics)
     value_and_grad, split, layout = objective.value_and_grad, objective.split, objective.layout
     x0, psi0 = objective.pack(start)
-    inputs = task_statistics(model, data, chunk_size) if statistics else data
     num = jnp.asarray(float(T))
 
     def fun(x):
@@ -479,15 +534,15 @@ def type2_ml(
         se = _observed_information_errors(lambda x: fun(x)[1] * T, np.asarray(result.x), layout, fe_sites)
     estimate = {"phi": np.asarray(phi), "sigma": np.asarray(sigma), **{n: np.asarray(v) for n, v in extra.items()}}
 
-    def objective_at_sigma(sigma_values):  # the mean objective with sigma replaced, the rest at the estimate
-        u = np.array(result.x, dtype=float)
+    def objective_at_sigmas(sigma_rows):  # the mean objective with sigma replaced by each row, the rest at the estimate
+        us = np.tile(np.asarray(result.x, dtype=float), (len(sigma_rows), 1))
         with np.errstate(divide="ignore"):
-            u[layout["log_sigma"]] = np.log(sigma_values)
-        return float(value_and_grad(jnp.asarray(u), inputs, psi_hat, num)[0])
+            us[:, layout["log_sigma"]] = np.log(np.asarray(sigma_rows, dtype=float))
+        return np.asarray(objective.values(jnp.asarray(us), inputs, psi_hat, num))
 
     # a sigma of exactly 0 has no Laplace approximation (the prior is a point mass); 1e-8 on the
     # link scale is 0 for every purpose
-    singular = _boundary(model, estimate, value, objective_at_sigma, tol, zero=0.0 if approximation == "exact" else 1e-8)
+    singular = _boundary(model, estimate, value, objective_at_sigmas, tol, zero=0.0 if approximation == "exact" else 1e-8)
     not_pd, inner_ok = (), True
     if approximation != "exact":
         info = _marginal_info(model, approximation, num_nodes if approximation == "agq" else None)(
@@ -588,17 +643,16 @@ def _marginal_info(model: HierarchicalModel, approximation: str, num_nodes):
     return compiled_marginal_info(model, approximation, num_nodes)
 
 
-def _boundary(model, estimate: dict, value: float, objective_at_sigma, tol: float, zero: float = 0.0) -> tuple:
+def _boundary(model, estimate: dict, value: float, objective_at_sigmas, tol: float, zero: float = 0.0) -> tuple:
     """What sits on the boundary: modules whose sigma can be set to ``zero`` (exactly 0 where the
     marginal likelihood allows it) without lowering the objective by more than ``tol`` per task,
-    and correlations within 1e-4 of +-1.  ``objective_at_sigma(sigma)``: the mean objective with
-    sigma replaced, every other parameter at the estimate."""
-    names = []
-    for m, name in enumerate(model.partition.names):
-        at_zero = np.where(np.arange(len(estimate["sigma"])) == m, zero, estimate["sigma"])
-        with np.errstate(divide="ignore"):
-            if objective_at_sigma(at_zero) <= value + tol:
-                names.append(f"sigma[{name}]")
+    and correlations within 1e-4 of +-1.  ``objective_at_sigmas(rows (M, M)) -> (M,)``: the mean
+    objective with sigma replaced by each row, every other parameter at the estimate (one call)."""
+    sigma = np.asarray(estimate["sigma"], dtype=float)
+    M = sigma.shape[0]
+    rows = np.where(np.eye(M, dtype=bool), zero, sigma[None, :])  # row m: module m's sigma at zero
+    at_zero = objective_at_sigmas(rows)
+    names = [f"sigma[{name}]" for m, name in enumerate(model.partition.names) if at_zero[m] <= value + tol]
     for k in range(len(model.correlation_blocks)):
         L = np.asarray(estimate[f"corr_chol_{k}"])
         C = L @ L.T
@@ -645,6 +699,7 @@ def type2_maximum_likelihood(
     """
     if jnp.zeros(()).dtype != jnp.float64:
         warnings.warn("type-II ML is meant for float64: enable jax_enable_x64", stacklevel=2)
+    tol = check_positive(tol, "tol (the largest gradient component of a converged fit)")
     sigma0 = np.asarray(sigma0, dtype=float)
     if not np.all(np.isfinite(sigma0)) or np.any(sigma0 <= 0):
         raise ValueError(f"sigma0 must be finite and > 0, got {sigma0}")

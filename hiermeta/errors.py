@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["HiermetaWarning", "ConvergenceWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning",
            "SigmaRunOffWarning", "CheckpointError", "CheckpointExistsError", "DistributedError",
            "MetaTrainingError", "CheckpointWriteError", "ProcessDisagreementError", "ReplicaDivergenceError",
-           "DesignWarning", "FormulaError", "DataDefectError", "SeparationWarning"]
+           "DesignWarning", "FormulaError", "DataDefectError", "SeparationWarning", "ApproximationWarning"]
 
 
 class HiermetaWarning(UserWarning):
@@ -115,3 +115,9 @@ class DataDefectError(ValueError):
 class SeparationWarning(HiermetaWarning):
     """Quasi-complete separation in a GLMM's fixed effects: the likelihood grows without bound
     along a direction of the named columns, so their estimates and standard errors are not finite."""
+
+
+class ApproximationWarning(HiermetaWarning):
+    """An approximate fit (Laplace) is far from a more accurate computation of the same quantity
+    (adaptive quadrature, importance sampling, NUTS) against the estimates' standard errors: the
+    approximation, not the model, moved the answer."""

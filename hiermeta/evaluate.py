@@ -26,7 +26,7 @@ from .learners.base import MetaLearner, MetaState
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
-from .utils import check_count
+from .utils import check_count, check_memory
 
 __all__ = ["LossCurve", "evaluate", "loss_curve", "adapt"]
 
@@ -169,6 +169,8 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     """
     n = _num_steps(learner, num_steps)
     check_task_batch(learner.model.likelihood, tasks)
+    check_memory(8.0 * num_tasks(tasks.val) * (n + 1), f"the loss curves of {num_tasks(tasks.val)} tasks over "
+                                                      f"num_steps={n} steps")
     if mesh is None:
         per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n)
     else:

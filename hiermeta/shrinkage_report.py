@@ -461,6 +461,13 @@ def shrinkage_report(
         if theta_a.shape != (T, P):
             raise ValueError(f"adapted[{name!r}] must have shape ({T}, {P}) (groups, coordinates), got {theta_a.shape}")
         values = {**extra, **{k: np.asarray(v, float) for k, v in dict(values).items()}}
+        for what, arr in (("theta", theta_a), *((f"values[{k!r}]", v) for k, v in values.items())):
+            if not np.all(np.isfinite(arr)):
+                groups = [table.groups[t] for t in np.flatnonzero(~np.isfinite(arr).all(axis=1))][:5] \
+                    if what == "theta" else []
+                raise ValueError(f"adapted[{name!r}] {what} holds {int(np.sum(~np.isfinite(arr)))} NaN or infinite "
+                                 f"value(s){f' (groups {groups})' if groups else ''}: the adaptation failed or "
+                                 "diverged, so its scores and coverage would mean nothing")
         estimates[f"adapted[{name}]"] = theta_a
         plug_ins[f"plug-in ({name})"] = (theta_a, _noise_value(lik, values), values.get("beta", np.zeros(0)))
 

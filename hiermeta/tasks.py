@@ -48,6 +48,35 @@ class TaskLikelihood(Protocol):
     scale) lists them in an attribute ``global_params`` (name -> :class:`~hiermeta.GlobalParam`);
     the model samples them once, outside the plate, and calls ``likelihood(theta, data, g)``
     with ``g`` the dict of their values.  Data may carry ``task_covariates`` ``(T, Q)``.
+
+    The three methods below are required (:class:`~hiermeta.HierarchicalModel` refuses a
+    likelihood without them).  Everything else a likelihood may offer is optional; the library
+    asks for it by name and says so when it is missing:
+
+    ==============================================  ==============================================
+    attribute (who reads it)                        what it is
+    ==============================================  ==============================================
+    ``global_params`` (HierarchicalModel)           name -> :class:`~hiermeta.GlobalParam`, the
+                                                    parameters shared by every task
+    ``linear_globals`` (type-II ML)                 names of globals entering the mean linearly
+                                                    (profiled with phi, e.g. ``beta``)
+    ``initial_values(data, model)`` (learners,      constrained starts on the data's scale (a
+    type-II ML, cross-fitting)                      pooled fit): ``phi``, ``sigma``, globals
+    ``prior_scales(data, model)`` (``with_priors``) the data's scales of phi, sigma and globals
+    ``log_marginal(...)`` (type-II ML ``exact``)    the closed-form marginal likelihood
+    ``sufficient_statistics``,                      per-task statistics, so that type-II ML reads
+    ``log_marginal_from_statistics``,               them instead of the rows
+    ``noise_groups`` (type-II ML)
+    ``cdf``, ``discrete``, ``binary``               the predictive CDF of an observation and its
+    (``predictive.score_draws``)                    kind (randomised PIT for discrete responses)
+    ``mean``, ``sd`` (predictive scores)            Gaussian moments of an observation
+    ``make_data``, ``num_fixed`` (``from_table``)   build checked task data from table columns
+    ``num_classes`` (ProtoNet)                      classes of a categorical likelihood
+    ==============================================  ==============================================
+
+    The GLM families implement these for their link and response
+    (:class:`~hiermeta.families.base.GLMLikelihood`: a family supplies its distribution, CDF,
+    checks and pooled fit through a few hooks listed there).
     """
 
     def __call__(self, theta: Any, data: Any) -> None: ...
@@ -229,15 +258,26 @@ def _check_gaussian(data: GaussianData, where: str) -> None:
             f"{where}: task(s) {empty[:10].tolist()} hold no observations (every task needs one)"
         )
     for leaf in jax.tree_util.tree_leaves(data.inputs):
-        shape = np.shape(leaf)
-        if shape[:2] != (T, N):
-            raise ValueError(f"{where}: inputs leaves must have leading shape {(T, N)}, got {shape}")
+        leaf = np.asarray(leaf)
+        if leaf.shape[:2] != (T, N):
+            raise ValueError(f"{where}: inputs leaves must have leading shape {(T, N)}, got {leaf.shape}")
         if np.iscomplexobj(leaf):
             raise ValueError(f"{where}: inputs are complex; hiermeta's Gaussian likelihood takes real data")
-        if np.issubdtype(np.asarray(leaf).dtype, np.floating) and not np.all(np.isfinite(leaf)):
+        if np.issubdtype(leaf.dtype, np.floating) and not all_finite(leaf):
             raise ValueError(f"{where}: inputs hold NaN or infinite values")
     check_task_covariates(getattr(data, "task_covariates", None), T, where)
     _check_overflow(obs, noise, observed, where)
+
+
+def all_finite(values: np.ndarray) -> bool:
+    """Every value finite, in one pass without a temporary array of the values' size: a finite sum
+    says so (a NaN or infinity makes any sum NaN or infinite); only an overflowing sum is checked
+    value by value."""
+    values = np.asarray(values)
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.isfinite(np.sum(values)):
+            return True
+    return bool(np.all(np.isfinite(values)))
 
 
 def check_task_covariates(z, T: int, where: str) -> None:
@@ -261,24 +301,29 @@ def _check_overflow(obs, noise, observed, where: str) -> None:
     """
     dtype = jax.dtypes.canonicalize_dtype(obs.dtype)
     finfo = np.finfo(dtype)
-    x = np.abs(obs[observed]).astype(np.float64)
-    xi = noise[observed].astype(np.float64)
+    largest, ratio, smallest = 0.0, 0.0, np.inf
+    step = max(1, (1 << 16) // max(1, obs.shape[1] * obs.shape[2]))  # tasks per block: temporaries stay small
+    for lo in range(0, obs.shape[0], step):
+        keep = observed[lo:lo + step]
+        x = np.abs(np.where(keep, obs[lo:lo + step], 0.0)).astype(np.float64)
+        xi = np.where(keep, noise[lo:lo + step], np.inf).astype(np.float64)
+        largest, ratio, smallest = max(largest, x.max()), max(ratio, np.max(x / xi)), min(smallest, xi.min())
     precision = "float32 (enable float64 with jax.config.update('jax_enable_x64', True), or rescale the data)"
     if dtype != np.float32:
         precision = f"{dtype} (rescale the data)"
-    if x.max() > finfo.max:
-        raise ValueError(f"{where}: obs values up to {x.max():.3g} overflow {precision}")
+    if largest > finfo.max:
+        raise ValueError(f"{where}: obs values up to {largest:.3g} overflow {precision}")
     limit = float(finfo.max) * 1e-3  # headroom for sums over observations and tasks
     per_task = obs.shape[1] * obs.shape[2]
-    z = float(np.max(x / xi))
+    z = float(ratio)
     if z * z * per_task > limit:
         raise ValueError(
             f"{where}: |obs| / noise_sd reaches {z:.3g}; the squared residuals of the "
             f"log-likelihood overflow {precision}"
         )
-    if float(xi.min()) ** -2 * per_task > limit:
+    if float(smallest) ** -2 * per_task > limit:
         raise ValueError(
-            f"{where}: noise_sd as small as {xi.min():.3g} makes 1 / noise_sd^2 overflow {precision}"
+            f"{where}: noise_sd as small as {smallest:.3g} makes 1 / noise_sd^2 overflow {precision}"
         )
 
 

@@ -29,7 +29,7 @@ import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions import constraints
 
-from ..linear_gaussian import LinearDesign, column_spread, regression_prior_scales
+from ..regression import LinearDesign, module_mean, regression_prior_scales
 from ..sites import GlobalParam
 from ..tasks import check_task_covariates
 
@@ -90,6 +90,17 @@ class GLMLikelihood:
     distribution of every observation given eta and the globals) and :meth:`cdf_from_eta`; they
     may declare more global parameters (the Student-t's scale and degrees of freedom) in
     :meth:`_family_globals`.
+
+    The family protocol, in full (data: class attributes; hooks: methods with a default here):
+
+    * ``name``, ``discrete`` (integer responses: randomised PIT), ``binary`` (0/1 responses),
+      ``takes_trials`` (its data carry ``trials``, the binomial);
+    * :meth:`distribution` and :meth:`cdf_from_eta` (required);
+    * :meth:`_pooled_fit` (required for starts): the pooled GLM's coefficients and the link
+      scale's unit;
+    * :meth:`_check_family` (response checks), :meth:`_family_globals` (extra globals),
+      :meth:`_family_start` (their starts), :meth:`_family_priors` (their data-scaled priors),
+      :meth:`_response_scale` (the response's scale for priors) — optional, default "none".
 
     Args:
       num_fixed: K, the number of unpooled fixed effects (global ``beta`` ``(K,)``, flat prior

@@ -2,17 +2,21 @@
 
 from .base import MetaLearner, MetaState
 from .info import BilevelInfo, MAMLInfo, ProtoNetInfo, ReptileInfo, ShrinkageMAPInfo, StepInfo, step_metrics
-from .bilevel import proximal_sgd
+from .bilevel import gaussian_prior_learner, phi_sigma_optimizer, proximal_sgd
+from .minibatch import minibatch_steps
+from .runoff import check_run_off
 from .shrinkage import m_shrinkage, shrinkage, shrinkage_params, sigma_of
 
 __all__ = ["MetaLearner", "MetaState", "StepInfo", "BilevelInfo", "ShrinkageMAPInfo", "MAMLInfo", "ReptileInfo",
-           "ProtoNetInfo", "step_metrics", "shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of", "proximal_sgd"]
+           "ProtoNetInfo", "step_metrics", "shrinkage", "m_shrinkage", "shrinkage_params", "sigma_of", "proximal_sgd",
+           "gaussian_prior_learner", "phi_sigma_optimizer", "minibatch_steps", "check_run_off"]
 
 # exact implicit hypergradients
 from .imaml import imaml  # noqa: E402
 from .sigma_imaml import m_sigma_imaml, sigma_imaml  # noqa: E402
+from .sigma_reptile import m_sigma_reptile, sigma_reptile  # noqa: E402
 
-__all__ += ["imaml", "sigma_imaml", "m_sigma_imaml"]
+__all__ += ["imaml", "sigma_imaml", "m_sigma_imaml", "sigma_reptile", "m_sigma_reptile"]
 
 # baselines
 from .maml import fo_m_maml, fomaml, m_maml, maml, maml_params, rates_of  # noqa: E402

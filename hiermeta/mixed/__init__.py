@@ -10,13 +10,38 @@ parameters), :mod:`~hiermeta.mixed.linalg` the penalised least-squares system ev
 that cannot identify the model, :mod:`~hiermeta.mixed.lmm` fits Gaussian models exactly (ML,
 REML), :mod:`~hiermeta.mixed.model` and :mod:`~hiermeta.mixed.result` are the user's objects,
 :mod:`~hiermeta.mixed.family` the GLM families and :mod:`~hiermeta.mixed.glmm` the GLMM fits
-(PIRLS, Laplace, adaptive quadrature).  Importing this package never imports JAX, NumPyro, ArviZ or matplotlib.
+(PIRLS, Laplace, adaptive quadrature).  Importing this package imports nothing else: each name
+below loads its module on first use (PEP 562), so the Gaussian path never pays for the GLMM
+families or SciPy's statistics, and nothing here imports JAX, NumPyro, ArviZ or matplotlib.
 """
 
-from .estimate import Estimate
-from .family import get_family
-from .glmm import fit_glmm
-from .model import FAMILIES, MixedModel, mixed_model
-from .result import AnovaTable, MixedFit, anova
+import importlib
 
-__all__ = ["mixed_model", "MixedModel", "MixedFit", "Estimate", "anova", "AnovaTable", "FAMILIES", "get_family", "fit_glmm"]
+# name -> (module relative to hiermeta.mixed, attribute)
+_LAZY = {
+    "mixed_model": (".model", "mixed_model"),
+    "MixedModel": (".model", "MixedModel"),
+    "FAMILIES": (".model", "FAMILIES"),
+    "MixedFit": (".result", "MixedFit"),
+    "anova": (".result", "anova"),
+    "AnovaTable": (".result", "AnovaTable"),
+    "Estimate": (".estimate", "Estimate"),
+    "get_family": (".family", "get_family"),
+    "fit_glmm": (".glmm", "fit_glmm"),
+}
+
+__all__ = list(_LAZY)
+
+
+def __getattr__(name: str):
+    try:
+        module, attribute = _LAZY[name]
+    except KeyError:
+        raise AttributeError(f"module 'hiermeta.mixed' has no attribute {name!r}") from None
+    value = getattr(importlib.import_module(module, __name__), attribute)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list:
+    return sorted(set(__all__) | {n for n in globals() if n.startswith("__")})

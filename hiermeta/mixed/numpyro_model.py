@@ -1,7 +1,7 @@
 """A mixed model as one NumPyro model, and NUTS on it started from and scaled by a fit.
 
 The model of :mod:`hiermeta.mixed.terms` with priors, on the standardised scale of
-:func:`hiermeta.mixed.glmm.standardise` (fixed-effect columns centred and scaled, random-effect
+:mod:`hiermeta.mixed.scaling` (fixed-effect columns centred and scaled, random-effect
 columns scaled to unit root-mean-square; a Gaussian response centred, when there is an intercept,
 and divided by its sd ``s_y``):
 
@@ -14,7 +14,7 @@ and divided by its sd ``s_y``):
 
 Defaults ``c_beta = 5``, ``c_sd = 2.5``, ``c_sigma = 2.5``, ``c_lkj = 2`` (:class:`Priors`): weakly
 informative in the standardised units (log-odds, log-rate, or response sds).  Every map to the
-original scale is linear (``beta = s_y M beta_s (+ the response's centre on the intercept)``,
+original scale is linear (``beta = s_y A beta_s (+ the response's centre on the intercept)``,
 ``b_k = s_y D_k^-1 b_k,s``, ``sigma = s_y sigma_s``), so the posterior of a response multiplied by
 ``c`` is the posterior times ``c`` (the run itself is the same numbers), and the NumPyro log
 density differs from the host engine's log joint (:func:`hiermeta.mixed.glmm.log_joint`) by the
@@ -46,7 +46,7 @@ from scipy import special, stats
 from ..errors import PriorWarning, SamplingWarning
 from .estimate import Estimate
 from .family import _PROBIT_BOUND, Family, get_family
-from .glmm import standardise
+from .scaling import standardize
 from .terms import MixedDesign, covariances
 
 __all__ = ["Priors", "MixedNumPyroModel", "MixedNUTS", "mixed_nuts"]
@@ -92,6 +92,8 @@ def _model(data: dict, spec: _Spec, centred: bool = False):
                 b = numpyro.deterministic(f"b_{k}", z @ T.T)
         eta = eta + jnp.sum(data[f"Z_{k}"] * b[data[f"codes_{k}"]], axis=-1)
     y, w = data["y"], data["w"]
+    if spec.family == "gaussian":  # a global site: outside the rows' plate
+        sigma = numpyro.sample("sigma", dist.HalfNormal(spec.priors.sigma))
     with numpyro.plate("rows", y.shape[0]):
         if spec.family in ("binomial", "bernoulli"):
             if spec.link == "logit":
@@ -107,7 +109,6 @@ def _model(data: dict, spec: _Spec, centred: bool = False):
             with numpyro.handlers.scale(scale=w if spec.weighted else 1.0):
                 numpyro.sample("y", dist.Poisson(jnp.exp(eta)), obs=y)
         else:  # gaussian
-            sigma = numpyro.sample("sigma", dist.HalfNormal(spec.priors.sigma))
             numpyro.sample("y", dist.Normal(eta, sigma / jnp.sqrt(w)), obs=y)
 
 
@@ -122,7 +123,7 @@ class MixedNumPyroModel:
         self.design = design
         self.family = get_family(family)
         y, w = self.family.prepare(design.response, design.weights)
-        std = standardise(design)
+        std, self.scaling = standardize(design)
         self.std = std
         p = std.X.shape[1]
         intercept = [j for j in range(p) if np.allclose(std.X[:, j], 1.0)]
@@ -162,18 +163,18 @@ class MixedNumPyroModel:
         return shift
 
     def beta(self, beta_s) -> np.ndarray:
-        """``beta = s_y M beta_s + centre`` (draws on the last axis)."""
-        return self.y_scale * np.asarray(beta_s) @ self.std.M.T + self._shift()
+        """``beta = s_y A beta_s + centre`` (draws on the last axis)."""
+        return self.y_scale * np.asarray(beta_s) @ self.scaling.A.T + self._shift()
 
     def beta_s(self, beta) -> np.ndarray:
-        return np.linalg.solve(self.std.M, (np.asarray(beta, dtype=float) - self._shift()) / self.y_scale)
+        return self.scaling.beta_s((np.asarray(beta, dtype=float) - self._shift()) / self.y_scale)
 
     def effects(self, k: int, b_s) -> np.ndarray:
         """Term ``k``'s ``b = s_y D^-1 b_s`` (columns on the last axis)."""
-        return self.y_scale * np.asarray(b_s) / self.std.column_scales[k]
+        return self.y_scale * np.asarray(b_s) / self.scaling.column_scales[k]
 
     def sds(self, k: int, sd_s) -> np.ndarray:
-        return self.y_scale * np.asarray(sd_s) / self.std.column_scales[k]
+        return self.y_scale * np.asarray(sd_s) / self.scaling.column_scales[k]
 
     def log_jacobian(self) -> float:
         """``log p_standardised - log p_original`` of the observations and the random effects (a constant)."""
@@ -181,7 +182,7 @@ class MixedNumPyroModel:
         total = 0.0
         if self.family.has_scale:
             total += n * np.log(self.y_scale)
-        for t, d in zip(self.design.terms, self.std.column_scales):
+        for t, d in zip(self.design.terms, self.scaling.column_scales):
             total -= t.num_levels * float(np.sum(np.log(d / self.y_scale)))
         return total
 
@@ -196,7 +197,7 @@ class MixedNumPyroModel:
         if self.family.has_scale:
             out["sigma"] = jnp.asarray(max(float(sigma) / self.y_scale, 1e-3))
         for k, (t, S, bk) in enumerate(zip(self.design.terms, covs, b)):
-            d = self.std.column_scales[k] / self.y_scale
+            d = self.scaling.column_scales[k] / self.y_scale
             S_s = np.asarray(S) * np.outer(d, d)
             sd = np.sqrt(np.maximum(np.diag(S_s), 0.0))
             b_s = np.asarray(bk) * d

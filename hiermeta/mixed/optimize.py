@@ -68,6 +68,7 @@ class Minimum(NamedTuple):
     newton_step: np.ndarray  # H^-1 g over the free coordinates (NaN where H is not positive definite)
     on_bound: np.ndarray  # coordinates at their lower bound with the gradient pushing outwards
     message: str
+    hessian: Optional[np.ndarray] = None  # the check's central-difference Hessian at x (NaN off the free coordinates)
 
 
 class _Counted:
@@ -95,6 +96,12 @@ def check_optimum(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float =
 
     Coordinates closer than ``step`` to their lower bound use one-sided differences.
     """
+    return _check(fun, x, lower, step, step_tol, grad_tol)[:4]
+
+
+def _check(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float = 1e-4,
+           step_tol: float = 1e-3, grad_tol: float = 1e-3) -> tuple:
+    """:func:`check_optimum` and the Hessian ``(k, k)`` (NaN off the free coordinates)."""
     x = np.asarray(x, dtype=float)
     k = x.size
     f0 = fun(x)
@@ -115,8 +122,9 @@ def check_optimum(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float =
     on_bound = near & (x - lower <= h) & (grad > 0)
     free = ~on_bound
     newton = np.full(k, np.nan)
+    hessian = np.full((k, k), np.nan)
     if not free.any():
-        return True, np.where(free, grad, 0.0), np.zeros(k), on_bound
+        return True, np.where(free, grad, 0.0), np.zeros(k), on_bound, hessian
     idx = np.flatnonzero(free)
     H = np.zeros((idx.size, idx.size))
     for a, i in enumerate(idx):
@@ -130,6 +138,7 @@ def check_optimum(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float =
                 H[a, b] = (fun(x + ei + ej) - fun(x + ei - ej) - fun(x - ei + ej) + fun(x - ei - ej)) / (4 * h[i] * h[j])
             H[b, a] = H[a, b]
     g = grad[idx]
+    hessian[np.ix_(idx, idx)] = H
     try:
         c = np.linalg.cholesky(H)
         step_free = np.linalg.solve(c.T, np.linalg.solve(c, g))
@@ -137,7 +146,7 @@ def check_optimum(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float =
         converged = bool(np.max(np.abs(step_free)) < step_tol)
     except np.linalg.LinAlgError:
         converged = bool(np.max(np.abs(g)) < grad_tol)
-    return converged, np.where(free, grad, 0.0), np.where(free, newton, 0.0), on_bound
+    return converged, np.where(free, grad, 0.0), np.where(free, newton, 0.0), on_bound, hessian
 
 
 def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: int = 10000,
@@ -167,7 +176,7 @@ def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: i
     if counted.best_x is None:
         return Minimum(x0, np.inf, False, counted.count, np.full_like(x0, np.nan), np.full_like(x0, np.nan),
                        np.zeros(x0.size, dtype=bool), "the criterion is not finite at the start or anywhere tried")
-    check = check_optimum(counted, counted.best_x, lower)
+    check = _check(counted, counted.best_x, lower)
     for _ in range(newton_steps):
         if check[0] or not np.all(np.isfinite(check[2])):
             break
@@ -178,7 +187,7 @@ def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: i
                 break
             step = step / 2
         messages.append("Newton step from the check")
-        check = check_optimum(counted, counted.best_x, lower)
+        check = _check(counted, counted.best_x, lower)
     if not check[0]:
         messages.append("check failed (Newton step "
                         f"{np.max(np.abs(np.nan_to_num(check[2], nan=np.inf))):.2g}); restarted with Nelder-Mead")
@@ -187,9 +196,10 @@ def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: i
                                       options=dict(maxfev=max_evaluations, xatol=1e-8, fatol=1e-10, adaptive=True))
         messages.append(f"Nelder-Mead: {res.message}")
         lbfgs(counted.best_x.copy())
-        check = check_optimum(counted, counted.best_x, lower)
-    converged, grad, newton, on_bound = check
+        check = _check(counted, counted.best_x, lower)
+    converged, grad, newton, on_bound, hessian = check
     messages.append(f"check: max |gradient| {np.max(np.abs(grad)) if grad.size else 0:.2g}, "
                     f"max |Newton step| {np.max(np.abs(np.nan_to_num(newton, nan=np.inf))) if newton.size else 0:.2g}"
                     f"{' (converged)' if converged else ' (NOT converged)'}")
-    return Minimum(counted.best_x, counted.best, converged, counted.count, grad, newton, on_bound, "; ".join(messages))
+    return Minimum(counted.best_x, counted.best, converged, counted.count, grad, newton, on_bound, "; ".join(messages),
+                   hessian)

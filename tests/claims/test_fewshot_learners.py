@@ -81,7 +81,7 @@ def central_differences(step, state, batch, directions, h):
     """d/de of the step's ``val_log_lik`` (the PLL at the K-step theta_hat) along each direction."""
     def value(sign, d):
         params = jax.tree_util.tree_map(lambda p, u: p + sign * h * u, state.params, d)
-        return float(step(state._replace(params=params), batch)[1]["val_log_lik"])
+        return float(step(state._replace(params=params), batch)[1].val_log_lik)
 
     return np.array([(value(1, d) - value(-1, d)) / (2 * h) for d in directions])
 

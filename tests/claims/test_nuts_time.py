@@ -15,6 +15,7 @@ from scipy import stats
 
 import hiermeta as hm
 import hiermeta.posterior as hp
+from hiermeta.nuts_start import sampler_start
 from hiermeta.models import eight_schools as es
 
 RUN = dict(num_warmup=100, num_samples=100, num_chains=2, noncentred=True)
@@ -80,8 +81,8 @@ def test_compiled_run_gives_numpyro_loop_draws(schools):
     model, data = schools
     result = hm.run_nuts(model, data, jax.random.PRNGKey(3), **RUN)
     config = hp._SamplerConfig(True, (), 100, 100, 2, "vectorized", 0.8, 10, False)
-    mcmc = hp._make_mcmc(model, config, {}, progress_bar=False)
-    mcmc.run(jax.random.PRNGKey(3), data, extra_fields=hp._EXTRA_FIELDS)
+    start = sampler_start(model, data, {}, noncentred=True)  # the data's fit and scale, as run_nuts starts
+    mcmc = hp._run_mcmc(model, config, {}, False, jax.random.PRNGKey(3), data, start)
     eager = mcmc.get_samples(group_by_chain=True)
     for site, draws in result.samples.items():
         np.testing.assert_allclose(draws, np.asarray(eager[site]), rtol=1e-6, atol=1e-8, err_msg=site)
