@@ -82,6 +82,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "MixedModel": (".mixed", "MixedModel"),
     "MixedFit": (".mixed", "MixedFit"),
     "anova": (".mixed", "anova"),
+    "compare": (".mixed", "compare"),
+    "holdout_split": (".mixed", "holdout_split"),
     # ---- modules
     "errors": (".errors", None),
     "mixed": (".mixed", None),
@@ -203,7 +205,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly
                            sigma_imaml, sigma_of)
     from .linear_gaussian import LinearDesign, linear_gaussian  # noqa: F401
     from . import mixed  # noqa: F401
-    from .mixed import MixedFit, MixedModel, anova, mixed_model  # noqa: F401
+    from .mixed import MixedFit, MixedModel, anova, compare, holdout_split, mixed_model  # noqa: F401
     from .partition import ModulePartition  # noqa: F401
     from .posterior import NUTSResult, run_nuts  # noqa: F401
     from .priors import prior_summary, with_priors  # noqa: F401
