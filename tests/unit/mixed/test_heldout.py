@@ -7,7 +7,6 @@ import pytest
 from scipy import integrate, stats
 from scipy.special import expit
 
-
 from hiermeta.mixed import heldout as H
 from hiermeta.mixed.family import get_family
 from hiermeta.mixed.glmm import fit_glmm
