@@ -18,7 +18,7 @@ only for that exact case.
 Each task's ``log p(D_t | ...)`` is, by ``approximation``: ``"exact"`` (the likelihood's closed-form
 ``log_marginal``, a linear-Gaussian likelihood), ``"laplace"`` or ``"agq"`` (adaptive
 Gauss-Hermite quadrature with ``num_nodes`` nodes, one scalar random effect), both from
-:mod:`hiermeta.marginal` (a Newton solve of each task's mode, differentiated implicitly);
+:mod:`hiermeta.laplace` (a Newton solve of each task's mode, differentiated implicitly);
 ``"auto"`` is exact where available, else Laplace (``"agq"`` when ``num_nodes > 1`` is given).
 
 Optimised in the unconstrained space (log sigma, NumPyro's bijections for the other sites) by
@@ -47,7 +47,7 @@ from jax.flatten_util import ravel_pytree
 
 from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
-from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
+from .laplace import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .linear_gaussian import GroupedStatistics, group_statistics
 from .tasks import distinct
 from .sites import constrain, unconstrain
@@ -155,7 +155,7 @@ def log_marginal_likelihood(model: HierarchicalModel, phi, sigma, data, extra=No
 
     ``approximation="exact"``: the closed form of a likelihood that provides ``log_marginal(data,
     prior_mean, prior_scale_tril, globals)`` (:class:`~hiermeta.linear_gaussian.LinearGaussianLikelihood`);
-    ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.marginal`, for any
+    ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.laplace`, for any
     likelihood; ``"auto"``: exact where available, else Laplace.  Jittable and differentiable.
     """
     approximation, num_nodes = resolve_approximation(model, approximation, num_nodes)
@@ -495,7 +495,7 @@ def type2_ml(
       approximation: each task's marginal likelihood: ``"exact"`` (closed form), ``"laplace"``,
         ``"agq"`` (adaptive Gauss-Hermite quadrature, one scalar random effect, ``num_nodes``
         nodes as lme4's ``nAGQ``), or ``"auto"`` (exact where the likelihood has a closed form, else
-        Laplace, or AGQ when ``num_nodes > 1``); see :mod:`hiermeta.marginal`.
+        Laplace, or AGQ when ``num_nodes > 1``); see :mod:`hiermeta.laplace`.
       init: starting values (constrained): ``phi``, ``sigma`` and any site of
         :meth:`~hiermeta.HierarchicalModel.hyper_sites`; the rest start on the data's scale
         when the likelihood can say (its ``initial_values``), else at ``phi = 0``, ``sigma = 1``
@@ -670,7 +670,7 @@ def _fixed_effect_errors(model, objective: _Objective, phi, sigma, extra, data, 
 
 @functools.lru_cache(maxsize=32)
 def _marginal_info(model: HierarchicalModel, approximation: str, num_nodes):
-    """:func:`~hiermeta.marginal.compiled_marginal_info`, built once per model and approximation."""
+    """:func:`~hiermeta.laplace.compiled_marginal_info`, built once per model and approximation."""
     return compiled_marginal_info(model, approximation, num_nodes)
 
 
