@@ -141,7 +141,12 @@ class Layout:
         self._c_index, self._c_value = index.reshape(n, -1), (lead.Z[:, :, None] * vals[:, None, :]).reshape(n, -1)
         self.c_rows, self.c_cols, self.num_c = c_rows.astype(small), c_cols.astype(small), unique.size
         self.pair_first, self.pair_second = first.astype(small), second.astype(small)
-        self.pair_position = (c_cols[first] * Q + c_cols[second]).astype(small)
+        # each unordered pair adds c_s c_t M_l[a_s, a_t] at (col_s, col_t) and at (col_t, col_s): recorded at the
+        # upper-triangle one, and twice where the two columns are one (two leading coefficients, one rest column)
+        low, high = np.minimum(c_cols[first], c_cols[second]), np.maximum(c_cols[first], c_cols[second])
+        self.pair_position = (low * Q + high).astype(small)
+        self.pair_same_column = np.flatnonzero(low == high).astype(small)
+        self.rest_scalar = all(self.terms[k].num_columns == 1 for k in self.rest)
         a = c_rows % q
         self.pair_block = (c_level[first] * q * q + a[first] * q + a[second]).astype(small)  # into M_l, flattened
         self.diagonal_block = (c_level * q * q + a * q + a).astype(small)
@@ -418,10 +423,16 @@ def _batched_cholesky_inverse(A: np.ndarray) -> tuple:
     return log_det, inv
 
 
-def _cholesky(S: np.ndarray) -> np.ndarray:
-    """The lower Cholesky factor of a symmetric positive definite ``S`` (LAPACK's ``potrf`` called
-    directly: ``scipy.linalg.cho_factor``'s wrappers cost more than the factorisation of a small ``S``)."""
-    c, info = scipy.linalg.lapack.dpotrf(np.asarray(S, dtype=float), lower=1, clean=1)
+def _cholesky(S: np.ndarray, overwrite: bool = False) -> np.ndarray:
+    """The lower Cholesky factor (Fortran order) of the symmetric positive definite matrix whose upper
+    triangle is that of the C-ordered ``S`` (its lower triangle is not read).
+
+    LAPACK's ``potrf`` is called directly (``scipy.linalg.cho_factor``'s wrappers cost more than the
+    factorisation of a small ``S``) on ``S.T``, which is ``S``'s memory in Fortran order: no copy, and
+    with ``overwrite`` the factor takes ``S``'s place.
+    """
+    S = np.ascontiguousarray(S, dtype=float)
+    c, info = scipy.linalg.lapack.dpotrf(S.T, lower=1, clean=1, overwrite_a=int(overwrite))
     if info != 0:
         raise np.linalg.LinAlgError("the random-effects or fixed-effects system is not positive definite")
     return c
@@ -435,11 +446,16 @@ def _cholesky_solve(c: np.ndarray, rhs) -> np.ndarray:
     return x
 
 
-def _factor_rest(S, dense_limit: int):
-    """``(log|S|, solve, inverse)`` of the rest block's Schur complement, dense or sparse."""
+def _factor_rest(S, dense_limit: int, upper: bool = False):
+    """``(log|S|, solve, inverse)`` of the rest block's Schur complement, dense or sparse.
+
+    ``upper``: only the upper triangle of the dense ``S`` holds the matrix (overwritten).
+    """
     m = S.shape[0]
+    if upper and m > dense_limit:
+        S = np.triu(S) + np.triu(S, 1).T
     if m <= dense_limit:
-        c = _cholesky(S.toarray() if sp.issparse(S) else S)
+        c = _cholesky(S.toarray() if sp.issparse(S) else S, overwrite=upper)
         log_det = 2.0 * float(np.sum(np.log(np.diag(c))))
         return log_det, (lambda rhs: _cholesky_solve(c, rhs)), (lambda: _cholesky_solve(c, np.eye(m)))
     lu = spla.splu(sp.csc_matrix(S), permc_spec="MMD_AT_PLUS_A", diag_pivot_thresh=0.0,
@@ -451,17 +467,30 @@ def _factor_rest(S, dense_limit: int):
 
 
 def _compact_rest(layout: Layout, cross: CrossProducts, factors, LiT, c_lead, H_lead) -> tuple:
-    """``(S, r_rest, M_rest, F)`` from the compact coupling (module docstring): gathers and bincounts."""
+    """``(S, upper, r_rest, M_rest, F)`` from the compact coupling (module docstring): gathers and
+    bincounts; ``upper``: only ``S``'s upper triangle is filled (scalar rest terms), else all of it."""
     Q, q, L = layout.size_rest, layout.q_lead, layout.num_lead_levels
     c = cross.lead_rest
     LiT_t = np.swapaxes(LiT, 1, 2)
     M = _blocks_times(LiT_t, LiT).ravel()  # M_l = T A_l^-1 T', flattened level by level
-    half = _sums(layout.pair_position, cross.pair_products * M[layout.pair_block], minlength=Q * Q)
-    inner = half.reshape(Q, Q)
-    inner = inner + inner.T
-    inner[np.diag_indices(Q)] += _sums(layout.c_cols, c * c * M[layout.diagonal_block], minlength=Q)
-    S = layout.rest_lambda(layout.rest_lambda(cross.rest_gram - inner, factors, True).T, factors, True)
-    S[np.diag_indices(Q)] += 1.0
+    values = cross.pair_products * M[layout.pair_block]
+    inner = _sums(layout.pair_position, values, minlength=Q * Q)  # C' blockdiag(M_l) C, upper triangle
+    if layout.pair_same_column.size:
+        inner += _sums(layout.pair_position[layout.pair_same_column], values[layout.pair_same_column], Q * Q)
+    inner = inner.reshape(Q, Q)
+    diagonal = np.diag_indices(Q)
+    inner[diagonal] += _sums(layout.c_cols, c * c * M[layout.diagonal_block], minlength=Q)
+    if layout.rest_scalar:  # Lambda_R = diag(d): S = (Z_R'WZ_R - inner) d d' + I, in place, upper triangle
+        d = layout.rest_lambda(np.ones(Q), factors)
+        S = np.subtract(cross.rest_gram, inner, out=inner)
+        S *= d[:, None]
+        S *= d[None, :]
+        upper = True
+    else:
+        inner = np.triu(inner) + np.triu(inner, 1).T
+        S = layout.rest_lambda(layout.rest_lambda(cross.rest_gram - inner, factors, True).T, factors, True)
+        upper = False
+    S[diagonal] += 1.0
     p = H_lead.shape[-1]
     vV = _blocks_times(LiT_t, np.concatenate([c_lead[:, :, None], H_lead], axis=2))  # T L_l^-T [c_l | H_l]
     v, V = vV[:, :, 0].ravel(), vV[:, :, 1:].reshape(L * q, p)
@@ -470,7 +499,7 @@ def _compact_rest(layout: Layout, cross: CrossProducts, factors, LiT, c_lead, H_
     CtV = _sums((layout.c_cols[:, None] * p + np.arange(p)).ravel(), (c[:, None] * V[layout.c_rows]).ravel(),
                       minlength=Q * p).reshape(Q, p) if p else np.zeros((Q, 0))
     M_rest = layout.rest_lambda(cross.rest_X - CtV, factors, True)
-    return S, r_rest, M_rest, Coupling(layout, LiT, c, factors)
+    return S, upper, r_rest, M_rest, Coupling(layout, LiT, c, factors)
 
 
 def factorize(layout: Layout, cross: CrossProducts, theta, dense_limit: int = DENSE_LIMIT) -> PLSFactor:
@@ -494,8 +523,9 @@ def factorize(layout: Layout, cross: CrossProducts, theta, dense_limit: int = DE
     c_flat, H_flat = c_lead.ravel(), H_lead.reshape(L * q, p)
 
     if layout.rest:
+        upper = False
         if layout.dense_cross:
-            S, r_rest, M_rest, F = _compact_rest(layout, cross, factors, LiT, c_lead, H_lead)
+            S, upper, r_rest, M_rest, F = _compact_rest(layout, cross, factors, LiT, c_lead, H_lead)
         else:
             Lam_lead = layout.scale_lead(T)
             Lam_rest = layout.scale_rest(factors)
@@ -504,9 +534,9 @@ def factorize(layout: Layout, cross: CrossProducts, theta, dense_limit: int = DE
             S = Lam_rest.T @ cross.rest_gram @ Lam_rest + sp.identity(layout.size_rest, format="csr") - F.T @ F
             r_rest = Lam_rest.T @ cross.rest_y - F.T @ c_flat
             M_rest = np.asarray(Lam_rest.T @ cross.rest_X) - np.asarray(F.T @ H_flat)
-        log_det_rest, rest_solve, rest_inverse = _factor_rest(S, dense_limit)
-        Sinv_r = rest_solve(r_rest)
-        Sinv_M = rest_solve(M_rest) if p else np.zeros((layout.size_rest, 0))
+        log_det_rest, rest_solve, rest_inverse = _factor_rest(S, dense_limit, upper)
+        solved = np.asarray(rest_solve(np.column_stack([r_rest, M_rest])))  # S^-1 [r | M] in one solve
+        Sinv_r, Sinv_M = solved[:, 0], solved[:, 1:]
     else:
         F = np.zeros((layout.size_lead, 0))
         log_det_rest = 0.0

@@ -155,8 +155,12 @@ def _check(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float = 1e-4,
 
 
 def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: int = 10000,
-                     ftol: float = 1e-12, gtol: float = 1e-7, newton_steps: int = 3) -> Minimum:
-    """Minimise ``fun`` over ``lower <= x <= upper`` (module docstring)."""
+                     ftol: float = 1e-12, gtol: float = 1e-7, newton_steps: int = 3, check: bool = True) -> Minimum:
+    """Minimise ``fun`` over ``lower <= x <= upper`` (module docstring).
+
+    ``check=False``: COBYQA alone, for a point that only starts another fit (a GLMM's ``nAGQ = 0``
+    stage); the result is not checked (``converged`` is COBYQA's own success, ``gradient`` NaN).
+    """
     x0 = np.asarray(x0, dtype=float)
     lower = np.asarray(lower, dtype=float)
     upper = np.full_like(x0, np.inf) if upper is None else np.asarray(upper, dtype=float)
@@ -170,6 +174,7 @@ def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: i
         messages.append(f"L-BFGS-B: {res.message}")
 
     x0 = np.clip(x0, lower, upper)
+    res = None
     try:
         res = scipy.optimize.minimize(counted, x0, method="COBYQA", bounds=bounds,
                                       options=dict(maxfev=max_evaluations, initial_tr_radius=0.2, final_tr_radius=1e-5))
@@ -181,6 +186,10 @@ def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: i
     if counted.best_x is None:
         return Minimum(x0, np.inf, False, counted.count, np.full_like(x0, np.nan), np.full_like(x0, np.nan),
                        np.zeros(x0.size, dtype=bool), "the criterion is not finite at the start or anywhere tried")
+    if not check:
+        return Minimum(counted.best_x, counted.best, bool(getattr(res, "success", False)), counted.count,
+                       np.full_like(x0, np.nan), np.full_like(x0, np.nan), np.zeros(x0.size, dtype=bool),
+                       "; ".join(messages) + " (not checked: a starting point)")
     check = _check(counted, counted.best_x, lower)
     for _ in range(newton_steps):
         if check[0] or not np.all(np.isfinite(check[2])):

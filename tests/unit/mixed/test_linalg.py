@@ -67,6 +67,7 @@ STRUCTURES = {
     "crossed scalar terms": [(15, 1, True), (6, 1, True)],
     "three terms, correlated and diagonal": [(14, 2, True), (5, 3, False), (4, 1, True)],
     "rest larger in q than the lead in levels": [(10, 1, True), (3, 3, True)],
+    "correlated lead beside a scalar crossed term": [(14, 2, True), (6, 1, True)],
 }
 
 
