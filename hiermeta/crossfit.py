@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import SigmaRunOffWarning
+from .starts import data_start
 from .tasks import TaskBatch, num_tasks
 from .utils import check_count
 
@@ -188,14 +189,13 @@ def check_sigma(learner, state, *, data: Any = None, scale=None, history: Option
     unrelated: the PLL's maximiser went to infinity) or falls to ``scale * sqrt(eps)`` (to zero).
     Both are reported in the result, and by a :class:`~hiermeta.errors.SigmaRunOffWarning`.
     """
-    from .learners.base import starting_values
     from .learners.bilevel import sigma_of
 
     model = learner.model
     M = model.partition.num_modules
     sigma = np.asarray(sigma_of(state.params, M), dtype=float)
     if scale is None:
-        start = starting_values(model, data)
+        start = data_start(model, data)
         if "sigma" not in start:
             raise ValueError("check_sigma needs scale=, or data= whose likelihood offers initial_values")
         scale = start["sigma"]

@@ -33,6 +33,7 @@ import numpyro.distributions as dist
 
 from .errors import PriorWarning
 from .hierarchy import HierarchicalModel
+from .starts import data_start
 
 __all__ = ["with_priors", "prior_summary", "prior_tail_check"]
 
@@ -189,8 +190,7 @@ def prior_tail_check(model: HierarchicalModel, samples: Mapping[str, np.ndarray]
     medians = {name: np.median(np.reshape(draws, (-1,) + np.shape(draws)[2:]), axis=0)
                for name, draws in samples.items()}
     messages = _tail_messages(model, medians, level, "the posterior median")
-    start = getattr(model.likelihood, "initial_values", None)
-    if data is not None and callable(start):
-        estimate = {k: v for k, v in dict(start(data, model)).items() if k != "sigma"}
+    estimate = {k: v for k, v in data_start(model, data, check=False).items() if k != "sigma"}
+    if estimate:
         messages += _tail_messages(model, estimate, level, "the data's own (pooled least-squares) estimate")
     return messages
