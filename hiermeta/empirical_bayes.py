@@ -51,6 +51,7 @@ from .laplace import approximate_log_marginal, check_approximation, compiled_mar
 from .linear_gaussian import GroupedStatistics, group_statistics
 from .tasks import distinct
 from .sites import constrain, unconstrain
+from .starts import check_values, data_start, start_values, unconstrained
 from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
 from .utils import check_count, check_positive
 
@@ -351,8 +352,7 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
         opt = {"log_sigma": jnp.log(jnp.asarray(start["sigma"], float))}
         if "phi" not in fixed_sites:
             opt["phi"] = jnp.asarray(start["phi"], float)
-        opt.update(unconstrain({n: sites[n] for n in sites if n not in fixed_sites},
-                               {n: start[n] for n in sites if n not in fixed_sites}))
+        opt.update(unconstrained(model, {n: start[n] for n in sites if n not in fixed_sites}))
         psi = ravel_pytree({n: jnp.asarray(start[n], float) for n in fixed_sites})[0]
         return ravel_pytree(opt)[0], psi
 
@@ -441,37 +441,6 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
     return _Objective(value_and_grad, pack, jax.jit(split), layout, fixed_effect_hessian, values)
 
 
-def _check_init(model: HierarchicalModel, init: Optional[Mapping[str, Any]]) -> dict:
-    init = dict(init or {})
-    sites = model.hyper_sites()
-    allowed = {"phi", "sigma", *sites}
-    unknown = sorted(set(init) - allowed)
-    if unknown:
-        raise ValueError(f"init names unknown sites {unknown}; the model's sites are {sorted(allowed)}")
-    part = model.partition
-    out = {}
-    if "phi" in init:
-        phi = np.asarray(init["phi"], dtype=float)
-        if phi.shape != (part.num_params,) or not np.all(np.isfinite(phi)):
-            raise ValueError(f"init phi must be finite with shape ({part.num_params},), got {phi.shape}")
-        out["phi"] = phi
-    if "sigma" in init:
-        sigma = part.check_per_module(init["sigma"], "init sigma")
-        if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
-            raise ValueError(f"init sigma must be finite and > 0, got {sigma}")
-        out["sigma"] = sigma
-    for name in sites:
-        if name in init:
-            out[name] = np.asarray(init[name], dtype=float)
-    return out
-
-
-def _default_start(model: HierarchicalModel, data) -> dict:
-    """A start on the data's own scale, from the likelihood's ``initial_values(data)`` if it has one."""
-    start = getattr(model.likelihood, "initial_values", None)
-    return dict(start(data, model)) if callable(start) else {}
-
-
 def type2_ml(
     model: HierarchicalModel,
     data,
@@ -526,20 +495,17 @@ def type2_ml(
             f"approximation={approximation!r} use method='ML' (as lme4's glmer does)"
         )
     T = int(jax.tree_util.tree_leaves(data)[0].shape[0])
-    part = model.partition
-    given = _check_init(model, init)
+    given = check_values(model, init, where="init")  # before anything is computed
     statistics = uses_statistics(model, data, approximation)
     if chunk_size is not None:
         check_count(chunk_size, "chunk_size", 1)
     inputs = task_statistics(model, data, chunk_size) if statistics else data
-    start = {"phi": np.zeros(part.num_params), "sigma": np.ones(part.num_modules),
-             **{n: s.init for n, s in model.hyper_sites().items()}}
     if statistics:  # the pooled fit from the statistics pass, not from the rows again
-        start.update(model.likelihood.start_from_moments(inputs.moments, model))
+        data_values = model.likelihood.start_from_moments(inputs.moments, model)
         inputs = inputs._replace(moments=None)
     else:
-        start.update(_default_start(model, data))
-    start.update(given)
+        data_values = data_start(model, data, check=False)
+    start = start_values(model, given=given, data_values=data_values)
     objective = _compiled_objective(model, method, approximation, num_nodes, statistics)
     value_and_grad, split, layout = objective.value_and_grad, objective.split, objective.layout
     x0, psi0 = objective.pack(start)
