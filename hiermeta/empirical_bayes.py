@@ -18,7 +18,7 @@ only for that exact case.
 Each task's ``log p(D_t | ...)`` is, by ``approximation``: ``"exact"`` (the likelihood's closed-form
 ``log_marginal``, a linear-Gaussian likelihood), ``"laplace"`` or ``"agq"`` (adaptive
 Gauss-Hermite quadrature with ``num_nodes`` nodes, one scalar random effect), both from
-:mod:`hiermeta.marginal` (a Newton solve of each task's mode, differentiated implicitly);
+:mod:`hiermeta.laplace` (a Newton solve of each task's mode, differentiated implicitly);
 ``"auto"`` is exact where available, else Laplace (``"agq"`` when ``num_nodes > 1`` is given).
 
 Optimised in the unconstrained space (log sigma, NumPyro's bijections for the other sites) by
@@ -47,8 +47,9 @@ from jax.flatten_util import ravel_pytree
 
 from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
-from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
+from .laplace import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .linear_gaussian import GroupedStatistics, group_statistics
+from .tasks import distinct
 from .sites import constrain, unconstrain
 from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
 from .utils import check_count, check_positive
@@ -154,7 +155,7 @@ def log_marginal_likelihood(model: HierarchicalModel, phi, sigma, data, extra=No
 
     ``approximation="exact"``: the closed form of a likelihood that provides ``log_marginal(data,
     prior_mean, prior_scale_tril, globals)`` (:class:`~hiermeta.linear_gaussian.LinearGaussianLikelihood`);
-    ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.marginal`, for any
+    ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.laplace`, for any
     likelihood; ``"auto"``: exact where available, else Laplace.  Jittable and differentiable.
     """
     approximation, num_nodes = resolve_approximation(model, approximation, num_nodes)
@@ -213,12 +214,32 @@ def uses_statistics(model: HierarchicalModel, data, approximation: str = "exact"
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_statistics(likelihood):
-    def statistics_and_moments(data, z):
+def _compiled_statistics(likelihood, shapes: tuple, treedef):
+    """The statistics and pooled moments of one chunk, jitted: ``fn(mask, leaves)`` with the leaves of
+    ``(data without its mask, z)``; ``shapes[i]`` is the full shape of leaf i when it arrives without
+    its broadcast axes, None when it arrives whole."""
+
+    def statistics_and_moments(mask, leaves):
+        leaves = [a if shape is None else jnp.broadcast_to(a, shape) for a, shape in zip(leaves, shapes)]
+        data, z = jax.tree_util.tree_unflatten(treedef, leaves)
+        data = data._replace(mask=mask)
         stats = likelihood.sufficient_statistics(data, z)
         return stats, likelihood.pooled_moments(data, z, stats)
 
     return jax.jit(statistics_and_moments)
+
+
+def _chunk_leaf(a: np.ndarray, lo: int, hi: int, size: int):
+    """Tasks ``lo:hi`` of ``a`` padded (edge) to ``size``, without the axes along which ``a`` is a
+    broadcast (stride 0, :func:`~hiermeta.tasks.distinct`): ``(piece, its full shape, or None when
+    the piece is whole)``."""
+    compact = distinct(a)
+    shared = compact.shape[0] == 1 and a.shape[0] > 1  # the same for every task
+    piece = compact if shared else compact[lo:hi]
+    if not shared and piece.shape[0] < size:
+        piece = np.pad(piece, [(0, size - piece.shape[0])] + [(0, 0)] * (a.ndim - 1), mode="edge")
+    full = (size,) + a.shape[1:]
+    return np.ascontiguousarray(piece), (None if piece.shape == full else full)
 
 
 def _chunk_layout(T: int, chunk_size: Optional[int]) -> tuple:
@@ -237,44 +258,54 @@ def _in_chunks(arrays, T: int, chunk_size: Optional[int]):
     return jax.tree_util.tree_map(split, arrays), (np.arange(n_chunks * C) < T).reshape(n_chunks, C)
 
 
+STATISTICS_CHUNK_BYTES = 1 << 23  # data per chunk of the statistics pass (8 MiB: its temporaries stay in cache)
+
+
 def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = None,
                     group: bool = True) -> TaskStatistics:
     """The sufficient statistics of ``data``, computed chunk by chunk, with the pooled moments.
 
-    One compiled program for every chunk of ``chunk_size`` tasks (default: all ``T`` tasks in one
-    chunk up to 4096, else ``DEFAULT_CHUNK_SIZE``; the last chunk is padded with masked-out copies
-    of its last task), so the memory of the computation is that of one chunk of observations; the
-    result holds O(P^2 + K^2) numbers per task whatever the number of observations.  With ``group``
-    the tasks that share their design statistics are summed into groups
-    (:func:`~hiermeta.linear_gaussian.group_statistics`) when that holds fewer numbers (a balanced
-    design: one group, and an objective whose cost does not grow with the number of tasks); the
-    groups are chunked in the same way.
+    The observations are read once, in chunks of ``chunk_size`` tasks (default: about 8 MiB of
+    data per chunk, whose temporaries then stay in cache; one compiled program for every chunk, the last one padded with masked-out
+    copies of its last task; the chunks are dispatched without waiting, so copying one overlaps
+    computing another), so the memory of the computation is the statistics' plus a few chunks'
+    of observations; the statistics hold O(P^2 + K^2) numbers per task whatever its number of
+    observations.  With ``group`` the tasks that share their design statistics are summed into
+    groups (:func:`~hiermeta.linear_gaussian.group_statistics`) when that holds fewer numbers (a
+    balanced design: one group, and an objective whose cost does not grow with the number of
+    tasks).  The result (per task or per group) is laid out in chunks of ``chunk_size`` (default:
+    all in one up to 4096, else ``DEFAULT_CHUNK_SIZE``) for the objective's loop.
     """
     T = count_tasks(data)
-    C, n_chunks = _chunk_layout(T, chunk_size)
     z = model.task_covariates(data)
     host = jax.tree_util.tree_map(np.asarray, (data, z))
-    fn = _compiled_statistics(model.likelihood)
-    per_task, moments = None, None
-    for i in range(n_chunks):
-        lo, hi = i * C, min((i + 1) * C, T)
-        pad = C - (hi - lo)
-        chunk_data, chunk_z = jax.tree_util.tree_map(
-            lambda a: np.pad(a[lo:hi], [(0, pad)] + [(0, 0)] * (a.ndim - 1), mode="edge") if pad else a[lo:hi], host)
-        if pad:
-            chunk_data = chunk_data._replace(mask=np.where((np.arange(C) < hi - lo)[:, None], chunk_data.mask, False))
-        stats, chunk_moments = fn(chunk_data, chunk_z)
-        moments = chunk_moments if moments is None else jax.tree_util.tree_map(jnp.add, moments, chunk_moments)
-        if per_task is None:
-            per_task = jax.tree_util.tree_map(lambda a: np.empty((T,) + a.shape[1:], a.dtype), stats)
-        jax.tree_util.tree_map(lambda dst, a: dst.__setitem__(slice(lo, hi), np.asarray(a)[:hi - lo]), per_task, stats)
+    if chunk_size is None:
+        per_task_bytes = sum(a[:1].nbytes for a in jax.tree_util.tree_leaves(host))
+        S = int(min(T, max(1, STATISTICS_CHUNK_BYTES // max(1, per_task_bytes))))
+    else:
+        S = min(check_count(chunk_size, "chunk_size", 1), T)
+    data_host, z_host = host
+    mask = np.asarray(data_host.mask)
+    leaves, treedef = jax.tree_util.tree_flatten((data_host._replace(mask=None), z_host))
+    parts = []
+    for lo in range(0, T, S):
+        hi = min(lo + S, T)
+        pieces = [_chunk_leaf(a, lo, hi, S) for a in leaves]
+        chunk_mask = np.zeros((S,) + mask.shape[1:], bool)
+        chunk_mask[:hi - lo] = mask[lo:hi]  # padding: masked-out tasks
+        fn = _compiled_statistics(model.likelihood, tuple(shape for _, shape in pieces), treedef)
+        parts.append((hi - lo, fn(chunk_mask, [piece for piece, _ in pieces])))  # dispatched, not waited for
+    moments = jax.tree_util.tree_map(lambda *m: np.sum([np.asarray(a) for a in m], axis=0), *[p[1][1] for p in parts])
+    per_task = jax.tree_util.tree_map(
+        lambda *leaves: np.concatenate([np.asarray(a)[:n] for (n, _), a in zip(parts, leaves)]),
+        *[p[1][0] for p in parts])
+    del parts
     grouped = group_statistics(per_task) if group else None
     if grouped is not None:
         stats, valid = _in_chunks(grouped, grouped.ZZ.shape[0], chunk_size)
     else:
         stats, valid = _in_chunks(per_task, T, chunk_size)
-    return TaskStatistics(jax.tree_util.tree_map(jnp.asarray, stats), jnp.asarray(valid),
-                          jax.tree_util.tree_map(np.asarray, moments))
+    return TaskStatistics(jax.tree_util.tree_map(jnp.asarray, stats), jnp.asarray(valid), moments)
 
 
 class _Objective(NamedTuple):
@@ -464,7 +495,7 @@ def type2_ml(
       approximation: each task's marginal likelihood: ``"exact"`` (closed form), ``"laplace"``,
         ``"agq"`` (adaptive Gauss-Hermite quadrature, one scalar random effect, ``num_nodes``
         nodes as lme4's ``nAGQ``), or ``"auto"`` (exact where the likelihood has a closed form, else
-        Laplace, or AGQ when ``num_nodes > 1``); see :mod:`hiermeta.marginal`.
+        Laplace, or AGQ when ``num_nodes > 1``); see :mod:`hiermeta.laplace`.
       init: starting values (constrained): ``phi``, ``sigma`` and any site of
         :meth:`~hiermeta.HierarchicalModel.hyper_sites`; the rest start on the data's scale
         when the likelihood can say (its ``initial_values``), else at ``phi = 0``, ``sigma = 1``
@@ -639,7 +670,7 @@ def _fixed_effect_errors(model, objective: _Objective, phi, sigma, extra, data, 
 
 @functools.lru_cache(maxsize=32)
 def _marginal_info(model: HierarchicalModel, approximation: str, num_nodes):
-    """:func:`~hiermeta.marginal.compiled_marginal_info`, built once per model and approximation."""
+    """:func:`~hiermeta.laplace.compiled_marginal_info`, built once per model and approximation."""
     return compiled_marginal_info(model, approximation, num_nodes)
 
 

@@ -29,3 +29,9 @@ __all__ += ["maml", "m_maml", "fomaml", "fo_m_maml", "maml_params", "rates_of", 
 from .protonet import protonet  # noqa: E402
 
 __all__ += ["protonet"]
+
+# the lecture's other families: black-box parameter prediction and a learned optimiser (issue 24)
+from .learned_optimizer import learned_optimizer, learned_solver  # noqa: E402
+from .param_predict import class_weight_predictor, set_encoder  # noqa: E402
+
+__all__ += ["class_weight_predictor", "set_encoder", "learned_optimizer", "learned_solver"]

@@ -45,7 +45,6 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ApproximationWarning
-from .family import get_family
 from .heldout import (Scores, eb_gaussian_exact, eb_importance, eb_laplace, eb_quadrature, heldout_rows,
                       importance_log_likelihood, nuts_predictive, plug_in, posterior_state, score,
                       score_gaussian_exact)
@@ -263,8 +262,8 @@ def _or0(v):
 def _check_same_model(fit, nuts) -> None:
     """Refuse a NUTS run on another model than the fit's (module docstring)."""
     a, b = fit.design, nuts.model.design
-    if get_family(fit.model.family).name != nuts.model.family.name:
-        raise ValueError(f"the NUTS run's family is {nuts.model.family.name}, the fit's {fit.model.family}")
+    if fit.model.family_spec != nuts.model.family:
+        raise ValueError(f"the NUTS run's family is {nuts.model.family!r}, the fit's {fit.model.family_spec!r}")
     if a.num_rows != b.num_rows or not np.allclose(a.response, b.response) or not np.allclose(a.weights, b.weights):
         raise ValueError("the NUTS run was on other data than the fit (responses or weights differ)")
     if tuple(a.fixed_names) != tuple(b.fixed_names) or not np.allclose(a.X, b.X):
@@ -287,7 +286,7 @@ def _no_pooling(fit, max_iter: int = 50) -> list:
     """Per term ``(estimates (L, q), standard errors (L, q))``: each level's own maximum-likelihood effect,
     the fixed effects and the other terms' modes held at the fit's values (Fisher scoring, batched)."""
     est, d = fit.estimate, fit.design
-    fam = get_family(fit.model.family)
+    fam = fit.model.family_spec
     y, w = fam.prepare(d.response, d.weights)
     base = d.X @ np.asarray(est.beta) + d.offset
     modes = [t.Z * np.asarray(b)[t.codes] for t, b in zip(d.terms, est.b)]
@@ -437,7 +436,7 @@ def _paired(per_unit: dict, brier: dict, held) -> list:
 def _approximation(fit, nuts, check: bool, num_draws: int, seed: int) -> dict:
     out = {"warnings": []}
     est = fit.estimate
-    family = get_family(fit.model.family)
+    family = fit.model.family_spec
     if family.has_scale or not check:
         return out
     if est.method == "Laplace":
@@ -534,7 +533,7 @@ def compare(fit, heldout, nuts=None, *, eb: str = "auto", unit_term: Optional[in
         raise ValueError(f"eb must be one of {EB_METHODS}, got {eb!r}")
     if nuts is not None:
         _check_same_model(fit, nuts)
-    family = get_family(fit.model.family)
+    family = fit.model.family_spec
     d = fit.design
     scalar = len(d.terms) == 1 and d.terms[0].num_columns == 1
     if eb == "auto":

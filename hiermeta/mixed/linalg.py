@@ -27,6 +27,12 @@ is ``Q_R x Q_R``, ``Q_R = sum over the other terms of L_k q_k`` (InstEval's ``(1
 a model with one term has no rest and costs ``O(L q^3)``: one small Cholesky per level.  The
 fixed effects come last, through the ``p x p`` Schur complement ``X'WX - H'H``.
 
+When the coupling of the leading block with the rest is small (``size_lead * size_rest^2`` below
+``DENSE_CROSS_WORK``: Penicillin, Pastes, grouseticks' three factors) the cross products of the two
+are held as dense arrays and rescaled by the ``T_k`` with batched products, which costs
+microseconds where SciPy's sparse matrices cost milliseconds of bookkeeping per evaluation; the
+sparse path serves the large crossed designs (InstEval), where it is the one that scales.
+
 The weighted cross products of the unscaled design (:class:`CrossProducts`) do not depend on
 ``theta``: a linear mixed model builds them once and each deviance evaluation only rescales them
 by the ``T_k`` (cost of the order of their non-zeros plus the factorisation of ``S``); PIRLS
@@ -47,6 +53,7 @@ from .terms import Term, relative_factors
 __all__ = ["Layout", "CrossProducts", "PLSFactor", "factorize", "DENSE_LIMIT"]
 
 DENSE_LIMIT = 4000  # rest coefficients up to which the Schur complement S is factorised densely
+DENSE_CROSS_WORK = 5e7  # size_lead * size_rest^2 up to which the cross products are held dense
 
 
 class Layout:
@@ -55,10 +62,11 @@ class Layout:
     ``order`` lists the terms' indices with the leading one first; the spherical effects ``u``
     are stored internally in that order (leading term level-major, then each other term
     level-major); :meth:`per_term` maps a vector back to one ``(L_k, q_k)`` array per term in
-    the formula's order.
+    the formula's order.  ``dense_cross``: hold the cross products of the leading block and the
+    rest as dense arrays (default: when ``size_lead * size_rest^2 <= DENSE_CROSS_WORK``).
     """
 
-    def __init__(self, terms: Sequence[Term], num_rows: int):
+    def __init__(self, terms: Sequence[Term], num_rows: int, dense_cross: Optional[bool] = None):
         self.terms = tuple(terms)
         if not self.terms:
             raise ValueError("a mixed model needs at least one random-effect term")
@@ -80,6 +88,8 @@ class Layout:
         self.rest_offsets = offsets
         self.size_rest = start
         self.size = self.size_lead + self.size_rest
+        self.dense_cross = (self.size_lead * float(self.size_rest) ** 2 <= DENSE_CROSS_WORK) if dense_cross is None \
+            else bool(dense_cross)
         n = self.num_rows
         rows = np.arange(n)
         # the unscaled designs of the leading block and of the rest, CSR (n x size)
@@ -87,6 +97,7 @@ class Layout:
         self.Z_lead = sp.csr_matrix(
             (lead.Z.ravel(), (np.repeat(rows, q), (lead.codes[:, None] * q + np.arange(q)).ravel())),
             shape=(n, self.size_lead))
+        self.lead_indicator = sp.csr_matrix((np.ones(n), (lead.codes, rows)), shape=(lead.num_levels, n))
         if self.rest:
             cols = np.concatenate([offsets[k] + self.terms[k].codes[:, None] * self.terms[k].num_columns
                                    + np.arange(self.terms[k].num_columns) for k in self.rest], axis=1)
@@ -94,7 +105,18 @@ class Layout:
             self.Z_rest = sp.csr_matrix((vals.ravel(), (np.repeat(rows, cols.shape[1]), cols.ravel())),
                                         shape=(n, self.size_rest))
         else:
+            cols, vals = np.zeros((n, 0), dtype=np.int64), np.zeros((n, 0))
             self.Z_rest = sp.csr_matrix((n, 0))
+        self.Z_rest_T = sp.csr_matrix(self.Z_rest.T)
+        if self.dense_cross and self.rest:
+            # each row's entries of Z_B'Z_R and Z_R'Z_R: flat positions and unweighted products, so that
+            # the weighted cross products are one bincount (PIRLS rebuilds them for every set of weights)
+            lead_cols = lead.codes[:, None] * q + np.arange(q)  # (n, q)
+            Q = self.size_rest
+            self._lead_rest_index = (lead_cols[:, :, None] * Q + cols[:, None, :]).reshape(n, -1)
+            self._lead_rest_value = (lead.Z[:, :, None] * vals[:, None, :]).reshape(n, -1)
+            self._rest_gram_index = (cols[:, :, None] * Q + cols[:, None, :]).reshape(n, -1)
+            self._rest_gram_value = (vals[:, :, None] * vals[:, None, :]).reshape(n, -1)
 
     def scale_lead(self, T: np.ndarray) -> sp.bsr_matrix:
         """``I_{L_B} kron T`` as a block-sparse matrix."""
@@ -111,6 +133,18 @@ class Layout:
             blocks.append(sp.bsr_matrix((np.broadcast_to(T, (L, q, q)).copy(), np.arange(L), np.arange(L + 1)),
                                         shape=(L * q, L * q)))
         return sp.block_diag(blocks, format="csr") if blocks else sp.csr_matrix((0, 0))
+
+    def scale_rest_columns(self, M: np.ndarray, factors: Sequence[np.ndarray]) -> np.ndarray:
+        """``M Lambda_R`` for a dense ``M`` ``(m, size_rest)``: each rest term's columns, level by level, times ``T_k``."""
+        out = np.empty_like(M)
+        for k in self.rest:
+            t, o = self.terms[k], self.rest_offsets[k]
+            L, q = t.num_levels, t.num_columns
+            if q == 1:
+                out[:, o: o + L] = M[:, o: o + L] * factors[k][0, 0]
+            else:  # one matrix product over every (row, level) pair
+                out[:, o: o + L * q] = (M[:, o: o + L * q].reshape(-1, q) @ factors[k]).reshape(M.shape[0], L * q)
+        return out
 
     def per_term(self, vector: np.ndarray) -> list:
         """A vector in the internal order as one ``(L_k, q_k)`` array per term (formula order)."""
@@ -148,12 +182,13 @@ class CrossProducts(NamedTuple):
     ``lead_gram`` ``(L_B, q_B, q_B)``: ``sum over the rows of level l of w z z'`` (the leading
     term); ``lead_rest`` ``Z_B'WZ_R`` (CSR); ``rest_gram`` ``Z_R'WZ_R`` (CSR); ``lead_X``
     ``(L_B, q_B, p)``, ``rest_X`` ``(Q_R, p)``, ``XX`` ``(p, p)``; ``lead_y`` ``(L_B, q_B)``,
-    ``rest_y`` ``(Q_R,)``, ``Xy`` ``(p,)``, ``yy`` the weighted response products.
+    ``rest_y`` ``(Q_R,)``, ``Xy`` ``(p,)``, ``yy`` the weighted response products.  ``lead_rest`` and
+    ``rest_gram`` are dense arrays where the layout's ``dense_cross`` says so.
     """
 
     lead_gram: np.ndarray
-    lead_rest: sp.csr_matrix
-    rest_gram: sp.csr_matrix
+    lead_rest: object  # sp.csr_matrix or np.ndarray
+    rest_gram: object
     lead_X: np.ndarray
     rest_X: np.ndarray
     XX: np.ndarray
@@ -172,20 +207,30 @@ class CrossProducts(NamedTuple):
         lead = layout.terms[layout.lead]
         L, q = lead.num_levels, lead.num_columns
         wz = lead.Z * w[:, None]
-        indicator = sp.csr_matrix((np.ones(n), (lead.codes, np.arange(n))), shape=(L, n))
+        indicator = layout.lead_indicator
         lead_gram = np.asarray(indicator @ (wz[:, :, None] * lead.Z[:, None, :]).reshape(n, q * q)).reshape(L, q, q)
         lead_X = np.asarray(indicator @ (wz[:, :, None] * X[:, None, :]).reshape(n, -1)).reshape(L, q, X.shape[1])
         lead_y = np.asarray(indicator @ (wz * y[:, None])).reshape(L, q)
-        WZr = sp.diags(w) @ layout.Z_rest
+        Q = layout.size_rest
+        if layout.dense_cross and layout.rest:
+            lead_rest = np.bincount(layout._lead_rest_index.ravel(), (w[:, None] * layout._lead_rest_value).ravel(),
+                                    minlength=layout.size_lead * Q).reshape(layout.size_lead, Q)
+            rest_gram = np.bincount(layout._rest_gram_index.ravel(), (w[:, None] * layout._rest_gram_value).ravel(),
+                                    minlength=Q * Q).reshape(Q, Q)
+        else:
+            WZr = sp.diags(w) @ layout.Z_rest
+            lead_rest, rest_gram = sp.csr_matrix(layout.Z_lead.T @ WZr), sp.csr_matrix(layout.Z_rest.T @ WZr)
+            if layout.dense_cross:  # no rest: empty
+                lead_rest, rest_gram = lead_rest.toarray(), rest_gram.toarray()
         return cls(
             lead_gram=lead_gram,
-            lead_rest=sp.csr_matrix(layout.Z_lead.T @ WZr),
-            rest_gram=sp.csr_matrix(layout.Z_rest.T @ WZr),
+            lead_rest=lead_rest,
+            rest_gram=rest_gram,
             lead_X=lead_X,
-            rest_X=np.asarray(WZr.T @ X),
+            rest_X=np.asarray(layout.Z_rest_T @ (w[:, None] * X)),
             XX=(X * w[:, None]).T @ X,
             lead_y=lead_y,
-            rest_y=np.asarray(WZr.T @ y),
+            rest_y=np.asarray(layout.Z_rest_T @ (w * y)),
             Xy=X.T @ (w * y),
             yy=float(np.sum(w * y * y)),
         )
@@ -211,7 +256,7 @@ class PLSFactor(NamedTuple):
     fixed_precision: np.ndarray
     # pieces for conditional variances
     lead_inv: np.ndarray  # (L_B, q_B, q_B) inverses of the level-wise Cholesky factors of A_BB
-    F: sp.csr_matrix  # L_B^-1 A_BR (size_lead x Q_R)
+    F: object  # L_B^-1 A_BR (size_lead x Q_R): CSR, or dense with the layout's dense_cross
     rest_solve: object  # S^-1 as a callable on (Q_R, m) arrays
     rest_inverse: object  # () -> dense S^-1 (for conditional variances)
 
@@ -292,14 +337,23 @@ def factorize(layout: Layout, cross: CrossProducts, theta, dense_limit: int = DE
     c_flat, H_flat = c_lead.ravel(), H_lead.reshape(L * q, p)
 
     if layout.rest:
-        Lam_lead = layout.scale_lead(T)
-        Lam_rest = layout.scale_rest(factors)
-        Li_block = sp.bsr_matrix((Li, np.arange(L), np.arange(L + 1)), shape=(L * q, L * q))
-        F = sp.csr_matrix(Li_block @ (Lam_lead.T @ cross.lead_rest @ Lam_rest))
-        S = Lam_rest.T @ cross.rest_gram @ Lam_rest + sp.identity(layout.size_rest, format="csr") - F.T @ F
+        if not sp.issparse(cross.lead_rest):  # small coupling: dense batched products
+            Q = layout.size_rest
+            C = layout.scale_rest_columns(cross.lead_rest, factors).reshape(L, q, Q)  # Z_B'WZ_R Lambda_R by level
+            F = np.einsum("lij,jk,lkr->lir", Li, T.T, C).reshape(L * q, Q)  # L_l^-1 T' C_l
+            G = layout.scale_rest_columns(layout.scale_rest_columns(cross.rest_gram, factors).T, factors)
+            S = G + np.eye(Q) - F.T @ F
+            r_rest = layout.scale_rest_columns(cross.rest_y[None, :], factors)[0] - F.T @ c_flat
+            M_rest = layout.scale_rest_columns(cross.rest_X.T, factors).T - F.T @ H_flat
+        else:
+            Lam_lead = layout.scale_lead(T)
+            Lam_rest = layout.scale_rest(factors)
+            Li_block = sp.bsr_matrix((Li, np.arange(L), np.arange(L + 1)), shape=(L * q, L * q))
+            F = sp.csr_matrix(Li_block @ (Lam_lead.T @ cross.lead_rest @ Lam_rest))
+            S = Lam_rest.T @ cross.rest_gram @ Lam_rest + sp.identity(layout.size_rest, format="csr") - F.T @ F
+            r_rest = Lam_rest.T @ cross.rest_y - F.T @ c_flat
+            M_rest = np.asarray(Lam_rest.T @ cross.rest_X) - np.asarray(F.T @ H_flat)
         log_det_rest, rest_solve, rest_inverse = _factor_rest(S, dense_limit)
-        r_rest = Lam_rest.T @ cross.rest_y - F.T @ c_flat
-        M_rest = np.asarray(Lam_rest.T @ cross.rest_X) - np.asarray(F.T @ H_flat)
         Sinv_r = rest_solve(r_rest)
         Sinv_M = rest_solve(M_rest) if p else np.zeros((layout.size_rest, 0))
     else:

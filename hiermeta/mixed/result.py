@@ -238,6 +238,20 @@ class MixedFit:
         """Likelihood-ratio tests of this fit against nested ones (:func:`anova`)."""
         return anova(self, *others)
 
+    # ------------------------------------------------------------------ the full posterior
+
+    def nuts(self, **kwargs):
+        """NUTS on this model's NumPyro density, started from and scaled by this fit.
+
+        :func:`~hiermeta.mixed.numpyro_model.mixed_nuts` with this fit's design, family and
+        estimate (``kwargs``: ``key``, ``num_warmup``, ``num_samples``, ``num_chains``,
+        ``progress_bar``, ``priors``, ...); the result is what :func:`~hiermeta.mixed.compare.compare`
+        takes as ``nuts=``.  Imports JAX and NumPyro.
+        """
+        from .numpyro_model import mixed_nuts
+
+        return mixed_nuts(self.design, self.model.family_spec, self.estimate, **kwargs)
+
     # ------------------------------------------------------------------ output
 
     def title(self) -> str:
@@ -252,7 +266,7 @@ class MixedFit:
         """lme4's printed summary (``summary(lmer(...))``)."""
         lines = [self.title()]
         if not self.is_gaussian:
-            lines.append(f" Family: {self.model.family}")
+            lines.append(f" Family: {self.model.family} ( {self.model.link} )")
         lines.append(f"Formula: {self.model.formula}")
         if self.model.data_name:
             lines.append(f"   Data: {self.model.data_name}")
@@ -332,6 +346,7 @@ class MixedFit:
         out = {
             "formula": self.model.formula,
             "family": self.model.family,
+            "link": self.model.link,
             "method": self.method,
             "data": self.model.data_name,
             "nobs": self.nobs,

@@ -351,7 +351,7 @@ def test_single_process_helpers_are_plain_calls(tmp_path):
     np.testing.assert_allclose(a.per_task, b.per_task, rtol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore::hiermeta.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.ConvergenceWarning")
 def test_processes_given_different_runs_refuse_to_start_and_a_divergence_stops_the_run(tmp_path):
     """Different data in one process, another learning rate, another step count: every process
     refuses before the first meta-step, naming the difference; a state that drifts in one process

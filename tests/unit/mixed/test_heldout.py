@@ -8,6 +8,7 @@ from scipy import integrate, stats
 from scipy.special import expit
 
 from hiermeta.mixed import heldout as H
+from hiermeta.mixed.family import get_family
 from hiermeta.mixed.glmm import fit_glmm
 from hiermeta.mixed.lmm import fit_lmm
 from hiermeta.mixed.terms import MixedDesign, make_term, relative_factors
@@ -47,7 +48,8 @@ def simulate(rng, family, spec, n=80, n_new=12, beta=(0.2, 0.4)):
 
 
 def fake_fit(design, family, estimate):
-    return SimpleNamespace(design=design, estimate=estimate, model=SimpleNamespace(family=family),
+    return SimpleNamespace(design=design, estimate=estimate,
+                           model=SimpleNamespace(family=family, family_spec=get_family(family)),
                            method=estimate.method)
 
 

@@ -71,15 +71,16 @@ STRUCTURES = {
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))
-@pytest.mark.parametrize("dense_limit", [4000, 0], ids=["dense", "sparse"])
-def test_factorization_matches_the_dense_system(name, dense_limit):
+@pytest.mark.parametrize("dense_limit", [4000, 0], ids=["dense-S", "sparse-S"])
+@pytest.mark.parametrize("dense_cross", [True, False], ids=["dense-cross", "sparse-cross"])
+def test_factorization_matches_the_dense_system(name, dense_limit, dense_cross):
     rng = np.random.default_rng(len(name))
     n = 120
     terms = _terms(rng, n, STRUCTURES[name])
     X = np.column_stack([np.ones(n), rng.normal(size=n), rng.uniform(size=n)])
     y = rng.normal(size=n) * 3 + 1
     w = rng.uniform(0.5, 2.0, n)
-    layout = Layout(terms, n)
+    layout = Layout(terms, n, dense_cross=dense_cross)
     theta = _random_theta(rng, terms)
     fac = factorize(layout, CrossProducts.build(layout, X, y, w), theta, dense_limit=dense_limit)
     ref = _dense_reference(layout, X, y, w, theta)

