@@ -10,7 +10,7 @@ Splits the rows (``--holdout last:K`` with ``--order COLUMN``: the last ``K`` ro
 by that column, each group keeping one training row at least; ``--holdout fraction:F``: a random
 fraction, ``--seed``), fits the model on the training rows (:func:`hiermeta.mixed_model`), runs
 NUTS on the same model started from the fit (:func:`hiermeta.mixed.numpyro_model.mixed_nuts`;
-``--no-nuts`` skips it), and prints the comparison (:func:`hiermeta.mixed.compare.compare`): the
+``--no-nuts`` skips it), and prints the comparison (:func:`hiermeta.mixed.comparison.compare`): the
 held-out scores of the three methods with paired differences, hyperparameters, the approximation
 check and the groups that moved most.  ``--json`` and ``--figure`` write the report.  Groups:
 ``--group`` (default: the first random-effect term's grouping factor).
@@ -85,7 +85,7 @@ def run_compare(args) -> int:
     """Read, split, fit, NUTS, compare, print, write."""
     from .cli import CommandError, read_table
     from .mixed import mixed_model
-    from .mixed.compare import compare, holdout_split
+    from .mixed.comparison import compare, holdout_split
 
     started = time.perf_counter()
     for path in (args.json_path, args.figure):

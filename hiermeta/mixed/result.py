@@ -245,7 +245,7 @@ class MixedFit:
 
         :func:`~hiermeta.mixed.numpyro_model.mixed_nuts` with this fit's design, family and
         estimate (``kwargs``: ``key``, ``num_warmup``, ``num_samples``, ``num_chains``,
-        ``progress_bar``, ``priors``, ...); the result is what :func:`~hiermeta.mixed.compare.compare`
+        ``progress_bar``, ``priors``, ...); the result is what :func:`~hiermeta.mixed.comparison.compare`
         takes as ``nuts=``.  Imports JAX and NumPyro.
         """
         from .numpyro_model import mixed_nuts

@@ -209,7 +209,7 @@ def test_a_predictive_without_a_finite_draw_scores_nan_not_zero():
     bad = H.Predictive("broken", np.full((4, held.num_rows), np.nan), None, None)
     s = H.score("binomial", held, bad)
     assert np.all(np.isnan(s.log_pred)) and np.all(np.isnan(s.pit)) and np.all(np.isnan(s.cdf_at))
-    from hiermeta.mixed.compare import _summary
+    from hiermeta.mixed.comparison import _summary
 
     summary = _summary(s, (0.5, 0.9))
     assert np.isnan(summary["lpd_per_obs"]) and all(np.isnan(v) for v in summary["coverage"].values())
