@@ -22,7 +22,6 @@ NOT_YET = {
     "docs/mixed-models.md": "the mixed-model helpers' page: its numbers need markers naming the JSON of "
                             "examples/crossed_nested.py and benchmarks/mixed_fit.py, and its Python block "
                             "(sleepstudy, newdata, smaller_fit undefined) must run (docs/writing-docs.md)",
-    "docs/consistency.md": "its table's medians come from examples/consistency.py's rerun (docs helper, in progress)",
 }
 
 
