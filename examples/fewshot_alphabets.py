@@ -48,11 +48,12 @@ import optax  # noqa: E402
 import hiermeta as hm  # noqa: E402
 from hiermeta.implicit import cg_solve  # noqa: E402
 from hiermeta.learners import check_run_off, gaussian_prior_learner, minibatch_steps, phi_sigma_optimizer, proximal_sgd, sigma_of  # noqa: E402
-from hiermeta.models import fewshot, glyphs  # noqa: E402
+from hiermeta.models import fewshot  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import count, format_table, positive_float, study_parser, write_json  # noqa: E402
 from _fewshot_study import layer_movement, paired_difference, seed_interval, train_with_validation  # noqa: E402
+from fewshot import load_data  # noqa: E402  (examples/fewshot.py: the glyph set, or Omniglot with --omniglot)
 
 LEARNERS = ("M-sigma-Reptile", "Reptile", "M-sigma-iMAML", "iMAML")
 PAIRS = (("M-sigma-Reptile", "Reptile"), ("M-sigma-iMAML", "iMAML"))
@@ -105,16 +106,6 @@ def parse_args(argv=None):
     args.val_episodes = args.val_episodes or (2 if q else 6)
     args.test_episodes = args.test_episodes or (4 if q else 30)
     return args
-
-
-def load_data(args):
-    if args.omniglot:
-        from hiermeta.models import omniglot
-
-        dataset = omniglot.load_omniglot(args.omniglot, image_size=args.image_size)
-        return dataset, omniglot.background_evaluation_split(dataset), "Omniglot"
-    dataset = glyphs.glyph_dataset(image_size=args.image_size)
-    return dataset, glyphs.default_splits(dataset), "rendered glyphs (stand-in, not Omniglot)"
 
 
 def make_learner(name, args, model):
