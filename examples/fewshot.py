@@ -44,6 +44,7 @@ from hiermeta.models import fewshot, glyphs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
 from _common import count, format_table, positive_float, prng_seed, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _fewshot_study import layer_movement  # noqa: E402
 
 LEARNERS = ("M-Shrinkage", "M-sigma-iMAML", "MAML", "FOMAML", "Reptile", "iMAML", "ProtoNet", "Untrained")
 SIGMA_LEARNERS = ("M-Shrinkage", "M-sigma-iMAML")
@@ -178,16 +179,6 @@ def train(learner, state, sample, args, key, checkpoint, mesh):
     return state, history, seconds / ran if ran > 0 else None
 
 
-def layer_movement(learner, state, batch, num_steps, partition):
-    """How far adaptation moves each layer on a batch of test episodes: the RMS of
-    ``theta_hat - phi`` over its coordinates and the episodes, relative to the RMS of ``phi``."""
-    adapted = jax.jit(learner.adapt, static_argnums=2)(state, batch.train, num_steps)
-    phi = state.params["phi"]
-    sizes = partition.module_sizes
-    moved = np.asarray(partition.module_sum(jax.numpy.mean((adapted.theta - phi) ** 2, axis=0))) / sizes
-    return np.sqrt(moved / (np.asarray(partition.module_sum(phi**2)) / sizes))
-
-
 def run_setting(args, dataset, splits, ways, shots, mesh):
     net = fewshot.convnet(ways, args.image_size, filters=args.filters, blocks=args.blocks)
     k_init, k_train, k_test = jax.random.split(jax.random.fold_in(jax.random.PRNGKey(args.seed), 100 * ways + shots), 3)
@@ -216,7 +207,7 @@ def run_setting(args, dataset, splits, ways, shots, mesh):
                  "num_skipped": int(state.num_skipped), "test_steps": steps,
                  "val_log_lik": history["val_log_lik"], "seconds": time.perf_counter() - t0}
         if name != "ProtoNet":
-            entry["movement"] = layer_movement(learner, state, sample_test(k_test), steps, model.partition)
+            entry["movement"] = layer_movement(learner, state, sample_test(k_test).train, steps, model.partition)
         if name in SIGMA_LEARNERS:
             entry["sigma"] = np.asarray(sigma_of(state.params, model.partition.num_modules))
             entry["sigma_history"] = history["sigma"]
