@@ -19,9 +19,6 @@ IDS = [str(p.relative_to(dc.ROOT)) for p in PAGES]
 # numbers are expected failures (strict: remove the entry once they pass) and their Python blocks
 # are not run, so that the check stays strict for every other page
 NOT_YET = {
-    "docs/mixed-models.md": "the mixed-model helpers' page: its numbers need markers naming the JSON of "
-                            "examples/crossed_nested.py and benchmarks/mixed_fit.py, and its Python block "
-                            "(sleepstudy, newdata, smaller_fit undefined) must run (docs/writing-docs.md)",
 }
 
 
