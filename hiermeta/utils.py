@@ -130,13 +130,8 @@ def to_jsonable(obj: Any) -> Any:
         return [to_jsonable(v) for v in obj]
     if hasattr(obj, "shape") and hasattr(obj, "dtype"):
         return to_jsonable(np.asarray(obj).tolist())
-    if isinstance(obj, (np.floating, float)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
+    if isinstance(obj, float):  # NumPy scalars took the branch above (they have a shape and a dtype)
+        return obj if math.isfinite(obj) else None
     return obj
 
 

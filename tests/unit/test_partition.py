@@ -1,3 +1,5 @@
+"""hiermeta/partition.py: which coordinates of a parameter pytree share a sigma."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,7 +64,7 @@ def test_partition_that_does_not_cover_the_parameters_is_rejected(labels, match)
 def test_ravel_checks_shapes():
     part = ModulePartition.per_leaf(PARAMS)
     bad = {"layer1": {"w": jnp.zeros((3, 2)), "b": jnp.zeros(3)}, "out": jnp.zeros(2)}
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"has shape \(3, 2\), expected \(2, 3\)"):  # both shapes named
         part.ravel(bad)
     with pytest.raises(ValueError, match="structure"):
         part.ravel({"layer1": jnp.zeros(9), "out": jnp.zeros(2)})
@@ -87,3 +89,25 @@ def test_labels_that_compare_equal_across_types_stay_apart():
     assert part.names == ("1", "True") and part.index.tolist() == [0, 0, 1, 1, 1, 0]
     with pytest.raises(ValueError, match=r"print alike as \['1'\]"):
         ModulePartition.from_labels(params, {"a": 1, "b": "1", "c": 1})
+
+
+def test_shared_and_named_partitions_name_their_modules():
+    shared = ModulePartition.shared(PARAMS)
+    assert shared.names == ("all",) and shared.index.tolist() == [0] * 11
+    named = ModulePartition.named(["Intercept", "Days", "Age"])
+    assert named.names == ("Intercept", "Days", "Age") and named.index.tolist() == [0, 1, 2]
+    assert named.num_params == 3
+    np.testing.assert_array_equal(named.ravel((1.0, 2.0, 3.0)), [1.0, 2.0, 3.0])  # flat order = given order
+    assert repr(named) == "ModulePartition(num_params=3, modules=['Intercept', 'Days', 'Age'])"
+
+
+@pytest.mark.parametrize("names, match", [
+    ("ab", "must be a sequence of coordinate names, got the string 'ab'"),
+    ([], "needs at least one coordinate name"),
+    (["a", ""], r"non-empty strings, got \[''\]"),
+    (["a", 1], r"non-empty strings, got \[1\]"),
+    (["a", "b", "a"], r"distinct; repeated: \['a'\]"),
+])
+def test_named_refuses_bad_names(names, match):
+    with pytest.raises(ValueError, match=match):
+        ModulePartition.named(names)

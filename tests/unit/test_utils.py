@@ -109,9 +109,10 @@ def test_check_count_accepts_integers(value):
     assert check_count(value, "n", 3) == 3 and type(check_count(value, "n")) is int
 
 
-@pytest.mark.parametrize("value", [2.7, 3.0, "3", True, np.bool_(True), np.asarray([3])])
-def test_check_count_refuses_what_is_not_an_integer(value):
-    with pytest.raises(ValueError, match=r"n must be an integer >= 0"):
+@pytest.mark.parametrize("value, kind", [(2.7, "float"), (3.0, "float"), ("3", "str"), (True, "bool"),
+                                         (np.bool_(True), "bool"), (np.asarray([3]), "ndarray")])
+def test_check_count_refuses_what_is_not_an_integer(value, kind):
+    with pytest.raises(ValueError, match=rf"n must be an integer >= 0, got .* \({kind}\)"):
         check_count(value, "n")
 
 
@@ -132,6 +133,7 @@ def test_format_table_aligns_and_formats_each_kind_of_cell():
         "b           -   2.50",
     ]
     assert format_table(["x", "y"], []) == "x  y\n----"
+    assert format_table(["v"], [[1.23456]]).split("\n")[-1] == "1.235"  # 3 digits by default
 
 
 def test_to_jsonable_converts_arrays_scalars_and_non_finite_values():
@@ -143,3 +145,13 @@ def test_to_jsonable_converts_arrays_scalars_and_non_finite_values():
                        "c": Curve(), "s": "text", "f": np.float64(0.5)})
     assert got == {"1": [1.0, None], "t": [2, True], "nan": None, "c": {"mean": [1.0]}, "s": "text", "f": 0.5}
     assert json.dumps(got)
+    assert type(got["t"][0]) is int and type(got["t"][1]) is bool and type(got["f"]) is float
+
+    class ShapeOnly:  # neither an array nor a scalar: passed through as it is
+        shape = (2,)
+
+    class DtypeOnly:
+        dtype = np.float64
+
+    for obj in (ShapeOnly(), DtypeOnly()):
+        assert to_jsonable(obj) is obj
