@@ -34,6 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import SigmaRunOffWarning
+from .learners.bilevel import sigma_of
 from .starts import data_start
 from .tasks import TaskBatch, num_tasks
 from .utils import check_count
@@ -189,7 +190,6 @@ def check_sigma(learner, state, *, data: Any = None, scale=None, history: Option
     unrelated: the PLL's maximiser went to infinity) or falls to ``scale * sqrt(eps)`` (to zero).
     Both are reported in the result, and by a :class:`~hiermeta.errors.SigmaRunOffWarning`.
     """
-    from .learners.bilevel import sigma_of
 
     model = learner.model
     M = model.partition.num_modules
