@@ -21,6 +21,14 @@ Gauss-Hermite quadrature with ``num_nodes`` nodes, one scalar random effect), bo
 :mod:`hiermeta.laplace` (a Newton solve of each task's mode, differentiated implicitly);
 ``"auto"`` is exact where available, else Laplace (``"agq"`` when ``num_nodes > 1`` is given).
 
+For an exact linear-Gaussian likelihood the data are read once (:func:`task_statistics`): each
+task's sufficient statistics, the pooled cross-products that give the starting values
+(:meth:`~hiermeta.LinearGaussianLikelihood.start_from_moments`), and, where tasks share their design
+statistics (a balanced design), their sums over each group of such tasks
+(:func:`~hiermeta.linear_gaussian.group_statistics`): an evaluation of the objective then costs
+O(P^3) per distinct design, not per task, and the boundary check (every sigma set to 0 in turn)
+is one compiled call.  Starting values and their checks: :mod:`hiermeta.starts`.
+
 Optimised in the unconstrained space (log sigma, NumPyro's bijections for the other sites) by
 L-BFGS-B (SciPy, driving one jitted value-and-gradient per model, compiled once and reused across
 calls) until the largest gradient component of the mean objective per task is below ``tol``.
@@ -49,10 +57,9 @@ from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
 from .laplace import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .linear_gaussian import GroupedStatistics, group_statistics
-from .tasks import distinct
+from .tasks import distinct, num_tasks
 from .sites import constrain, unconstrain
 from .starts import check_values, data_start, start_values, unconstrained
-from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
 from .utils import check_count, check_positive
 
 try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
@@ -277,7 +284,7 @@ def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = 
     tasks).  The result (per task or per group) is laid out in chunks of ``chunk_size`` (default:
     all in one up to 4096, else ``DEFAULT_CHUNK_SIZE``) for the objective's loop.
     """
-    T = count_tasks(data)
+    T = num_tasks(data)
     z = model.task_covariates(data)
     host = jax.tree_util.tree_map(np.asarray, (data, z))
     if chunk_size is None:
