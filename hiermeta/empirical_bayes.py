@@ -42,7 +42,6 @@ does not, and SciPy already ships with JAX.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -57,21 +56,11 @@ from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
 from .laplace import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .linear_gaussian import GroupedStatistics, group_statistics
+from .mixed.optimize import blas_threads
 from .tasks import distinct, num_tasks
 from .sites import constrain, unconstrain
 from .starts import check_values, data_start, start_values, unconstrained
 from .utils import check_count, check_positive
-
-try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
-    from threadpoolctl import threadpool_limits as _threadpool_limits
-except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn / statsmodels installs
-    _threadpool_limits = None
-
-
-def _serial_blas():
-    """One BLAS thread while SciPy's L-BFGS-B runs (3x faster per call on a busy 2-core machine)."""
-    return _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
-
 
 __all__ = [
     "Type2MLResult",
@@ -522,7 +511,7 @@ def type2_ml(
         value, grad, _ = value_and_grad(jnp.asarray(x), inputs, psi0, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    with _serial_blas():
+    with blas_threads(1):
         result = scipy.optimize.minimize(
             fun, np.asarray(x0), jac=True, method="L-BFGS-B",
             options={"maxiter": int(max_iter), "gtol": tol, "ftol": 0.0},
@@ -718,7 +707,7 @@ def type2_maximum_likelihood(
         value, grad = value_and_grad(jnp.asarray(x), data, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    with _serial_blas():
+    with blas_threads(1):
         result = scipy.optimize.minimize(
             fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0}
         )
