@@ -135,7 +135,7 @@ def _make(name, response, mask=None, random=None):
     (np.array([[1.0, np.nan]]), "NaN|finite"),
     (np.array([1.0, 0.0]), r"shape \((tasks|groups), observations\)"),
     (np.array([["1", "0"]]), "real numbers"),
-    (np.array([[1 + 1j, 0]]), "real numbers"),
+    (np.array([[1 + 1j, 0]]), "real (numbers|data)"),
 ])
 def test_every_family_refuses_bad_responses_naming_them(name, response, match):
     with pytest.raises(ValueError, match=match):
