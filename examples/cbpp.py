@@ -19,7 +19,7 @@ herd sd), the three period effects unpooled fixed effects beta (``num_fixed=3``)
 * compares the MAP plug-in, the EB posterior and the full posterior on held-out observations (each
   herd's periods held out in turn; see examples/_glmm_heldout.py) and writes cbpp.json, cbpp.png.
 
-    python examples/cbpp.py             # about 5 minutes on 2 CPU cores
+    python examples/cbpp.py             # about 3 minutes of CPU time (7 minutes of wall time on 2 busy cores)
     python examples/cbpp.py --quick     # one fold, fewer draws and meta-steps
 """
 

@@ -19,7 +19,7 @@ coefficients (a hook: with learners that learn beta they become fixed effects ag
 Shrinkage (Eq. 4) and sigma-iMAML (the exact hypergradient) estimate the patient sd by the
 predictive likelihood beside type-II ML.  Writes epil.json and epil.png.
 
-    python examples/epil.py             # about 10 minutes on 2 CPU cores
+    python examples/epil.py             # about 3 minutes of CPU time (18 minutes of wall time on 2 busy cores)
     python examples/epil.py --quick     # one fold, fewer draws and meta-steps
 """
 

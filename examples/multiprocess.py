@@ -27,6 +27,7 @@ and ``OUT/multiprocess.png`` (sigma over the meta-steps), from process 0 only.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import socket

@@ -18,7 +18,7 @@ under data-scaled priors (:func:`hiermeta.with_priors`).  Every seed runs the ve
 seeds so the whole study compiles once per configuration.  Prints a table of the spread over seeds
 (min, max, max/min) and writes ``DIR/pll_spread.json`` and ``DIR/pll_spread.png``.
 
-    python examples/pll_spread.py            # 1.5 minutes on 2 CPU cores with a warm compilation cache
+    python examples/pll_spread.py            # about 100 s of CPU time (4 minutes of wall time on 2 busy cores)
     python examples/pll_spread.py --quick    # fewer seeds, steps and draws (smoke run)
 """
 

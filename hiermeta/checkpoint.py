@@ -209,7 +209,12 @@ def _read(path) -> tuple[dict, dict]:
                                 f"({entry.file_size} bytes in a {size}-byte file)")
                 entries[name] = entry
             if _META not in entries:
-                raise CheckpointError(f"{path} is not a hiermeta checkpoint (no {_META} entry)")
+                ours = sorted(n for n in entries if n.startswith(("leaf_", "extra__", "__me")))
+                if ours:  # hiermeta's arrays without their metadata: a damaged zip directory
+                    _fail(path, f"its zip directory lists hiermeta's arrays ({ours[:3]}) but no {_META} "
+                                "entry (damaged)")
+                raise CheckpointError(f"{path} is not a hiermeta checkpoint (no {_META} entry; it holds "
+                                      f"{sorted(entries)[:5]})")
             raw = _read_entry(path, archive, entries[_META])
             try:
                 meta = json.loads(raw.tobytes().decode("utf-8"))

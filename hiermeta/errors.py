@@ -16,7 +16,7 @@ from typing import Any
 __all__ = ["HiermetaWarning", "ConvergenceWarning", "EmpiricalBayesWarning", "PriorWarning", "SamplingWarning",
            "SigmaRunOffWarning", "CheckpointError", "CheckpointExistsError", "DistributedError",
            "MetaTrainingError", "CheckpointWriteError", "ProcessDisagreementError", "ReplicaDivergenceError",
-           "DesignWarning", "FormulaError", "DataDefectError", "SeparationWarning"]
+           "DesignWarning", "FormulaError", "DataDefectError", "SeparationWarning", "ApproximationWarning"]
 
 
 class HiermetaWarning(UserWarning):
@@ -72,17 +72,12 @@ class ProcessDisagreementError(ValueError):
     initial state); raised in every process before the first meta-step, naming what differs."""
 
 
-class ReplicaDivergenceError(RuntimeError):
+class ReplicaDivergenceError(MetaTrainingError):
     """The replicated meta-state differs between processes after a chunk of meta-steps.
 
     ``state`` is the last state every process agreed on (also written to the run's checkpoint, if
-    it has one) and ``history`` the metrics up to it, as :class:`hiermeta.MetaTrainingError` carries.
+    it has one) and ``history`` the metrics up to it.
     """
-
-    def __init__(self, message: str, state: Any, history: dict):
-        super().__init__(message)
-        self.state = state
-        self.history = history
 
 
 class CheckpointExistsError(FileExistsError):
@@ -115,3 +110,9 @@ class DataDefectError(ValueError):
 class SeparationWarning(HiermetaWarning):
     """Quasi-complete separation in a GLMM's fixed effects: the likelihood grows without bound
     along a direction of the named columns, so their estimates and standard errors are not finite."""
+
+
+class ApproximationWarning(HiermetaWarning):
+    """An approximate fit (Laplace) is far from a more accurate computation of the same quantity
+    (adaptive quadrature, importance sampling, NUTS) against the estimates' standard errors: the
+    approximation, not the model, moved the answer."""

@@ -26,7 +26,7 @@ from .learners.base import MetaLearner, MetaState
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
-from .utils import check_count
+from .utils import check_count, check_memory
 
 __all__ = ["LossCurve", "evaluate", "loss_curve", "adapt"]
 
@@ -123,18 +123,24 @@ def adapt(learner: MetaLearner, state: MetaState, support, num_steps: Optional[i
     return result
 
 
-def _per_task_curves(learner: MetaLearner, params, tasks: TaskBatch, num_steps: int):
+def _per_task_curves(learner: MetaLearner, params, tasks: TaskBatch, num_steps: int, test_time=None):
     model = learner.model
     problem = learner.inner_problem(params)
 
     def one(train_t, val_t):
-        result = run_inner(problem, train_t, num_steps, lambda th: model.generalisation_loss(th, val_t))
-        return result.trace, result.diverged, result.converged, result.stationarity
+        score = lambda th: model.generalisation_loss(th, val_t)
+        result = run_inner(problem, train_t, num_steps, score)
+        if test_time is None:
+            return result.trace, result.diverged, result.converged, result.stationarity
+        # then the test-time method on the query's inputs (never its labels), from theta_K
+        after = test_time.adapt(model, result.theta, val_t.inputs, val_t.mask, observe=score)
+        trace = jax.numpy.concatenate([result.trace, after.trace[1:]])
+        return trace, result.diverged | after.diverged, result.converged, result.stationarity
 
     return jax.vmap(one)(tasks.train, tasks.val)
 
 
-_per_task_curves_jit = jax.jit(_per_task_curves, static_argnums=(0, 3))
+_per_task_curves_jit = jax.jit(_per_task_curves, static_argnums=(0, 3, 4))
 
 
 @functools.lru_cache(maxsize=32)
@@ -147,7 +153,7 @@ def _sharded_curves(learner: MetaLearner, num_steps: int, mesh: Mesh):
 
 
 def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps: Optional[int] = None,
-             *, mesh: Optional[Mesh] = None) -> LossCurve:
+             *, mesh: Optional[Mesh] = None, test_time=None) -> LossCurve:
     """Adapt ``state`` to each task's support with the learner's inner solver; score its query data
     after every iterate ``0..num_steps``.
 
@@ -155,6 +161,10 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     loss after k = 0..K optimiser steps.  For Newton and L-BFGS it is the most iterations: entry
     k is the loss after k iterations, frozen once the solve converged, so the last entry
     (``curve.mean[-1]``) is the loss at the solution (the MAP).
+
+    ``test_time`` (a :class:`hiermeta.tta.TestTimeAdaptation`, e.g. TENT) adapts each task further
+    from its iterate ``num_steps``, on the query's inputs alone: the curve then goes on with the
+    query loss after each of the method's J steps (entries ``num_steps + 1 .. num_steps + J``).
 
     ``mesh`` (:func:`hiermeta.sharding.task_mesh`) splits the tasks over its devices, across
     processes in a ``jax.distributed`` job (every process passes the same ``tasks`` and state:
@@ -169,9 +179,13 @@ def evaluate(learner: MetaLearner, state: MetaState, tasks: TaskBatch, num_steps
     """
     n = _num_steps(learner, num_steps)
     check_task_batch(learner.model.likelihood, tasks)
+    check_memory(8.0 * num_tasks(tasks.val) * (n + 1), f"the loss curves of {num_tasks(tasks.val)} tasks over "
+                                                      f"num_steps={n} steps")
     if mesh is None:
-        per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n)
+        per_task, diverged, converged, stationarity = _per_task_curves_jit(learner, state.params, tasks, n, test_time)
     else:
+        if test_time is not None:
+            raise ValueError("evaluate: test_time with a mesh is not supported; evaluate on one device")
         check_mesh(mesh)
         if jax.process_count() > 1:  # each process passes its own copy: they must be the same
             require_agreement({"the tasks": tree_digest(tasks), "the meta-parameters": tree_digest(state.params),

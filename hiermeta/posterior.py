@@ -13,7 +13,9 @@ dimensions are named: ``param`` (flat coordinates of theta / phi), ``module`` (s
 (built in :mod:`hiermeta.arviz_io`, re-exported here: :func:`to_arviz`, :func:`summary`).
 
 NUTS needs a proper posterior: give the model proper priors (:func:`with_priors`: a wide normal
-on phi, a half-Cauchy or half-normal on sigma) unless the sites are held fixed.
+on phi, a half-Cauchy or half-normal on sigma) unless the sites are held fixed.  The chains start
+near the data's pooled fit and move on the data's scale (:mod:`hiermeta.nuts_start`), so a
+response far from unit scale samples as a standardised one does.
 
 Time to result.  Without a progress bar, and unless the chains run in parallel over devices, the
 whole run is one compiled program, built once per (model, configuration, data shapes) and
@@ -45,9 +47,10 @@ from numpyro.infer import MCMC, NUTS
 from .arviz_io import SUMMARY_COLUMNS, _use_datatree, param_names, summary, to_arviz  # noqa: F401  (re-exported)
 from .errors import PriorWarning, SamplingWarning
 from .hierarchy import HierarchicalModel
+from .nuts_start import chain_starts, inverse_mass_matrix, sampler_start
 from .priors import prior_tail_check, with_priors
 from .tasks import num_tasks
-from .utils import check_count
+from .utils import check_count, check_memory
 
 __all__ = [
     "with_priors",
@@ -223,6 +226,11 @@ def run_nuts(
         check_count(value, name, least)
     if not 0.0 < target_accept < 1.0:
         raise ValueError(f"target_accept must be in (0, 1), got {target_accept}")
+    P, M = model.partition.num_params, model.partition.num_modules
+    per_draw = T * P * (2 if noncentred else 1) + T + P + M + len(_EXTRA_FIELDS) + sum(
+        int(np.prod(site.shape)) for site in model.hyper_sites().values())
+    check_memory(8.0 * per_draw * num_chains * num_samples, f"{num_chains} chain(s) of num_samples={num_samples} "
+                                                            f"draws ({per_draw} numbers each)")
     if task_names is not None and len(task_names) != T:
         raise ValueError(f"task_names has {len(task_names)} names for {T} tasks")
     fixed_values = _conditioned_values(model, fixed, T)
@@ -241,9 +249,9 @@ def run_nuts(
                             _hashable(dense_mass))
     seconds = {}
     clock = time.perf_counter()
+    start = sampler_start(model, data, fixed_values, bool(noncentred))  # the data's own fit and scale
     if progress_bar or chain_method == "parallel":  # NumPyro's own loop (a bar; pmap over devices)
-        mcmc = _make_mcmc(model, config, fixed_values, progress_bar)
-        mcmc.run(key, data, extra_fields=_EXTRA_FIELDS)
+        mcmc = _run_mcmc(model, config, fixed_values, progress_bar, key, data, start)
         draws, extra = mcmc.get_samples(group_by_chain=True), mcmc.get_extra_fields(group_by_chain=True)
         jax.block_until_ready((draws, extra))
         seconds["sampling"] = time.perf_counter() - clock
@@ -252,7 +260,7 @@ def run_nuts(
         jax.block_until_ready(log_lik)
         seconds["log_likelihood"] = time.perf_counter() - clock
     else:  # one compiled program: initialisation, warm-up, sampling and the log-likelihood
-        draws, extra, log_lik = _compiled_run(model, config)(key, data, fixed_values)
+        draws, extra, log_lik = _compiled_run(model, config)(key, data, fixed_values, start)
         jax.block_until_ready(log_lik)
         seconds["sampling"], seconds["log_likelihood"] = time.perf_counter() - clock, 0.0
     clock = time.perf_counter()
@@ -307,12 +315,24 @@ def _unhashable(value):
         else value
 
 
-def _make_mcmc(model: HierarchicalModel, config: _SamplerConfig, fixed_values: dict, progress_bar: bool) -> MCMC:
+def _run_mcmc(model: HierarchicalModel, config: _SamplerConfig, fixed_values: dict, progress_bar: bool, key,
+              data, start: tuple) -> MCMC:
+    """NumPyro's ``MCMC.run``, each chain started near the data's fit, on its scale (``start``:
+    :func:`hiermeta.nuts_start.sampler_start`)."""
+    key, key_start = jax.random.split(key)
+    mcmc = _make_mcmc(model, config, fixed_values, progress_bar, start[1])
+    mcmc.run(key, data, extra_fields=_EXTRA_FIELDS, init_params=chain_starts(key_start, *start, config.num_chains))
+    return mcmc
+
+
+def _make_mcmc(model: HierarchicalModel, config: _SamplerConfig, fixed_values: dict, progress_bar: bool,
+               unit: Optional[dict] = None) -> MCMC:
     sampled_model = functools.partial(model, noncentred=True) if config.noncentred else model
     if fixed_values:
         sampled_model = condition(sampled_model, fixed_values)
+    dense_mass = _unhashable(config.dense_mass)
     kernel = NUTS(sampled_model, target_accept_prob=config.target_accept, max_tree_depth=config.max_tree_depth,
-                  dense_mass=_unhashable(config.dense_mass))
+                  dense_mass=dense_mass, inverse_mass_matrix=None if unit is None else inverse_mass_matrix(unit, dense_mass))
     return MCMC(kernel, num_warmup=config.num_warmup, num_samples=config.num_samples,
                 num_chains=config.num_chains, chain_method=config.chain_method, progress_bar=progress_bar,
                 jit_model_args=True)
@@ -339,27 +359,31 @@ def _log_likelihood_program(model: HierarchicalModel):
 
 @functools.lru_cache(maxsize=32)
 def _compiled_run(model: HierarchicalModel, config: _SamplerConfig):
-    """``(key, data, fixed_values) -> (draws, sampler fields, log-likelihood)`` as one jitted program.
+    """``(key, data, fixed_values, start) -> (draws, sampler fields, log-likelihood)`` as one jitted program.
 
     NumPyro's ``MCMC.run`` traced inside ``jax.jit``: its initialisation, which it otherwise runs
     eagerly operation by operation (hundreds of tiny compilations on a cold start), the warm-up and
     sampling loop and the postprocessing (constrained and deterministic sites) become one program,
     together with the per-task log-likelihood of every draw.  The sites held fixed are traced
-    arguments, so other fixed values reuse the program.  Built once per (model, configuration).
+    arguments, so other fixed values reuse the program, as are the chains' start and unit scales
+    (``start``, :func:`hiermeta.nuts_start.sampler_start`).  Built once per (model, configuration).
     """
 
-    def run(key, data, fixed_values):
-        mcmc = _make_mcmc(model, config, fixed_values, progress_bar=False)
-        mcmc.run(key, data, extra_fields=_EXTRA_FIELDS)
+    def run(key, data, fixed_values, start):
+        mcmc = _run_mcmc(model, config, fixed_values, False, key, data, start)
         draws, extra = mcmc.get_samples(group_by_chain=True), mcmc.get_extra_fields(group_by_chain=True)
         return draws, extra, _draws_log_likelihood(model, draws, extra, data, fixed_values)
 
     return jax.jit(run)
 
 
-def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndarray], stats: Mapping,
+def sampling_diagnostics(model: Optional[HierarchicalModel], samples: Mapping[str, np.ndarray], stats: Mapping,
                          data: Any = None) -> dict:
-    """Convergence of a NUTS run: split r-hat, bulk ESS, divergences, and the prior-tail check."""
+    """Convergence of a NUTS run: split r-hat, bulk ESS, divergences, and the prior-tail check.
+
+    ``model`` None (a model that is not a :class:`~hiermeta.HierarchicalModel`, e.g. the mixed-model
+    engine's NumPyro model): no prior-tail check here (``prior_conflicts`` empty; the caller checks).
+    """
     C, S = np.shape(stats["diverging"])
     r_hat, ess, worst = -np.inf, np.inf, {}
     for name, draws in samples.items():
@@ -393,7 +417,7 @@ def sampling_diagnostics(model: HierarchicalModel, samples: Mapping[str, np.ndar
     if np.isfinite(ess) and ess < 100 * C:
         messages.append(f"NUTS: bulk ESS {ess:.0f} < {100 * C} (100 per chain; worst: {worst['ess']}): "
                         "too few effective draws for reliable summaries")
-    tail = prior_tail_check(model, samples, data)
+    tail = prior_tail_check(model, samples, data) if model is not None else []  # None: the caller checks its priors
     return {
         "max_r_hat": r_hat if np.isfinite(r_hat) else float("nan"),
         "min_ess": ess if np.isfinite(ess) else float("nan"),

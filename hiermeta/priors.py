@@ -33,6 +33,7 @@ import numpyro.distributions as dist
 
 from .errors import PriorWarning
 from .hierarchy import HierarchicalModel
+from .starts import data_start
 
 __all__ = ["with_priors", "prior_summary", "prior_tail_check"]
 
@@ -155,8 +156,9 @@ def _prior_of(model: HierarchicalModel, name: str):
     return None
 
 
-def _tail_messages(model, values: Mapping[str, np.ndarray], level: float, what: str) -> list:
-    messages = []
+def _quantiles(model, values: Mapping[str, np.ndarray]) -> dict:
+    """``{site: (values, prior quantiles, prior)}`` for the sites with a proper prior that has a CDF."""
+    out = {}
     for name, value in values.items():
         prior = _prior_of(model, name)
         if prior is None:
@@ -166,13 +168,24 @@ def _tail_messages(model, values: Mapping[str, np.ndarray], level: float, what: 
             q = np.asarray(prior.cdf(jnp.asarray(value)), dtype=float).ravel()
         except (NotImplementedError, AttributeError, TypeError, ValueError):
             continue
+        out[name] = (value.ravel(), q, prior)
+    return out
+
+
+def _tail_messages(quantiles: dict, level: float, what: str, estimate: Optional[dict] = None) -> list:
+    messages = []
+    for name, (value, q, prior) in quantiles.items():
         for i in np.flatnonzero((q < level) | (q > 1 - level))[:5]:
             where = f"{name}[{i}]" if value.size > 1 else name
-            messages.append(
-                f"{what} of {where} ({value.ravel()[i]:.4g}) sits at prior quantile {q[i]:.2g} of "
-                f"{_describe(prior)}: prior and data disagree there (is the prior on the data's scale? "
-                "hiermeta.with_priors(model, data) scales it)"
-            )
+            head = f"{what} of {where} ({value[i]:.4g}) sits at prior quantile {q[i]:.2g} of {_describe(prior)}: "
+            own = (estimate or {}).get(name)
+            if own is not None and i < own[1].size and level <= own[1][i] <= 1 - level:
+                messages.append(head + f"the data's own estimate ({own[0][i]:.4g}, prior quantile {own[1][i]:.2g}) "
+                                "agrees with the prior, so the sampler, not the prior, is off: it did not reach "
+                                "the posterior (see r-hat and ESS; start it nearer or run longer)")
+            else:
+                messages.append(head + "prior and data disagree there (is the prior on the data's scale? "
+                                "hiermeta.with_priors(model, data) scales it)")
     return messages
 
 
@@ -183,14 +196,13 @@ def prior_tail_check(model: HierarchicalModel, samples: Mapping[str, np.ndarray]
     Checks (i) each sampled hyperparameter's posterior median (``samples``: site -> draws with
     leading (chain, draw) axes), and (ii) with ``data``, the data's own estimate of phi, gamma and
     the globals from the likelihood's ``initial_values`` (a pooled fit; it catches a prior so
-    narrow that it dragged the posterior into itself, which (i) cannot see).  Only sites with a
+    narrow that it dragged the posterior into itself, which (i) cannot see).  A posterior median
+    in the tail of a prior that the data's own estimate sits inside is reported as the sampler's
+    failure (it did not reach the posterior), not as a prior-data conflict.  Only sites with a
     proper prior that has a CDF are checked.  Returns messages (empty when all is well).
     """
     medians = {name: np.median(np.reshape(draws, (-1,) + np.shape(draws)[2:]), axis=0)
                for name, draws in samples.items()}
-    messages = _tail_messages(model, medians, level, "the posterior median")
-    start = getattr(model.likelihood, "initial_values", None)
-    if data is not None and callable(start):
-        estimate = {k: v for k, v in dict(start(data, model)).items() if k != "sigma"}
-        messages += _tail_messages(model, estimate, level, "the data's own (pooled least-squares) estimate")
-    return messages
+    estimate = _quantiles(model, {k: v for k, v in data_start(model, data, check=False).items() if k != "sigma"})
+    messages = _tail_messages(_quantiles(model, medians), level, "the posterior median", estimate)
+    return messages + _tail_messages(estimate, level, "the data's own (pooled least-squares) estimate")

@@ -439,6 +439,7 @@ def from_table(
     for role, value in (("response", response), ("group", group)):
         if not isinstance(value, str):
             raise ValueError(f"{role}= must be a column name, got {value!r}")
+    _check_roles(names, response, group, random, fixed, covs, offset)
     reserved = {"response", "mask", "random", "fixed", "offset", "task_covariates"}
     clash = sorted(set(columns) & reserved)
     if clash:
@@ -451,6 +452,9 @@ def from_table(
     used += [(c, f"{k}=") for k, c in columns.items()]
     for name, role in used:
         _require(table, [name], role)
+        if names.count(name) > 1:
+            raise ValueError(f"the table has {names.count(name)} columns named {name!r} ({role}); column names must be "
+                             "unique (rename or drop the copies, e.g. df.loc[:, ~df.columns.duplicated()])")
     if not names:
         raise ValueError("the table has no columns")
     if isinstance(table, Mapping):
@@ -492,6 +496,10 @@ def from_table(
             raise ValueError(f"group covariate {c!r} varies within group(s) {[group_names[t] for t in bad[:10]]}; "
                              "a group covariate must be constant within each group (else put it in random= or fixed=)")
 
+    for values, labels in ((y[:, None], [f"response {response!r}"]), (Z, [f"random column {c!r}" for c in random]),
+                           (X, [f"fixed column {c!r}" for c in fixed]), (zcols, [f"group covariate {c!r}" for c in covs]),
+                           (off[:, None] if off is not None else np.zeros((n, 0)), [f"offset {offset!r}"])):
+        _check_magnitude(values, labels)
     coordinates = tuple(_INTERCEPT_NAME if c == INTERCEPT else str(c) for c in random)
     fixed_names = tuple(_INTERCEPT_NAME if c == INTERCEPT else str(c) for c in fixed)
     if len(set(coordinates)) != len(coordinates):
@@ -512,6 +520,36 @@ def from_table(
                  {k: v[perm] for k, v in extra.items()}, is_query, perm)
     return _assemble(rows, group_names, coordinates, fixed_names, tuple(map(str, covs)), likelihood,
                      description, warn=warn)
+
+
+def _check_roles(names, response, group, random, fixed, covs, offset) -> None:
+    """Refuse a column in two roles that exclude each other, and an intercept ``"1"`` that a column shadows."""
+    if group == response:
+        raise ValueError(f"column {group!r} is both the response and the group: the groups must be another column")
+    for role, listed in (("random=", random), ("fixed=", fixed), ("group_covariates=", covs),
+                         ("offset=", [] if offset is None else [offset])):
+        if response in listed:
+            raise ValueError(f"the response {response!r} is also in {role}: a column cannot explain itself "
+                             "(its coefficient would fit the response exactly)")
+    if INTERCEPT in names and (INTERCEPT in random or INTERCEPT in fixed):
+        raise ValueError(f"the table has a column named {INTERCEPT!r}, and {INTERCEPT!r} in random= or fixed= means the "
+                         "intercept (a column of ones), not that column: rename the column "
+                         f"(e.g. df.rename(columns={{{INTERCEPT!r}: 'x1'}})) so that {INTERCEPT!r} is unambiguous")
+
+
+# values beyond these overflow (or underflow to 0) when squared in float64, as every fit's sums of squares do
+_HUGE, _TINY = float(np.sqrt(np.finfo(float).max)), float(np.sqrt(np.finfo(float).tiny))
+
+
+def _check_magnitude(values: np.ndarray, labels) -> None:
+    """Refuse columns whose squares overflow or vanish in float64 (rescale them), naming them."""
+    largest = np.max(np.abs(values), axis=0) if values.shape[0] else np.zeros(values.shape[1])
+    for label, top in zip(labels, largest):
+        if top > _HUGE or 0 < top < _TINY:
+            raise ValueError(
+                f"{label} has values of magnitude up to {top:.3g}: their squares "
+                f"{'overflow' if top > 1 else 'underflow to 0'} in float64, so no fit can use it; rescale it "
+                "(e.g. divide by its standard deviation, or change its unit)")
 
 
 def _check_keywords(make_data, columns) -> None:
@@ -540,8 +578,9 @@ def _check_rank(Z, X, zq, coordinates, fixed_names, covariate_names) -> None:
         blocks.append(X)
         labels += [f"{f} (fixed)" for f in fixed_names]
     A = np.concatenate(blocks, axis=1)
-    scale = np.sqrt(np.mean(A**2, axis=0))
-    A = A / np.where(scale > 0, scale, 1.0)
+    for spread in (lambda a: np.max(np.abs(a), axis=0), lambda a: np.sqrt(np.mean(a**2, axis=0))):
+        scale = spread(A)  # the largest value first, so that no square overflows or underflows; then the rms
+        A = A / np.where(scale > 0, scale, 1.0)
     if np.linalg.matrix_rank(A) == A.shape[1]:
         return
     dependent, kept = [], []

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import math
 import os
 import re
 import tempfile
@@ -48,10 +49,11 @@ from .errors import (CheckpointError, CheckpointExistsError, CheckpointWriteErro
                      ProcessDisagreementError, ReplicaDivergenceError)
 from .learners.base import MetaLearner, MetaState, all_finite
 from .learners.info import step_metrics
+from .learners.runoff import check_run_off
 from .sharding import replicate, replicated, shard_tasks
 from .solvers import resolved_tol, warn_unconverged
 from .tasks import TaskBatch, check_task_batch, num_tasks
-from .utils import check_count
+from .utils import check_count, check_memory
 
 __all__ = ["fit", "MetaTrainingError", "CheckpointWriteError", "sample_from"]
 
@@ -271,6 +273,20 @@ def _check_writable(path, resume: bool = False, overwrite: bool = False) -> Path
     return path
 
 
+def _check_sizes(runner: _Runner, state, data_key, num_steps: int, chunk_size: int) -> None:
+    """Refuse counts the run cannot hold: a step past the state's step counter, a history or a
+    chunk's stacked metrics larger than this machine's memory (before anything is compiled)."""
+    dtype = np.asarray(state.step).dtype
+    largest = int(np.iinfo(dtype).max) if np.issubdtype(dtype, np.integer) else 2**53
+    if int(state.step) + num_steps > largest:
+        raise ValueError(f"num_steps={num_steps} from step {int(state.step)} would run past step {largest}, the "
+                         f"largest the state's step counter ({dtype}) holds")
+    metrics = jax.eval_shape(runner.meta_step, state, data_key)[1]
+    per_step = sum(math.prod(m.shape) * m.dtype.itemsize for m in jax.tree_util.tree_leaves(metrics))
+    check_memory(per_step * num_steps, f"the history of num_steps={num_steps} meta-steps ({per_step} bytes each)")
+    check_memory(per_step * chunk_size, f"the metrics of a chunk of chunk_size={chunk_size} meta-steps")
+
+
 def _check_state(learner: MetaLearner, state) -> None:
     """Refuse a state that another learner made (e.g. a MAML state given to a shrinkage learner)."""
     if not all(hasattr(state, name) for name in ("params", "opt_state", "step")):
@@ -347,7 +363,8 @@ def fit(
     Returns:
       The final state and the history: each metric stacked over the steps run, as NumPy arrays.
     Raises:
-      ValueError: before any meta-step, for a non-integer or out-of-range count, a state made by
+      ValueError: before any meta-step, for a non-integer or out-of-range count (one past the
+        state's step counter, or whose history or chunk would not fit in memory), a state made by
         another learner, non-finite initial meta-parameters, malformed task data, or a
         checkpoint path that cannot be written.
       MetaTrainingError: ``max_consecutive_skips`` meta-steps in a row were skipped.
@@ -355,7 +372,7 @@ def fit(
       CheckpointError: ``resume=True`` found a corrupt checkpoint or one of another run.
       CheckpointExistsError: ``checkpoint`` exists and neither ``resume`` nor ``overwrite`` is set.
       ProcessDisagreementError: (several processes) the processes were given different runs.
-      ReplicaDivergenceError: (several processes) their replicated states diverged during a chunk;
+      ReplicaDivergenceError: (a MetaTrainingError; several processes) the replicated states diverged;
         it carries the last agreed state (also saved to ``checkpoint``) and the history up to it.
     """
     num_steps = check_count(num_steps, "num_steps", 0)
@@ -382,6 +399,7 @@ def fit(
         checkpoint = Path(checkpoint)
     runner = _chunk_runner(learner, sample_tasks, mesh, chunk_size)
     start, target = int(state.step), int(state.step) + num_steps
+    _check_sizes(runner, state, data_key, num_steps, chunk_size)
     chunks: list[dict] = []
     streak = 0
     metadata = {"learner": learner.name, "data_key": _key_data(data_key), "start_step": start,
@@ -500,6 +518,8 @@ def fit(
         bad, worst = history["num_unconverged"], history["inner_stationarity"]
         warn_unconverged(learner.name, f"up to {bad.max()} tasks of a batch in {np.sum(bad > 0)} of {bad.size} "
                          "meta-steps", float(worst.max()), resolved_tol(learner.inner_solver.tol, worst.dtype))
+    if "sigma_growth" in history:  # a learned sigma: warn if it is running off (hiermeta.learners.runoff)
+        check_run_off(history, names=learner.model.partition.names, who=learner.name, stacklevel=3)
     return state, history
 
 

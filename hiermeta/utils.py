@@ -14,7 +14,7 @@ import numpy as np
 from .errors import HiermetaWarning
 
 __all__ = ["enable_compilation_cache", "default_compilation_cache", "CACHE_ENV", "check_count", "format_table",
-           "to_jsonable", "save_figure"]
+           "to_jsonable", "save_figure", "check_positive", "check_memory", "memory_limit"]
 
 # Turns the default persistent compilation cache off ("0", "off", "false", "no") or moves it (a directory).
 CACHE_ENV = "HIERMETA_COMPILATION_CACHE"
@@ -133,3 +133,39 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, float):  # NumPy scalars took the branch above (they have a shape and a dtype)
         return obj if math.isfinite(obj) else None
     return obj
+
+
+def check_positive(value, name: str) -> float:
+    """``value`` as a float if it is a finite real number > 0 (a tolerance, a scale); else a ``ValueError``.
+
+    ``bool``, text, NaN, infinities, 0 and negative numbers are refused: a tolerance of -1 or NaN
+    can never be met (a converged fit would be reported as not converged), one of +inf always is.
+    """
+    real = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, (bool, np.bool_))
+    if not real or not (np.isfinite(value) and value > 0):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def memory_limit() -> float:
+    """Bytes of memory a single array may use here: the host's RAM, or the device's limit if smaller."""
+    try:
+        limit = float(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):  # not POSIX
+        limit = float("inf")
+    stats = getattr(jax.local_devices()[0], "memory_stats", lambda: None)()
+    if stats and stats.get("bytes_limit"):
+        limit = min(limit, float(stats["bytes_limit"]))
+    return limit
+
+
+def check_memory(nbytes: float, what: str) -> None:
+    """Refuse, before anything runs, an allocation (``nbytes``) that cannot fit in this machine's memory.
+
+    A count that sizes an array (steps whose metrics are kept, draws, a loss curve's length) is
+    otherwise only found to be absurd when XLA aborts or the machine swaps.
+    """
+    limit = memory_limit()
+    if nbytes > limit:
+        raise ValueError(f"{what} would need {nbytes / 2**30:.3g} GiB of memory, more than the "
+                         f"{limit / 2**30:.3g} GiB here; ask for fewer")

@@ -34,6 +34,13 @@ class BernoulliLikelihood(GLMLikelihood):
         k = jnp.floor(value)
         return jnp.where(k < 0, 0.0, jnp.where(k >= 1, 1.0, 1.0 / (1.0 + jnp.exp(eta))))
 
+    def make_data(self, response, mask=None, random=None, fixed=None, offset=None,
+                  task_covariates=None) -> GLMData:
+        """As :meth:`GLMLikelihood.make_data`; the response may also be boolean (True is 1)."""
+        y = np.asarray(response)
+        return super().make_data(y.astype(float) if y.dtype == bool else response, mask, random, fixed, offset,
+                                 task_covariates)
+
     def _check_family(self, data: GLMData, where: str, observed: np.ndarray) -> None:
         y = np.asarray(data.response)[observed]
         bad = (y != 0) & (y != 1)

@@ -1,21 +1,28 @@
-"""The meta-step shared by the Gaussian-prior learners: Shrinkage, sigma-iMAML and iMAML.
+"""The one builder of the Gaussian-prior learners: Shrinkage, sigma-iMAML, iMAML, sigma-Reptile and the rest.
 
-All three solve the same bilevel problem and differ only in which meta-parameters move and
-along which gradient:
+All of them solve the same bilevel problem and differ only in how phi and sigma move, two
+independent choices (:func:`gaussian_prior_learner`'s ``phi_step`` and ``sigma_step``):
 
     inner   theta_hat_t = argmin_theta L_t(theta; phi, rho),
             L_t = -log N(theta | phi, diag(exp(rho))) - log p(D_t^tr | theta)      (Eq. 2),
             solved from phi by the learner's inner solver (:mod:`hiermeta.solvers`: K optimiser
-            steps, Newton or L-BFGS; ``run_inner``, vmapped over tasks);
-    outer   phi: along the MAP gradient  -mean_t dL_t/dphi          (Shrinkage, Algorithm 1)
-                 or the PLL hypergradient mean_t dPLL_t/dphi         (sigma-iMAML, iMAML);
-            rho: along the PLL hypergradient mean_t dPLL_t/drho     (learned sigma)
-                 or not at all                                      (iMAML: fixed lambda = 1/sigma^2).
+            steps, Newton or L-BFGS; ``run_inner``, vmapped over tasks), or by K steps on random
+            minibatches of the support (:mod:`hiermeta.learners.minibatch`);
+    phi     "map":     along -mean_t dL_t/dphi = mean_t (theta_hat_t - phi) / sigma^2  (Algorithm 1)
+            "reptile": along mean_t (theta_hat_t - phi)                               (Reptile's step)
+            "pll":     along the PLL hypergradient mean_t dPLL_t/dphi                 (iMAML's step)
+    sigma   "eq4":     along Eq. 4's approximation of mean_t dPLL_t/drho
+            "exact":   along mean_t dPLL_t/drho by conjugate gradient (or any solver of H v = g)
+            "fixed":   not at all (iMAML: lambda = 1/sigma^2).
 
-PLL hypergradients come from :func:`hiermeta.implicit.implicit_hypergradient` at the inner
-solution, with the configured linear solver (Eq. 4 or conjugate gradient); nothing is
-differentiated through the inner steps.  Step metrics report how stationary the inner solutions
-are (``inner_stationarity``, ``num_unconverged``).  This module is the machinery; each learner's file states its algorithm.
+The named learners are presets: Shrinkage (map, eq4), sigma-iMAML (pll, exact), iMAML (pll,
+fixed), sigma-Reptile (reptile, exact, minibatched K steps).  PLL hypergradients come from
+:func:`hiermeta.implicit.implicit_hypergradient` at the inner solution; nothing is
+differentiated through the inner steps, and each distinct linear solve runs once per task.
+Step metrics (:class:`~hiermeta.learners.info.BilevelInfo`) report how stationary the inner
+solutions are, each solve's residual (``sigma_residual``: Eq. 4's ``||H Sigma g - g|| / ||g||``,
+how far the prior is from the Hessian) and ``sigma_growth``, which :func:`hiermeta.fit` reads to
+warn when a sigma runs off (:mod:`hiermeta.learners.runoff`).
 
 **Extra sites** (:meth:`hiermeta.HierarchicalModel.hyper_sites`; unconstrained in ``params["extra"]``,
 :mod:`hiermeta.learners.base`).  The prior of theta_t is ``N(m_t, Sigma)`` with ``m_t = phi + z_t gamma``
@@ -44,15 +51,18 @@ import numpy as np
 import optax
 
 from ..hierarchy import HierarchicalModel
-from ..implicit import Solver, as_solver, implicit_hypergradient
-from ..inner import InnerProblem, run_inner
+from ..implicit import Solver, SolveInfo, as_solver, implicit_hypergradient
+from ..inner import Adaptation, InnerProblem, run_inner
 from ..solvers import GRADIENT_STEPS_TOL, InnerSolver, PriorScaled, curvature_step_size, gradient_steps, resolve_inner_solver
+from ..tasks import num_tasks
 from ..utils import check_count
 from .base import (MetaLearner, MetaState, extra_metrics, extra_params, extra_values, flat_phi,
                    inner_metrics, learned_sites, make_adapt, new_state, outer_update, starting_values, task_start)
 from .info import BilevelInfo
+from .minibatch import MinibatchSteps
 
-__all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner", "proximal_sgd", "ProximalSGD"]
+__all__ = ["sigma_of", "shrinkage_params", "gaussian_prior_learner", "phi_sigma_optimizer", "proximal_sgd",
+           "ProximalSGD", "PHI_STEPS"]
 
 
 class ProximalSGD(NamedTuple):
@@ -141,39 +151,123 @@ def shrinkage_params(model: HierarchicalModel, phi, sigma, modular: bool = True)
     return {"phi": phi, "log_sigma2": jnp.asarray(2.0 * np.log(sigma), dtype=phi.dtype)}
 
 
+PHI_STEPS = ("map", "reptile", "pll")
+
+
+def _check_sigma_step(sigma_step):
+    if isinstance(sigma_step, str):
+        if sigma_step == "fixed":
+            return None
+        if sigma_step not in ("eq4", "exact"):
+            raise ValueError(f"sigma_step (the sigma hypergradient) must be 'eq4', 'exact', 'fixed' or a solver "
+                             f"of H v = g, got {sigma_step!r}")
+    return as_solver(sigma_step)
+
+
+def phi_sigma_optimizer(phi: optax.GradientTransformation, sigma: optax.GradientTransformation):
+    """One optax step for a Gaussian-prior learner's meta-parameters: ``phi`` on phi (and on the group
+    coefficients gamma, which move with it), ``sigma`` on log sigma^2 and every other extra site."""
+
+    def labels(params):
+        out = {name: jax.tree_util.tree_map(lambda _: "sigma", value) for name, value in params.items()}
+        out["phi"] = jax.tree_util.tree_map(lambda _: "phi", params["phi"])
+        if "extra" in params:
+            out["extra"] = {k: jax.tree_util.tree_map(lambda _: "phi" if k == "gamma" else "sigma", v)
+                            for k, v in params["extra"].items()}
+        return out
+
+    return optax.multi_transform({"phi": phi, "sigma": sigma}, labels)
+
+
 def gaussian_prior_learner(
     model: HierarchicalModel,
     *,
-    name: str,
-    inner_optimizer: Optional[optax.GradientTransformation] = None,
+    phi_step: str = "pll",
+    sigma_step: Union[str, Solver] = "exact",
+    phi_hypergradient: Union[str, Solver, None] = None,
+    fixed_sigma=None,
+    modular: bool = False,
+    init_sigma=None,
+    inner_optimizer=None,
     inner_steps: Optional[int] = None,
     inner_solver: Optional[InnerSolver] = None,
-    outer_optimizer: Optional[optax.GradientTransformation],
-    hypergradient: Union[str, Solver],
-    phi_gradient: str,
-    modular: bool = False,
-    init_sigma: Optional[float] = None,
-    fixed_sigma: Optional[float] = None,
+    outer_optimizer: Optional[optax.GradientTransformation] = None,
+    name: Optional[str] = None,
 ) -> MetaLearner:
-    """Build a learner on the bilevel problem above (see the module docstring).
+    """A learner on the bilevel problem of the module docstring, its phi and sigma steps chosen apart.
+
+    Every Gaussian-prior learner is one of these (:func:`~hiermeta.learners.shrinkage` is
+    ``phi_step="map", sigma_step="eq4"``; :func:`~hiermeta.learners.sigma_imaml` ``"pll", "exact"``;
+    :func:`~hiermeta.learners.imaml` ``"pll", "fixed"``; :func:`~hiermeta.learners.sigma_reptile`
+    ``"reptile", "exact"``).
 
     Args:
+      phi_step: how phi (and gamma) move, to minimise:
+        ``"map"``: ``mean_t dL_t/dphi = -mean_t Sigma^{-1} (theta_hat_t - m_t)`` (Algorithm 1);
+        ``"reptile"``: ``-mean_t (theta_hat_t - m_t)`` (Reptile's step: the MAP step times Sigma,
+        so ``optax.sgd(beta)`` is ``phi <- phi + beta mean_t (theta_hat_t - phi)``);
+        ``"pll"``: ``-mean_t dPLL_t/dphi`` by the implicit hypergradient (``phi_hypergradient``).
+      sigma_step: how rho = log sigma^2 moves: ``"eq4"`` (the paper's Eq. 4), ``"exact"`` (conjugate
+        gradient, :func:`hiermeta.implicit.cg_solve` defaults), a solver of ``H v = g``, or
+        ``"fixed"`` (sigma held at ``fixed_sigma``; the meta-parameters are then ``{"phi"}``).
+      phi_hypergradient: the solver of ``H v = g`` for ``phi_step="pll"`` (default ``"exact"``; ``"eq4"``
+        makes it first-order MAML's step).  When it equals ``sigma_step`` one solve serves both.
+      fixed_sigma: sigma for ``sigma_step="fixed"``: a scalar or one value per module (> 0).
+      modular: a learned sigma per module (True) or one shared by all modules (False).
+      init_sigma: initial learned sigma (> 0; scalar, or per module when modular); default 1, or
+        data-scaled when ``init`` gets ``data=``.
       inner_solver, inner_optimizer, inner_steps: the inner solver
         (:func:`hiermeta.solvers.resolve_inner_solver`): an ``InnerSolver``, or K steps of an
         optax optimiser (converged at relative gradient norm 1e-2), or by default Newton (up to
         256 parameters) or L-BFGS.  ``inner_optimizer`` may also be :func:`proximal_sgd` (a
-        step that depends on sigma^2 per coordinate), with ``inner_steps``; ``inner_solver``
-        may be :func:`hiermeta.solvers.prior_scaled` ``(solver)`` (run in the prior's scale).
-      phi_gradient: ``"map"`` (Algorithm 1's MAP step) or ``"pll"`` (the PLL hypergradient).
-      hypergradient: ``"eq4"``, ``"exact"`` (conjugate gradient) or a solver of ``H v = g``.
-      modular: learned sigma per module (True) or shared by all modules (False).
-      init_sigma: initial learned sigma (> 0); default 1, or data-scaled when ``init`` gets ``data=``.
-      fixed_sigma: if given (> 0), sigma is fixed at this shared value and the meta-parameters
-        are ``{"phi"}`` only (iMAML); otherwise ``{"phi", "log_sigma2"}``.
+        step that depends on sigma^2 per coordinate) with ``inner_steps``, or
+        :func:`~hiermeta.learners.minibatch.minibatch_steps` (K steps on random minibatches of
+        each support, keys from ``state.key`` and the step count; no ``inner_steps``);
+        ``inner_solver`` may be :func:`hiermeta.solvers.prior_scaled` ``(solver)``.
+      outer_optimizer: optax optimiser on the meta-parameters (default Adam, lr 1e-2; see
+        :func:`phi_sigma_optimizer` for separate rates).
+
+    The other extra sites: the correlation factors move with sigma (fixed with it); the
+    likelihood's globals along the PLL with sigma's solver (phi's when sigma is fixed and phi's
+    step is the PLL's, else ``"exact"``).
     """
-    # a solver that depends on sigma^2 per coordinate is rebuilt from it at every meta-step
+    if phi_step not in PHI_STEPS:
+        raise ValueError(f"phi_step must be one of {PHI_STEPS}, got {phi_step!r}")
+    sigma_solver = _check_sigma_step(sigma_step)
+    learn_sigma = sigma_solver is not None
+    if phi_hypergradient is not None and phi_step != "pll":
+        raise ValueError(f"phi_hypergradient applies to phi_step='pll' only (this phi_step is {phi_step!r})")
+    phi_solver = as_solver("exact" if phi_hypergradient is None else phi_hypergradient) if phi_step == "pll" else None
+    M = model.partition.num_modules
+    if learn_sigma:
+        if fixed_sigma is not None:
+            raise ValueError(f"fixed_sigma is for sigma_step='fixed'; this sigma_step is {sigma_step!r}")
+        if init_sigma is not None:
+            initial = model.partition.check_per_module(init_sigma, "init_sigma")  # a scalar or one per module
+            if not np.all(np.isfinite(initial)) or np.any(initial <= 0) or (not modular and np.ptp(initial) > 0):
+                raise ValueError(f"init_sigma must be finite and > 0 (one value unless modular), got {init_sigma}")
+    else:
+        if fixed_sigma is None:
+            raise ValueError("sigma_step='fixed' needs fixed_sigma= (a scalar or one value per module)")
+        if init_sigma is not None:
+            raise ValueError("init_sigma is for a learned sigma; sigma_step='fixed' takes fixed_sigma=")
+        fixed = np.asarray(model.partition.check_per_module(fixed_sigma, "fixed_sigma"), dtype=float)
+        if not np.all(np.isfinite(fixed)) or np.any(fixed <= 0):
+            raise ValueError(f"the fixed sigma must be finite and > 0, got {fixed_sigma}")
+    name = name or f"phi {phi_step} / sigma {sigma_step if isinstance(sigma_step, str) else 'solver'}"
+
+    # the inner loop: a solver that depends on sigma^2 per coordinate is rebuilt from it at every meta-step
     for_prior = None
-    if isinstance(inner_optimizer, ProximalSGD):
+    minibatch = None
+    if isinstance(inner_optimizer, MinibatchSteps):
+        if inner_solver is not None or inner_steps is not None:
+            raise ValueError("inner_optimizer=minibatch_steps(...) carries its own K: give no inner_steps= or inner_solver=")
+        minibatch = inner_optimizer
+        inner_solver = gradient_steps(optax.sgd(0.0), minibatch.num_steps, tol=minibatch.tol)._replace(
+            name=minibatch.name, solve=_prior_dependent_solve)
+        for_prior = lambda prior_var: gradient_steps(minibatch.transformation(prior_var), minibatch.num_steps,
+                                                     tol=minibatch.tol)
+    elif isinstance(inner_optimizer, ProximalSGD):
         if inner_solver is not None or inner_steps is None:
             raise ValueError("inner_optimizer=proximal_sgd(rate) needs inner_steps= (K) and no inner_solver=")
         rate = inner_optimizer.learning_rate
@@ -195,29 +289,30 @@ def gaussian_prior_learner(
     else:
         inner_solver = resolve_inner_solver(inner_solver, inner_optimizer, inner_steps,
                                             num_params=model.partition.num_params)
-    if phi_gradient not in ("map", "pll"):
-        raise ValueError(f"phi_gradient must be 'map' or 'pll', got {phi_gradient!r}")
-    if init_sigma is not None:
-        initial = model.partition.check_per_module(init_sigma, "init_sigma")  # a scalar or one per module
-        if not np.all(np.isfinite(initial)) or np.any(initial <= 0) or (not modular and np.ptp(initial) > 0):
-            raise ValueError(f"init_sigma must be finite and > 0 (one value unless modular), got {init_sigma}")
-    if fixed_sigma is not None and (not np.isfinite(fixed_sigma) or fixed_sigma <= 0):
-        raise ValueError(f"the fixed sigma must be finite and > 0, got {fixed_sigma}")
-    solver = as_solver(hypergradient)
     outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-2)
-    M = model.partition.num_modules
-    learn_sigma = fixed_sigma is None
-    # the extra sites it learns: all of them, but iMAML keeps its prior (sigma and correlation) fixed
+    # the extra sites it learns: all of them, but a fixed sigma keeps its correlations fixed too
     kinds = ("global", "correlation", "group_coefficients") if learn_sigma else ("global", "group_coefficients")
     sites = learned_sites(model, kinds)
+    has_globals = any(site.kind == "global" for site in sites.values())
+    # the linear solves of one step, each once: phi's, sigma's, and the globals' (sigma's, else phi's, else CG)
+    globals_solver = (sigma_solver or phi_solver or as_solver("exact")) if has_globals else None
+    solvers = []
+    for solver in (phi_solver, sigma_solver, globals_solver):
+        if solver is not None and solver not in solvers:
+            solvers.append(solver)
+    role = {key: (solvers.index(s) if s is not None else None)
+            for key, s in (("phi", phi_solver), ("sigma", sigma_solver), ("global", globals_solver))}
 
     def sigma_from(params):
         if learn_sigma:
             return sigma_of(params, M)
-        return jnp.full((M,), fixed_sigma, dtype=params["phi"].dtype)
+        return jnp.asarray(np.broadcast_to(fixed, (M,)), dtype=params["phi"].dtype)
 
-    def inner_loss(theta, params, data_t):
-        return model.inner_objective(theta, params["phi"], sigma_from(params), data_t, extra_values(model, params))
+    def inner_loss(theta, params, data_t, weight=1.0):
+        """``-log N(theta | m_t, Sigma) - weight * log p(data_t | theta)`` (Eq. 2 at weight 1)."""
+        log_prior, log_lik = model.task_log_densities(theta, params["phi"], sigma_from(params), data_t,
+                                                      extra_values(model, params))
+        return -(log_prior + weight * log_lik)
 
     def query_log_lik(theta, params, val_t):
         return model.log_likelihood(theta, val_t, extra_values(model, params))
@@ -231,6 +326,21 @@ def gaussian_prior_learner(
             loss=lambda theta, data_t: inner_loss(theta, params, data_t),
             solver=solver,
         )
+
+    def solve_tasks(params, data, key, num_steps=None):
+        """Every task's inner solve; K minibatch steps (a key per task) when so configured."""
+        problem = inner_problem(params)
+        if minibatch is None:
+            return jax.vmap(lambda d: run_inner(problem, d, num_steps))(data)
+        prior_var = model.partition.expand(sigma_from(params) ** 2)
+        start = problem.init
+
+        def one(d, k):
+            theta0 = start(d) if callable(start) else start
+            return minibatch.solve(lambda th, rows, w: inner_loss(th, params, rows, w), theta0, d, k, prior_var,
+                                   num_steps)
+
+        return jax.vmap(one)(data, jax.random.split(key, num_tasks(data)))
 
     def init(key, params=None, sigma=None, extra=None, data=None) -> MetaState:
         """Meta-parameters from phi (``params``: a pytree like the model's, or flat ``(P,)``), sigma
@@ -263,54 +373,97 @@ def gaussian_prior_learner(
         return new_state(meta, outer, key)
 
     def task_terms(params, theta_hat, train_t, val_t):
-        """Per task: dL/d(meta) at theta_hat (MAP step), the PLL hypergradient, diagnostics.
+        """Per task: the first-order phi step (MAP or Reptile), the PLL hypergradient of each solve,
+        the query log-likelihood and each solve's diagnostics.
 
         The PLL's total derivative is its implicit part through theta_hat plus its direct part
         (the query likelihood's own dependence on the globals, e.g. noise_sd and beta)."""
         inner_grad = jax.grad(lambda th, p: inner_loss(th, p, train_t))
-        map_grad = jax.grad(lambda p: inner_loss(theta_hat, p, train_t))(params)
+        if phi_step == "map":
+            first_order = jax.grad(lambda p: inner_loss(theta_hat, p, train_t))(params)
+        elif phi_step == "reptile":  # -(theta_hat - m_t) for phi, -z_t (theta_hat - m_t)^T for gamma
+            theta = jax.lax.stop_gradient(theta_hat)
+
+            def half_distance(p):
+                start = task_start(model, p["phi"], extra_values(model, p))
+                return 0.5 * jnp.sum((theta - (start(train_t) if callable(start) else start)) ** 2)
+
+            first_order = jax.grad(half_distance)(params)
+        else:
+            first_order = None
         val_log_lik, (g, direct) = jax.value_and_grad(query_log_lik, argnums=(0, 1))(theta_hat, params, val_t)
         cov = model.prior_cov_operator(sigma_from(params), extra_values(model, params))
-        implicit, info = implicit_hypergradient(inner_grad, theta_hat, params, g, cov, solver)
-        pll_grad = jax.tree_util.tree_map(jnp.add, implicit, direct)
-        return map_grad, pll_grad, val_log_lik, info
+        pll, iterations, residuals = [], [], []
+        for solver in solvers:
+            implicit, info = implicit_hypergradient(inner_grad, theta_hat, params, g, cov, solver)
+            pll.append(jax.tree_util.tree_map(jnp.add, implicit, direct))
+            iterations.append(info.iterations)
+            residuals.append(info.residual)
+        return first_order, pll, val_log_lik, iterations, residuals
 
-    def meta_gradient(params, batch):
-        """The gradient (to minimise) of one meta-step on ``batch``, and ``(inner, val_log_lik, info)``."""
-        problem = inner_problem(params)
-        inner = jax.vmap(lambda d: run_inner(problem, d))(batch.train)
-        map_grad, pll_grad, val_log_lik, info = jax.vmap(task_terms, in_axes=(None, 0, 0, 0))(
+    def gradient_and_solves(params, batch, key):
+        """The gradient (to minimise) of one meta-step on ``batch``, and ``(inner, val_log_lik, iterations,
+        residuals)`` (the last two: a ``(T,)`` array per distinct solve)."""
+        inner = solve_tasks(params, batch.train, key)
+        first_order, pll, val_log_lik, iterations, residuals = jax.vmap(task_terms, in_axes=(None, 0, 0, 0))(
             params, inner.theta, batch.train, batch.val
         )
         mean = lambda tree: jax.tree_util.tree_map(lambda a: jnp.mean(a, axis=0), tree)
-        map_grad, pll_grad = mean(map_grad), mean(pll_grad)
-        # minimise: phi (and gamma) along the MAP objective or -PLL; sigma, correlations, globals along -PLL
-        grads = {"phi": map_grad["phi"] if phi_gradient == "map" else -pll_grad["phi"]}
+        first_order, pll = mean(first_order), [mean(p) for p in pll]
+        phi_like = first_order if first_order is not None else jax.tree_util.tree_map(jnp.negative, pll[role["phi"]])
+        grads = {"phi": phi_like["phi"]}
         if learn_sigma:
-            grads["log_sigma2"] = -pll_grad["log_sigma2"]
+            grads["log_sigma2"] = -pll[role["sigma"]]["log_sigma2"]
         if sites:
-            grads["extra"] = {
-                site_name: map_grad["extra"][site_name]
-                if phi_gradient == "map" and site.kind == "group_coefficients" else -pll_grad["extra"][site_name]
-                for site_name, site in sites.items()
-            }
+            grads["extra"] = {}
+            for site_name, site in sites.items():
+                if site.kind == "group_coefficients":
+                    grads["extra"][site_name] = phi_like["extra"][site_name]
+                else:  # correlations move with sigma, globals with their solve
+                    which = role["sigma"] if site.kind == "correlation" else role["global"]
+                    grads["extra"][site_name] = -pll[which]["extra"][site_name]
+        return grads, (inner, val_log_lik, iterations, residuals)
+
+    def meta_gradient(params, batch, key=None):
+        """The gradient (to minimise) of one meta-step on ``batch`` and ``(inner, val_log_lik, info)``,
+        ``info`` the worst over the step's solves per task (a ``SolveInfo``; zeros when nothing is
+        solved).  ``key`` draws the minibatches (default ``PRNGKey(0)``; the step uses the state's)."""
+        grads, (inner, val_log_lik, iterations, residuals) = gradient_and_solves(
+            params, batch, jax.random.PRNGKey(0) if key is None else key)
+        worst = lambda xs, like: jnp.max(jnp.stack(xs), axis=0) if xs else jnp.zeros_like(like)
+        info = SolveInfo(worst(iterations, val_log_lik).astype(jnp.int32), worst(residuals, val_log_lik))
         return grads, (inner, val_log_lik, info)
 
+    def step_key(state):
+        return jax.random.fold_in(state.key, state.step)
+
     def step(state: MetaState, batch):
-        grads, (inner, val_log_lik, info) = meta_gradient(state.params, batch)
+        grads, (inner, val_log_lik, iterations, residuals) = gradient_and_solves(state.params, batch, step_key(state))
         num_diverged = jnp.sum(inner.diverged)
+        before = sigma_from(state.params)
         state, skipped = outer_update(state, grads, outer, ok=num_diverged == 0)
+        after = sigma_from(state.params)
+        zero = jnp.zeros((), before.dtype)
+        worst = lambda xs: jnp.max(jnp.stack([jnp.max(x) for x in xs])) if xs else zero
         return state, BilevelInfo(
             val_log_lik=jnp.mean(val_log_lik),
             inner_loss=jnp.mean(inner.final_loss),
-            sigma=sigma_from(state.params),
+            sigma=after,
             extra=extra_metrics(model, state.params),
             num_diverged=num_diverged,
             **inner_metrics(inner),
             skipped=skipped,
-            cg_iterations=jnp.max(info.iterations),  # the most any task took
-            cg_residual=jnp.max(info.residual),  # worst relative residual of H v = g
+            cg_iterations=worst(iterations).astype(jnp.int32),  # the most any task took, over the solves
+            cg_residual=worst(residuals),  # worst relative residual of H v = g, over the solves
+            sigma_residual=jnp.max(residuals[role["sigma"]]) if learn_sigma else zero,
+            sigma_growth=jnp.log(after) - jnp.log(before),
         )
+
+    def adapt(state: MetaState, support, num_steps: Optional[int] = None) -> Adaptation:
+        if minibatch is None:
+            return make_adapt(inner_problem)(state, support, num_steps)
+        r = solve_tasks(state.params, support, step_key(state), num_steps)
+        return Adaptation(r.theta, r.final_loss, r.stationarity, r.converged, r.diverged)
 
     return MetaLearner(
         name=name,
@@ -318,7 +471,7 @@ def gaussian_prior_learner(
         init=init,
         step=step,
         inner_problem=inner_problem,
-        adapt=make_adapt(inner_problem),
+        adapt=adapt,
         inner_solver=inner_solver,
         meta_gradient=meta_gradient,
     )

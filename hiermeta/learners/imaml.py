@@ -57,11 +57,12 @@ def imaml(
     return gaussian_prior_learner(
         model,
         name=name or "iMAML",
+        phi_step="pll",
+        phi_hypergradient=hypergradient,
+        sigma_step="fixed",
+        fixed_sigma=float(lam) ** -0.5,
         inner_optimizer=inner_optimizer,
         inner_steps=inner_steps,
         inner_solver=inner_solver,
         outer_optimizer=outer_optimizer,
-        hypergradient=hypergradient,
-        phi_gradient="pll",
-        fixed_sigma=float(lam) ** -0.5,
     )

@@ -21,7 +21,8 @@ __all__ = ["BilevelInfo", "ShrinkageMAPInfo", "MAMLInfo", "ReptileInfo", "ProtoN
 
 
 class BilevelInfo(NamedTuple):
-    """A meta-step of Shrinkage, M-Shrinkage, sigma-iMAML, M-sigma-iMAML and iMAML.
+    """A meta-step of a Gaussian-prior learner (:func:`~hiermeta.learners.bilevel.gaussian_prior_learner`:
+    Shrinkage, sigma-iMAML, iMAML, sigma-Reptile and their M- versions).
 
     Attributes:
       val_log_lik: mean over the batch of ``log p(D_val | theta_hat_t)`` (at the state before the step).
@@ -32,8 +33,14 @@ class BilevelInfo(NamedTuple):
       inner_stationarity: the worst relative gradient norm of the inner solves (inf if one is not finite).
       num_unconverged: tasks whose inner solve did not reach its tolerance (diverged ones included).
       skipped: True when the update was not applied (not finite, or an inner solve diverged).
-      cg_iterations: the most conjugate-gradient iterations a task took (0 for Eq. 4).
-      cg_residual: the worst relative residual ``||H v - g|| / ||g||`` of the hypergradient solve.
+      cg_iterations: the most conjugate-gradient iterations a task took, over the step's solves
+        (0 for Eq. 4, or when the step solves nothing).
+      cg_residual: the worst relative residual ``||H v - g|| / ||g||`` over the step's solves
+        (0 when it solves nothing).
+      sigma_residual: that of the sigma step's solve alone (for Eq. 4, ``||H Sigma g - g|| / ||g||``:
+        how far the prior is from the inner Hessian; 0 when sigma is fixed).
+      sigma_growth: ``(M,)`` ``log(sigma_after / sigma_before)`` of this step (0 when fixed); what
+        the run-off check (:mod:`hiermeta.learners.runoff`) reads.
     """
 
     val_log_lik: jax.Array
@@ -46,6 +53,8 @@ class BilevelInfo(NamedTuple):
     skipped: jax.Array
     cg_iterations: jax.Array
     cg_residual: jax.Array
+    sigma_residual: jax.Array
+    sigma_growth: jax.Array
 
 
 class ShrinkageMAPInfo(NamedTuple):

@@ -67,12 +67,12 @@ def shrinkage(
     return gaussian_prior_learner(
         model,
         name=name or default_name,
+        phi_step="map",
+        sigma_step=hypergradient,
         inner_optimizer=inner_optimizer,
         inner_steps=inner_steps,
         inner_solver=inner_solver,
         outer_optimizer=outer_optimizer,
-        hypergradient=hypergradient,
-        phi_gradient="map",
         modular=modular,
         init_sigma=init_sigma,
     )

@@ -55,12 +55,13 @@ def sigma_imaml(
     return gaussian_prior_learner(
         model,
         name=name or default_name,
+        phi_step="pll",
+        phi_hypergradient=hypergradient,
+        sigma_step=hypergradient,  # one solve serves both steps
         inner_optimizer=inner_optimizer,
         inner_steps=inner_steps,
         inner_solver=inner_solver,
         outer_optimizer=outer_optimizer,
-        hypergradient=hypergradient,
-        phi_gradient="pll",
         modular=modular,
         init_sigma=init_sigma,
     )

@@ -49,6 +49,11 @@ __all__ = ["Bar", "SplitFormula", "split_formula", "ModelFrame", "model_frame", 
 
 INTERCEPT = "(Intercept)"  # lme4's name of the intercept column
 
+# functions a formula may call as R users write them (log(x), exp(x), ...), beside formulae's own
+# (scale, center, C, I, offset, ...) and NumPy as np
+NAMESPACE = {"log": np.log, "log2": np.log2, "log10": np.log10, "log1p": np.log1p, "exp": np.exp,
+             "expm1": np.expm1, "sqrt": np.sqrt, "abs": np.abs, "np": np}
+
 
 class Bar(NamedTuple):
     """One bar term as written: ``expr`` (formulae syntax), the grouping factors it expands to
@@ -246,7 +251,7 @@ def _model_matrix(text: str, df: pd.DataFrame, role: str):
     import formulae
 
     try:
-        dm = formulae.design_matrices(text, df, na_action="error")
+        dm = formulae.design_matrices(text, df, na_action="error", extra_namespace=NAMESPACE)
     except Exception as err:
         raise FormulaError(f"cannot evaluate the {role} {text!r}: {type(err).__name__}: {err}") from None
     return dm.common
@@ -389,7 +394,7 @@ class ModelFrame:
         if binomial is not None:  # the response is read below; formulae gets a placeholder
             df = df.assign(cbind__successes=0.0)
         try:
-            dm = formulae.design_matrices(fixed_formula, df, na_action="error")
+            dm = formulae.design_matrices(fixed_formula, df, na_action="error", extra_namespace=NAMESPACE)
         except Exception as err:
             raise FormulaError(f"cannot evaluate {fixed_formula!r}: {type(err).__name__}: {err}") from None
         self._fixed = dm.common

@@ -12,8 +12,12 @@ current ``eta``, working weights ``W_i = w_i (d mu / d eta)^2 / V(mu)`` and work
 ``z_i = eta_i - fixed_i + (y_i - mu_i) / (d mu / d eta)``; the PLS system of
 :mod:`hiermeta.mixed.linalg` with these weights gives the next ``u`` (and ``beta`` when it is
 updated jointly, ``nAGQ = 0``); a step that does not lower ``pdev`` is halved (up to 20 times).
-It stops when the accepted step is below ``1e-10`` (every coordinate) or ``pdev`` changes by less
-than ``1e-13`` relative; for a canonical link this is Newton's method (quadratic convergence).
+It stops when the accepted step is below ``STEP_TOL = 1e-7`` (every coordinate) or ``pdev``
+stops changing (``1e-15`` relative); for a canonical link this is Newton's method (quadratic
+convergence: after a step ``s`` the mode is about ``s^2`` away), and the weights are then
+recomputed at the point reached: ``log|A|`` is not stationary at the mode, so the criterion's
+error is linear in the distance to it, and the finite differences of the optimiser's check (steps
+of 1e-4) need it below about 1e-11.
 
 **Laplace** (``nAGQ = 1``): ``-2 log L ~ pdev(u*) + log|Lambda'Z'WZ Lambda + I|``, ``W`` at
 ``u*``; with every constant of the family's log-likelihood, so ``-1/2`` of it is lme4's
@@ -28,18 +32,17 @@ Laplace approximation.
 
 **The fit** (lme4's two stages): ``nAGQ = 0`` optimises ``theta`` with ``beta`` inside PIRLS
 (the ``pdev + log|A|`` criterion); from there ``nAGQ >= 1`` optimises ``(theta, beta)`` jointly.
-Both run on an internally standardised scale: the fixed-effect columns are centred (when there is
-an intercept) and scaled to unit sd (``X_s = X M``, ``beta = M beta_s``), each random-effect
-column scaled to unit root-mean-square (``Z_s = Z D^-1``, ``T_s = D T``), so a covariate in metres
-and one in kilometres give the same path.  L-BFGS-B with central finite differences, then one
-Newton step on the finite-difference Hessian (accepted only if it lowers the criterion).
+Both on the standardised scale of :mod:`~hiermeta.mixed.scaling` (a covariate in metres and one
+in kilometres give the same path) by :func:`~hiermeta.mixed.optimize.minimize_bounded` (COBYQA,
+then a central-difference check of the gradient and Hessian, Newton polish, restarts).
 
 **Fixed-effect covariance**: as lme4 for ``nAGQ > 0``: ``2 H^-1`` restricted to ``beta``, ``H``
-the Hessian of ``-2 log L`` over ``(theta, beta)`` (central finite differences on the
-standardised scale, mapped back by ``M``); covariance parameters on the boundary are held fixed.
-When ``H`` is not positive definite (or for ``nAGQ = 0``) the PLS system's ``(R_X'R_X)^-1`` is
-used instead (lme4's fallback), and the result says so.  **Conditional modes** ``b = Lambda u*``
-with conditional covariances ``Lambda A^-1 Lambda'`` (lme4's ``ranef(condVar = TRUE)``).
+the Hessian of ``-2 log L`` over ``(theta, beta)`` (the optimiser's central-difference check,
+standardised scale, mapped back); covariance parameters held on their bound are left out of
+``H``.  When ``H`` is not positive definite (or for ``nAGQ = 0``) the PLS system's
+``(R_X'R_X)^-1`` at the mode is used instead (lme4's fallback), and the result says so.
+**Conditional modes** ``b = Lambda u*`` with conditional covariances ``Lambda A^-1 Lambda'``
+(lme4's ``ranef(condVar = TRUE)``).
 
 **Checks before fitting**: the response is checked by the family (counts that are not
 non-negative integers, successes above the trials); an all-equal binary response (all 0 or all
@@ -61,13 +64,17 @@ from scipy import optimize
 from ..errors import DataDefectError, EmpiricalBayesWarning, SeparationWarning
 from .estimate import Estimate
 from .family import Family, get_family
+from .checks import check_response, drop_dependent_columns
 from .linalg import CrossProducts, Layout, PLSFactor, factorize
-from .terms import MixedDesign, _lower_indices, relative_factors, theta_lower_bounds, theta_names, theta_start
+from .lmm import singular_parameters
+from .optimize import blas_threads, minimize_bounded
+from .scaling import standardize
+from .terms import MixedDesign, relative_factors, theta_lower_bounds, theta_start
 
-__all__ = ["GLMM", "PIRLSResult", "fit_glmm", "separation_direction", "MAX_AGQ"]
+__all__ = ["GLMM", "PIRLSResult", "fit_glmm", "log_joint", "separation_direction", "MAX_AGQ", "APPROXIMATIONS"]
 
 MAX_AGQ = 25  # as lme4 allows
-SINGULAR_TOL = 1e-4  # lme4's isSingular tolerance on the diagonal of T
+STEP_TOL = 1e-7  # PIRLS stops after a Newton step below this (every coordinate): the mode is then ~1e-14 away
 
 
 class PIRLSResult(NamedTuple):
@@ -96,78 +103,35 @@ class PIRLSResult(NamedTuple):
     message: str
 
 
-def _column_scales(X: np.ndarray) -> tuple:
-    """``M`` with ``X M`` centred (when there is an intercept column) and unit-sd columns."""
-    p = X.shape[1]
-    M = np.eye(p)
-    ones = [j for j in range(p) if np.allclose(X[:, j], 1.0)]
-    intercept = ones[0] if ones else None
-    for j in range(p):
-        if j == intercept:
-            continue
-        col = X[:, j]
-        sd = float(np.std(col))
-        if sd > 0 and intercept is not None:
-            M[j, j] = 1.0 / sd
-            M[intercept, j] = -float(np.mean(col)) / sd
-        else:
-            scale = float(np.sqrt(np.mean(col**2)))
-            M[j, j] = 1.0 / scale if scale > 0 else 1.0
-    return M
-
-
 class GLMM:
     """A GLMM's data on the standardised scale and its criteria (PIRLS, Laplace, AGQ) there.
 
     ``design``: the :class:`~hiermeta.mixed.terms.MixedDesign` (binomial: proportions with the
     trials as weights); ``family``: a :class:`~hiermeta.mixed.family.Family` or its name.
-    The response is checked by the family on construction.
+    The response is checked by the family on construction; ``X``, ``terms`` are the standardised
+    design's and ``scaling`` (:class:`~hiermeta.mixed.scaling.Standardization`) maps back.
     """
 
     def __init__(self, design: MixedDesign, family: Union[str, Family] = "binomial", link: Optional[str] = None):
         self.design = design
         self.family = get_family(family, link)
+        if self.family.has_scale:
+            raise ValueError("a Gaussian response is a linear mixed model: fit it by ML/REML (hiermeta.mixed.lmm), "
+                             "not by the GLMM approximations")
         self.y, self.w = self.family.prepare(design.response, design.weights)
         n = design.num_rows
-        X = np.asarray(design.X, dtype=float).reshape(n, -1)
-        if not np.all(np.isfinite(X)):
-            raise DataDefectError("the fixed-effects design holds NaN or infinite values")
         self.offset = np.zeros(n) if design.offset is None else np.asarray(design.offset, dtype=float)
-        self.M = _column_scales(X)
-        self.X = X @ self.M
-        if X.shape[1] and np.linalg.matrix_rank(self.X) < X.shape[1]:
-            raise DataDefectError(f"the fixed-effects design ({', '.join(design.fixed_names)}) is rank deficient "
-                                  "on the rows used: some columns are linear combinations of others")
-        # random-effect columns scaled to unit root-mean-square: Z_s = Z D^-1, T_s = D T
-        self.column_scales, scaled_terms, theta_scale = [], [], []
-        for t in design.terms:
-            d = np.sqrt(np.mean(t.Z**2, axis=0))
-            d = np.where(d > 0, d, 1.0)
-            self.column_scales.append(d)
-            scaled_terms.append(t._replace(Z=t.Z / d))
-            rows, _ = _lower_indices(t)
-            theta_scale.append(d[rows])
-        self.terms = tuple(scaled_terms)
-        self.theta_scale = np.concatenate(theta_scale) if theta_scale else np.zeros(0)
+        std_design, self.scaling = standardize(design)
+        self.X, self.terms = std_design.X, std_design.terms
         self.layout = Layout(self.terms, n)
-        self.num_theta = int(self.theta_scale.size)
-        self.num_fixed = int(X.shape[1])
+        self.num_theta = int(sum(t.num_theta for t in self.terms))
+        self.num_fixed = int(self.X.shape[1])
         self.lower = theta_lower_bounds(self.terms)
         self._no_fixed = np.zeros((n, 0))
         self._warm = {}
-
-    # ------------------------------------------------------------------ scales
-    def theta_to_standard(self, theta) -> np.ndarray:
-        return np.asarray(theta, dtype=float) * self.theta_scale
-
-    def theta_from_standard(self, theta_s) -> np.ndarray:
-        return np.asarray(theta_s, dtype=float) / self.theta_scale
-
-    def beta_to_standard(self, beta) -> np.ndarray:
-        return np.linalg.solve(self.M, np.asarray(beta, dtype=float))
-
-    def beta_from_standard(self, beta_s) -> np.ndarray:
-        return self.M @ np.asarray(beta_s, dtype=float)
+        # -2 log p(y | mu) = sum of deviance residuals + -2 log p(y | mu = y) (the saturated model): the
+        # residuals are cheaper than the log-likelihood with its constants (log-gamma), PIRLS's inner loop
+        self._saturated = float(-2.0 * np.sum(self.family.log_likelihood(self.y, self.y, self.w)))
 
     # ------------------------------------------------------------------ pieces
     def random_predictor(self, factors, u) -> np.ndarray:
@@ -175,12 +139,16 @@ class GLMM:
         return self.layout.random_predictor(self.layout.per_term(self.layout.lambda_times(factors, u)))
 
     def penalised_deviance(self, eta, u) -> float:
-        mu = self.family.inverse_link(eta)
-        return float(-2.0 * np.sum(self.family.log_likelihood(self.y, mu, self.w)) + u @ u)
+        """``-2 sum_i log p(y_i | eta_i) + ||u||^2`` (with every constant of the log-likelihood)."""
+        return self._penalised_deviance(self.family.inverse_link(eta), u)
 
-    def _working(self, eta, fixed_part):
+    def _penalised_deviance(self, mu, u) -> float:
+        return float(np.sum(self.family.deviance_residuals(self.y, mu, self.w)) + self._saturated + u @ u)
+
+    def _working(self, eta, fixed_part, mu=None):
+        """PIRLS's working weights and response at ``eta`` (``mu``: the mean there, if known)."""
         fam = self.family
-        mu = fam.inverse_link(eta)
+        mu = fam.inverse_link(eta) if mu is None else mu
         d = fam.mu_eta(eta)
         weights = self.w * d**2 / np.maximum(fam.variance(mu), 1e-300)
         z = eta - fixed_part + (self.y - mu) / d
@@ -196,7 +164,6 @@ class GLMM:
         key = "joint" if joint else "fixed"
         factors = relative_factors(self.terms, theta_s)
         X = self.X if joint else self._no_fixed
-        Q = self.layout.size
         if start is None:
             start = self._warm.get(key)
         if joint:
@@ -209,27 +176,29 @@ class GLMM:
             # first step from the family's starting mean: the PLS solution at eta = g(mu_start)
             mu0 = self.family.start_mu(self.y, self.w)
             eta = self.family.link.link(mu0)
-            weights, z = self._working(eta, self.offset if joint else base)
+            weights, z = self._working(eta, self.offset if joint else base, mu0)
             f = factorize(self.layout, CrossProducts.build(self.layout, X, z, weights), theta_s)
             u, beta = f.u, (f.beta if joint else beta_s)
         else:
             u = np.asarray(start[0], dtype=float).copy()
             beta = (np.asarray(start[1], dtype=float).copy() if joint else beta_s)
         eta = fixed_of(beta) + self.random_predictor(factors, u)
-        pdev = self.penalised_deviance(eta, u)
+        mu = self.family.inverse_link(eta)
+        pdev = self._penalised_deviance(mu, u)
         converged, message, it, halving, size = False, "", 0, 0, np.inf
         for it in range(1, max_iter + 1):
-            fixed = fixed_of(beta)
-            weights, z = self._working(eta, self.offset if joint else fixed)
+            weights, z = self._working(eta, self.offset if joint else base, mu)
             f = factorize(self.layout, CrossProducts.build(self.layout, X, z, weights), theta_s)
             du = f.u - u
             db = (f.beta - beta) if joint else np.zeros(0)
+            d_eta = self.random_predictor(factors, du) + (self.X @ db if joint else 0.0)  # eta is linear in (u, beta)
             accepted = False
             for halving in range(21):
                 step = 0.5**halving
-                u_new, beta_new = u + step * du, (beta + step * db if joint else beta)
-                eta_new = fixed_of(beta_new) + self.random_predictor(factors, u_new)
-                pdev_new = self.penalised_deviance(eta_new, u_new)
+                eta_new = eta + step * d_eta
+                mu_new = self.family.inverse_link(eta_new)
+                u_new = u + step * du
+                pdev_new = self._penalised_deviance(mu_new, u_new)
                 if np.isfinite(pdev_new) and pdev_new <= pdev + 1e-11 * (1.0 + abs(pdev)):
                     accepted = True
                     break
@@ -239,22 +208,23 @@ class GLMM:
             size = max(float(np.max(np.abs(step * du))) if du.size else 0.0,
                        float(np.max(np.abs(step * db))) if db.size else 0.0)
             change = abs(pdev - pdev_new)
-            u, beta, eta, pdev = u_new, beta_new, eta_new, pdev_new
-            if size < 1e-10 or change < 1e-13 * (1.0 + abs(pdev)):
+            u, eta, mu, pdev = u_new, eta_new, mu_new, pdev_new
+            if joint:
+                beta = beta + step * db
+            if size < STEP_TOL or change <= 1e-15 * (1.0 + abs(pdev)):
                 converged, message = True, f"PIRLS converged in {it} iteration(s)"
                 break
         else:
             message = f"PIRLS: no convergence in {max_iter} iterations"
-        # the factorisation at the mode (weights at the mode): log|A| and the conditional covariances;
-        # after a full step below 1e-10 the last one's weights are those at the mode to that order
-        if not (converged and halving == 0 and size < 1e-10):
-            fixed = fixed_of(beta)
-            weights, z = self._working(eta, self.offset if joint else fixed)
+        # the factorisation at the mode (weights at the mode): log|A| and the conditional covariances.
+        # The last one's weights are those of the point before the last step; log|A| is not stationary at
+        # the mode (pdev is), so weights a step s away would shift it by O(s) (1e-8 here moved it 1e-6)
+        if size > 0.0:
+            weights, z = self._working(eta, self.offset if joint else base, mu)
             f = factorize(self.layout, CrossProducts.build(self.layout, X, z, weights), theta_s)
         factor = f
         if converged:
             self._warm[key] = (u, beta if joint else None)
-        mu = self.family.inverse_link(eta)
         return PIRLSResult(u, beta, eta, mu, pdev, pdev + factor.log_det_A, factor, weights, converged, it, message)
 
     # ------------------------------------------------------------------ criteria
@@ -302,6 +272,28 @@ class GLMM:
         if nagq <= 1:
             return self.laplace_deviance
         return lambda theta_s, beta_s: self.agq_deviance(theta_s, beta_s, nagq)
+
+
+def log_joint(design: MixedDesign, family: Union[str, Family], beta, b: Sequence, covariances: Sequence,
+              scale: Optional[float] = None) -> float:
+    """The host engine's log joint density ``log p(y | beta, b) + sum_k sum_l log N(b_kl; 0, Sigma_k)``.
+
+    ``b``: one ``(L_k, q_k)`` array per term, ``covariances``: the ``Sigma_k``, on the original
+    scale; ``scale``: the residual sd of a Gaussian response.  The NumPyro model
+    (:mod:`hiermeta.mixed.numpyro_model`) is tested against this.
+    """
+    fam = get_family(family)
+    y, w = fam.prepare(design.response, design.weights)
+    layout = Layout(design.terms, design.num_rows)
+    offset = np.zeros(design.num_rows) if design.offset is None else np.asarray(design.offset, dtype=float)
+    eta = np.asarray(design.X, dtype=float) @ np.asarray(beta, dtype=float) + offset + layout.random_predictor(b)
+    total = float(np.sum(fam.log_likelihood(y, fam.inverse_link(eta), w, scale)))
+    from scipy import stats  # not on the fitting path: scipy.stats costs ~0.4 s to import
+
+    for bk, S in zip(b, covariances):
+        total += float(np.sum(stats.multivariate_normal(np.zeros(S.shape[0]), S, allow_singular=False).logpdf(
+            np.asarray(bk, dtype=float))))
+    return total
 
 
 # ---------------------------------------------------------------------------- checks before fitting
@@ -360,24 +352,21 @@ def _strictly_separated(X: np.ndarray, y: np.ndarray, upper: float) -> bool:
 
 
 def _check_response(glmm: GLMM, separation: str) -> list:
-    """All-equal responses and separation (module docstring); returns notes for the warnings issued."""
+    """All-equal responses (:func:`hiermeta.mixed.checks.check_response`) and separation (module
+    docstring); returns the notes of the warnings issued."""
     y, fam = glmm.y, glmm.family
-    upper = 1.0 if fam.name in ("binomial", "bernoulli") else None
+    binomial = fam.name in ("binomial", "bernoulli")
+    check_response(glmm.design._replace(response=y), "binomial" if binomial else fam.name)
+    upper = 1.0 if binomial else None
     names = glmm.design.fixed_names
     n = y.shape[0]
-    if np.all(y == 0) or (upper is not None and np.all(y == upper)):
-        what = "0" if np.all(y == 0) else "1 (every trial a success)"
-        raise DataDefectError(f"all {n} responses are {what}: the intercept's estimate is infinite and the "
-                              "random-effect variances are not identified; there is nothing to fit")
     d_s = separation_direction(glmm.X, y, upper)
     if d_s is None:
         return []
-    d = glmm.M @ d_s  # the direction in the original columns
+    d = glmm.scaling.A @ d_s  # the direction in the original columns
     involved = [names[j] for j in np.flatnonzero(np.abs(d) > 1e-6 * np.max(np.abs(d)))]
-    Xd = glmm.X @ d_s
-    rows = int(np.sum(np.abs(Xd) > 1e-7))
-    complete = upper is not None and _strictly_separated(glmm.X, y, upper)
-    kind = "complete" if complete else "quasi-complete"
+    rows = int(np.sum(np.abs(glmm.X @ d_s) > 1e-7))
+    kind = "complete" if upper is not None and _strictly_separated(glmm.X, y, upper) else "quasi-complete"
     message = (f"{kind} separation in the fixed effects: along a direction of the columns {involved} the linear "
                f"predictor moves only rows whose response is already at its bound ({rows} of {n} rows), so the "
                "likelihood grows without bound and those estimates (and their standard errors) are infinite; "
@@ -385,201 +374,159 @@ def _check_response(glmm: GLMM, separation: str) -> list:
     if separation == "error":
         raise DataDefectError(message)
     if separation == "warn":
-        warnings.warn(message, SeparationWarning, stacklevel=3)
+        warnings.warn(message, SeparationWarning, stacklevel=4)
         return [message]
     return []
 
 
 # ---------------------------------------------------------------------------- the fit
 
-
-def _minimise(f, x0, bounds, max_iter: int, jac: str = "2-point", ftol: float = 1e-12, gtol: float = 1e-6):
-    """L-BFGS-B with finite-difference gradients (the polish and the Hessian come after, in :func:`_estimate`)."""
-    return optimize.minimize(f, x0, method="L-BFGS-B", jac=jac, bounds=bounds,
-                             options=dict(maxiter=max_iter, ftol=ftol, gtol=gtol, maxfun=50 * max_iter))
-
-
-def _finite_difference_hessian(f, x, free, h: float = 1e-3):
-    """Central-difference Hessian of ``f`` at ``x`` over the coordinates ``free`` (and the gradient)."""
-    idx = np.flatnonzero(free)
-    m = idx.size
-    f0 = f(x)
-    H = np.zeros((m, m))
-    g = np.zeros(m)
-    plus, minus = np.zeros(m), np.zeros(m)
-    for a, i in enumerate(idx):
-        e = np.zeros_like(x)
-        e[i] = h
-        plus[a], minus[a] = f(x + e), f(x - e)
-        g[a] = (plus[a] - minus[a]) / (2 * h)
-        H[a, a] = (plus[a] - 2 * f0 + minus[a]) / h**2
-    for a in range(m):
-        for b in range(a + 1, m):
-            ea, eb = np.zeros_like(x), np.zeros_like(x)
-            ea[idx[a]], eb[idx[b]] = h, h
-            H[a, b] = H[b, a] = (f(x + ea + eb) - f(x + ea - eb) - f(x - ea + eb) + f(x - ea - eb)) / (4 * h * h)
-    return H, g, f0
+APPROXIMATIONS = ("laplace", "agq", "pirls")
 
 
 def fit_glmm(design: MixedDesign, family: Union[str, Family] = "binomial", link: Optional[str] = None, *,
-             nagq: int = 1, separation: str = "error", max_iter: int = 500,
-             start: Optional[dict] = None) -> Estimate:
-    """Maximum likelihood of a GLMM by lme4's ``nAGQ``: 0 (PIRLS over ``(u, beta)``, ``theta`` optimised),
-    1 (Laplace, the default) or up to 25 (adaptive Gauss-Hermite quadrature, one scalar term).
+             approximation: str = "laplace", num_nodes: Optional[int] = None, start=None,
+             separation: str = "error", threads: Optional[int] = 1, warn: bool = True,
+             max_evaluations: int = 10000) -> Estimate:
+    """Maximum likelihood of a GLMM by lme4's ``nAGQ``: ``approximation="laplace"`` (``nAGQ = 1``, the
+    default), ``"agq"`` (``nAGQ = num_nodes``, default 25; one scalar random-effect term) or
+    ``"pirls"`` (``nAGQ = 0``: ``beta`` inside PIRLS, only ``theta`` optimised).
 
     Args:
       design: the model's data (:class:`~hiermeta.mixed.terms.MixedDesign`); binomial responses are
-        proportions with the trials as ``weights``, or 0/1 (or boolean) with unit weights.
+        proportions with the trials as ``weights``, or 0/1 (or boolean) with unit weights.  A
+        rank-deficient fixed design is refused (:func:`hiermeta.mixed.checks.drop_dependent_columns`;
+        :func:`hiermeta.mixed_model` drops the dependent columns first, as lme4).
       family, link: :mod:`hiermeta.mixed.family` (``"binomial"``, ``"bernoulli"``, ``"poisson"``).
-      nagq: lme4's ``nAGQ``.
+      start: ``theta`` (original scale), or ``{"theta": ..., "beta": ...}`` to start the last
+        stage there (default: lme4's, ``T_k = I`` and the ``nAGQ = 0`` fit).
       separation: ``"error"`` (default) raises :class:`~hiermeta.errors.DataDefectError` when the
         fixed effects are separated; ``"warn"`` warns and fits anyway.
-      start: ``{"theta": ..., "beta": ...}`` on the original scale (default: lme4's, ``T_k = I`` and
-        the ``nAGQ = 0`` fit).
+      threads: BLAS threads during the fit (:func:`~hiermeta.mixed.optimize.blas_threads`).
+      warn: issue the warnings (they are recorded in ``notes`` in any case).
 
-    Returns an :class:`~hiermeta.mixed.estimate.Estimate` (``sigma`` None; ``objective`` is
-    ``-2 log L``, lme4's ``deviance`` of a GLMM fit).  Non-convergence (optimiser or PIRLS), a
-    Hessian that is not positive definite and a boundary fit are in ``converged``/``notes``/
-    ``singular`` and each issued as an :class:`~hiermeta.errors.EmpiricalBayesWarning`.
+    Both stages minimise with :func:`~hiermeta.mixed.optimize.minimize_bounded` (COBYQA, a
+    central-difference check, Newton polish) on the standardised scale; the last stage's check
+    Hessian gives the fixed effects' covariance (module docstring).  Returns an
+    :class:`~hiermeta.mixed.estimate.Estimate` (``sigma`` None; ``objective`` is ``-2 log L``,
+    lme4's ``deviance`` of a GLMM).  Non-convergence (optimiser or PIRLS), a Hessian that is not
+    positive definite and a boundary fit are in ``converged``/``notes``/``singular`` and each
+    issued as an :class:`~hiermeta.errors.EmpiricalBayesWarning`.
     """
     if separation not in ("error", "warn", "ignore"):
         raise ValueError(f"separation must be 'error', 'warn' or 'ignore', got {separation!r}")
-    nagq = int(nagq)
+    approximation = str(approximation).lower()
+    if approximation not in APPROXIMATIONS:
+        raise ValueError(f"approximation must be one of {APPROXIMATIONS}, got {approximation!r}")
+    nagq = {"laplace": 1, "pirls": 0}.get(approximation, MAX_AGQ if num_nodes is None else int(num_nodes))
+    if approximation != "agq" and num_nodes not in (None, 1 if approximation == "laplace" else 0):
+        raise ValueError(f"num_nodes={num_nodes} applies to approximation='agq' only")
+    drop_dependent_columns(design, "error")
     glmm = GLMM(design, family, link)
-    if nagq > 1:
+    if approximation == "agq":
         glmm._require_scalar_term(nagq)
-    elif nagq < 0:
-        raise ValueError(f"nAGQ must be >= 0, got {nagq}")
+    with blas_threads(threads):
+        return _fit(glmm, nagq, start, separation, warn, max_evaluations)
+
+
+def _fit(glmm: GLMM, nagq: int, start, separation: str, warn: bool, max_evaluations: int) -> Estimate:
     notes = _check_response(glmm, separation)
     q, p = glmm.num_theta, glmm.num_fixed
-    theta_bounds = [(0.0 if np.isfinite(lo) else None, None) for lo in glmm.lower]
-    start = dict(start or {})
-    theta0 = glmm.theta_to_standard(start["theta"]) if "theta" in start else theta_start(glmm.terms)
+    lower = glmm.lower
+    start = {"theta": start} if start is not None and not isinstance(start, dict) else dict(start or {})
+    theta0 = glmm.scaling.theta_s(np.asarray(start["theta"], dtype=float)) if "theta" in start \
+        else theta_start(glmm.terms)
     evaluations = 0
 
-    # stage 1 (nAGQ = 0): theta, with beta updated inside PIRLS
-    def stage1(theta_s):
-        nonlocal evaluations
-        evaluations += 1
-        value = glmm.pirls(theta_s).deviance
-        return value if np.isfinite(value) else np.inf
-
     if "beta" in start and nagq > 0:
-        theta_s = theta0
-        beta_s = glmm.beta_to_standard(start["beta"])
-        stage1_message = "started from the given theta and beta"
-    else:
-        res1 = _minimise(stage1, theta0, theta_bounds, max_iter, ftol=1e-9 if nagq > 0 else 1e-12)
-        theta_s = np.maximum(res1.x, np.where(np.isfinite(glmm.lower), 0.0, -np.inf))
+        theta_s, beta_s = theta0, glmm.scaling.beta_s(np.asarray(start["beta"], dtype=float))
+        messages = ["started from the given theta and beta"]
+    else:  # stage 1 (nAGQ = 0): theta, with beta updated inside PIRLS
+        # only a start for nAGQ >= 1 (as lme4's nAGQ0initStep): checked only when it is the fit
+        opt1 = minimize_bounded(lambda th: glmm.pirls(th).deviance, theta0, lower, max_evaluations=max_evaluations,
+                                check=nagq == 0)
+        evaluations += opt1.evaluations
+        theta_s = np.maximum(opt1.x, lower)
         mode = glmm.pirls(theta_s)
         beta_s = mode.beta
-        stage1_message = f"nAGQ=0: {res1.message}"
+        messages = [f"nAGQ=0: {opt1.message}"]
         if nagq == 0:
-            return _estimate(glmm, "PIRLS (nAGQ=0)", theta_s, beta_s, mode, res1.success and mode.converged,
-                             evaluations, stage1_message, notes, criterion=None)
+            return _estimate(glmm, "PIRLS (nAGQ=0)", theta_s, beta_s, mode, opt1, evaluations, messages, notes,
+                             None, warn)
 
     # stage 2: (theta, beta) jointly, beta fixed inside PIRLS
     crit = glmm.criterion(nagq)
-
-    def stage2(x):
-        nonlocal evaluations
-        evaluations += 1
-        th, be = x[:q], x[q:]
-        value = crit(th, be)
-        return value if np.isfinite(value) else np.inf
-
-    bounds = theta_bounds + [(None, None)] * p
-    res2 = _minimise(stage2, np.concatenate([theta_s, beta_s]), bounds, max_iter)
-    x = res2.x.copy()
-    x[:q] = np.maximum(x[:q], np.where(np.isfinite(glmm.lower), 0.0, -np.inf))
+    opt2 = minimize_bounded(lambda x: crit(x[:q], x[q:]), np.concatenate([theta_s, beta_s]),
+                            np.concatenate([lower, np.full(p, -np.inf)]), max_evaluations=max_evaluations)
+    evaluations += opt2.evaluations
+    x = opt2.x
+    messages.append(f"nAGQ={nagq}: {opt2.message}")
     method = "Laplace" if nagq == 1 else f"AGQ({nagq})"
-    return _estimate(glmm, method, x[:q], x[q:], None, bool(res2.success), evaluations,
-                     f"{stage1_message}; nAGQ={nagq}: {res2.message}", notes, criterion=stage2)
+    return _estimate(glmm, method, np.maximum(x[:q], lower), x[q:], None, opt2, evaluations, messages, notes,
+                     opt2.hessian, warn)
 
 
-def _estimate(glmm: GLMM, method: str, theta_s, beta_s, mode: Optional[PIRLSResult], optimiser_ok: bool,
-              evaluations: int, message: str, notes: list, criterion) -> Estimate:
-    """Everything an :class:`Estimate` holds, at the optimum (standardised scale in, original scale out)."""
+def _estimate(glmm: GLMM, method: str, theta_s, beta_s, mode: Optional[PIRLSResult], opt, evaluations: int,
+              messages: list, notes: list, hessian: Optional[np.ndarray], warn: bool) -> Estimate:
+    """Everything an :class:`Estimate` holds at the optimum (standardised scale in, original scale out).
+
+    ``hessian``: the optimiser's check Hessian of ``-2 log L`` over ``(theta, beta)`` (NaN off its
+    free coordinates): ``2 H^-1`` restricted to ``beta`` is the fixed effects' covariance; without
+    one, or when it is not positive definite, the PLS system's ``(R_X'R_X)^-1`` at the mode.
+    """
     notes = list(notes)
     q, p = glmm.num_theta, glmm.num_fixed
-    on_boundary = np.isfinite(glmm.lower) & (np.abs(theta_s) < SINGULAR_TOL)
-    x = np.concatenate([theta_s, beta_s])
-    covariance_source = "RX"
-    if criterion is not None:
-        # Hessian of -2 log L over (theta, beta), boundary theta held fixed; one Newton step to polish
-        free = np.concatenate([~on_boundary, np.ones(p, bool)])
-        H, g, f0 = _finite_difference_hessian(criterion, x, free)
-        try:
-            np.linalg.cholesky(H)
-            pd = True
-        except np.linalg.LinAlgError:
-            pd = False
-        if pd:
-            step = np.zeros_like(x)
-            step[free] = -np.linalg.solve(H, g)
-            trial = x + step
-            trial[:q] = np.where(np.isfinite(glmm.lower), np.maximum(trial[:q], 0.0), trial[:q])
-            if np.max(np.abs(step)) < 1e-2 and criterion(trial) < f0:
-                x = trial
-                theta_s, beta_s = x[:q], x[q:]
-            cov_s = np.zeros((q + p, q + p))
-            cov_s[np.ix_(free, free)] = 2.0 * np.linalg.inv(H)
-            beta_cov_s = cov_s[q:, q:]
-            covariance_source = "Hessian"
-        else:
-            notes.append("the Hessian of -2 log L over (theta, beta) is not positive definite at the optimum: "
-                         "the fixed effects' covariance falls back to the PLS system's (R_X'R_X)^-1, which "
-                         "treats theta as known")
-        gradient_norm = float(np.max(np.abs(g))) if g.size else 0.0
-    else:
-        gradient_norm = 0.0
-    mode = glmm.pirls(theta_s, beta_s) if mode is None or criterion is not None else mode
-    # the joint PLS system at the mode for R_X (also the fallback covariance)
-    fixed_mode = glmm.pirls(theta_s, None, start=(mode.u, beta_s)) if covariance_source == "RX" else None
-    if covariance_source == "RX":
-        beta_cov_s = np.linalg.inv(fixed_mode.factor.fixed_precision) if p else np.zeros((0, 0))
-    deviance = float(criterion(x) if criterion is not None else mode.deviance)
-    theta = glmm.theta_from_standard(theta_s)
-    beta = glmm.beta_from_standard(beta_s)
-    beta_cov = glmm.M @ beta_cov_s @ glmm.M.T
+    if mode is None:
+        mode = glmm.pirls(theta_s, beta_s)
+    beta_cov_s, source = None, "the PLS system's (R_X'R_X)^-1 (theta treated as known)"
+    if hessian is not None and p:
+        free = ~np.isnan(np.diag(hessian))
+        if free[q:].all():
+            H = hessian[np.ix_(free, free)]
+            try:
+                np.linalg.cholesky(H)
+                cov = 2.0 * np.linalg.inv(H)
+                beta_cov_s = cov[-p:, -p:]
+                source = "the Hessian of -2 log L over (theta, beta)"
+            except np.linalg.LinAlgError:
+                notes.append("the Hessian of -2 log L over (theta, beta) is not positive definite at the optimum: "
+                             "the fixed effects' covariance falls back to the PLS system's (R_X'R_X)^-1, which "
+                             "treats theta as known")
+    if beta_cov_s is None:
+        joint = glmm.pirls(theta_s, None, start=(mode.u, beta_s))
+        beta_cov_s = np.linalg.inv(joint.factor.fixed_precision) if p else np.zeros((0, 0))
+    deviance = float(mode.deviance if method.startswith("PIRLS") or method == "Laplace" else opt.value)
+    scaling = glmm.scaling
     factors_s = relative_factors(glmm.terms, theta_s)
-    b_s = glmm.layout.per_term(glmm.layout.lambda_times(factors_s, mode.u))
-    cov_b_s = mode.factor.conditional_covariances(glmm.layout, factors_s)
-    b, b_cov = [], []
-    for d, bk, ck in zip(glmm.column_scales, b_s, cov_b_s):
-        b.append(bk / d)
-        b_cov.append(ck / np.outer(d, d))
-    names = theta_names(glmm.design.terms)
-    singular = tuple(n for n, s in zip(names, on_boundary) if s)
-    converged = bool(optimiser_ok and mode.converged and np.isfinite(deviance))
+    b = scaling.effects(glmm.layout.per_term(glmm.layout.lambda_times(factors_s, mode.u)))
+    b_cov = scaling.effect_covariances(mode.factor.conditional_covariances(glmm.layout, factors_s))
+    singular, singular_text = singular_parameters(glmm.terms, theta_s)
+    converged = bool(opt.converged and mode.converged and np.isfinite(deviance))
     if not mode.converged:
         notes.append(f"the conditional modes did not converge at the optimum: {mode.message}")
-    if not optimiser_ok:
-        notes.append(f"the optimiser did not report convergence: {message}")
-    if gradient_norm > 1e-2:
-        notes.append(f"the gradient of -2 log L at the optimum is {gradient_norm:.2g} (standardised scale): "
-                     "the optimiser stopped away from a stationary point")
-        converged = False
+    if not opt.converged:
+        notes.append(f"the optimiser did not pass the convergence check after {evaluations} evaluations "
+                     f"({opt.message}); the estimates may not be the optimum")
     if singular:
-        notes.append(f"boundary (singular) fit: {', '.join(singular)} at 0")
-    for note in notes:
-        if "separation" not in note:
-            warnings.warn(note, EmpiricalBayesWarning, stacklevel=3)
+        notes.append("boundary (singular) fit: " + "; ".join(singular_text))
+    if warn:
+        for note in notes:
+            if "separation" not in note:
+                warnings.warn(note, EmpiricalBayesWarning, stacklevel=4)
     return Estimate(
         method=method,
-        theta=theta,
-        beta=beta,
-        beta_cov=beta_cov,
+        theta=scaling.theta(theta_s),
+        beta=scaling.beta(beta_s),
+        beta_cov=scaling.beta_cov(beta_cov_s),
         sigma=None,
         b=b,
         b_cov=b_cov,
         loglik=-0.5 * deviance,
         objective=deviance,
-        num_params=int(p + glmm.num_theta),
+        num_params=int(p + q),
         converged=converged,
         iterations=int(evaluations),
-        message=f"{message}; fixed-effect covariance from the {covariance_source}"
-                + ("" if covariance_source == "RX" else " of -2 log L over (theta, beta)"),
+        message="; ".join(messages) + f"; fixed-effect covariance from {source}",
         singular=singular,
         notes=tuple(notes),
     )

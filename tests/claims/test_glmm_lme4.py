@@ -81,12 +81,12 @@ def test_cbpp_laplace_matches_lme4_its_peers_and_the_jax_engine():
 def test_cbpp_agq25_matches_lme4():
     """nAGQ = 25: lme4's tests record (-1.399225, -0.991407, -1.127822, -1.579466) (their tolerance 5e-4);
     lme4's nAGQ = 9 fit prints herd sd 0.6475."""
-    fit = fit_glmm(cbpp_design(), "binomial", nagq=25)
+    fit = fit_glmm(cbpp_design(), "binomial", approximation="agq", num_nodes=25)
     assert fit.converged and fit.method == "AGQ(25)"
     np.testing.assert_allclose(fit.beta, [-1.39922533406847, -0.991407294757321, -1.12782184600404,
                                           -1.57946627431248], atol=2e-5)
     assert fit.theta[0] == pytest.approx(0.6475, abs=1e-4)
-    assert fit.loglik > fit_glmm(cbpp_design(), "binomial", nagq=1).loglik  # AGQ corrects Laplace upwards here
+    assert fit.loglik > fit_glmm(cbpp_design(), "binomial", approximation="laplace").loglik  # AGQ corrects Laplace upwards here
 
 
 def test_grouseticks_three_factor_poisson_matches_lme4_and_mixedlm():

@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
-CODE_LANGUAGES = {"python", "py", "bash", "sh", "shell", "console", "toml", "yaml", "json", "ini", "cfg"}
+CODE_LANGUAGES = {"indented", "python", "py", "bash", "sh", "shell", "console", "toml", "yaml", "json", "ini", "cfg"}
 PYTHON = {"python", "py"}
 
 
@@ -126,7 +126,8 @@ def parse(path: Path, text: Optional[str] = None) -> Page:
                and not FENCE.match(lines[i]) and not MARKER.match(lines[i])):
             body.append(lines[i])
             i += 1
-        close(start, body, "text")
+        indented = all(line.startswith("    ") or line.startswith("\t") for line in body)
+        close(start, body, "code" if indented else "text", "indented" if indented else "")  # an indented code block
     if pending:
         problems.append((f"{rel}:{pending[0][0]}", "a marker with no block after it"))
     return Page(path, blocks, page_prose, problems)
@@ -134,10 +135,10 @@ def parse(path: Path, text: Optional[str] = None) -> Page:
 
 # ---------------------------------------------------------------------------- numbers in prose
 
-REFERENCE_WORDS = r"(?:eqs?\.|equations?|sections?|§|experiments?|algorithms?|appendix|tables?|figures?|fig\.|issues?|et al\.,?)"
+REFERENCE_WORDS = r"(?:eqs?\.|secs?\.|equations?|sections?|§|experiments?|algorithms?|appendix|tables?|figures?|fig\.|issues?|et al\.,?)"
 PACKAGES = (r"(?:python|jax|jaxlib|numpy|numpyro|arviz|scipy|pandas|statsmodels|lme4|glmmTMB|torch|pytorch|cuda|"
             r"flax|equinox|optax|blackjax|nutpie|mixedlm|formulae|formulaic|version|v)")
-REFERENCE = re.compile(rf"\b{REFERENCE_WORDS}\s*\(?\d+(?:\s*(?:/|,|-|and|or)\s*\d+)*", re.IGNORECASE)
+REFERENCE = re.compile(rf"\b{REFERENCE_WORDS}\s*\(?\d+(?:\.\d+)*(?:\s*(?:/|,|-|and|or)\s*\d+)*", re.IGNORECASE)
 VERSION = re.compile(rf"\b{PACKAGES}\s+\d+(?:[.-]\d+|\.x)*", re.IGNORECASE)
 NUMBER = re.compile(r"10\^[-−]?\d+|\d{1,3}(?:,\d{3})+(?:\.\d+)?|\d+(?:\.\d+)?(?:[eE][-+]?\d+)?|\.\d+")
 UNITS = {"x", "s", "ms", "us", "h", "min", "k", "K", "M", "G", "B", "KB", "MB", "GB", "KiB", "MiB", "GiB",
@@ -161,7 +162,7 @@ def strip_non_claims(text: str) -> str:
     (Eq. 4, section 7, et al. 2015), versions after a package name (Python 3.11)."""
     blank = lambda m: re.sub(r"[^\n]", " ", m.group(0))
     text = re.sub(r"<!--.*?-->", blank, text, flags=re.S)
-    text = re.sub(r"(`+)(?:(?!\1).)+?\1", blank, text)
+    text = re.sub(r"(`+)(?:(?!\1).)+?\1", blank, text, flags=re.S)  # code spans may wrap lines
     text = re.sub(r"\]\([^)]*\)", blank, text)
     text = re.sub(r"<https?://[^>]*>|https?://\S+", blank, text)
     text = REFERENCE.sub(blank, text)
@@ -182,6 +183,9 @@ def numbers_in(text: str) -> list[Number]:
             before = line[a - 1] if a else " "
             if before.isalnum() or before in "_.^/\\":
                 continue
+            if (before == "-" and a >= 2 and line[a - 2].isalpha()
+                    and not re.search(r"\d(?:st|nd|rd|th)$", line[:a - 1])):  # a name (SHA-256), not "16th-84th"
+                continue
             after = line[b:]
             if re.match(r"\.\d", after):  # a version or a dotted name
                 continue
@@ -198,13 +202,14 @@ def numbers_in(text: str) -> list[Number]:
                 elif not (prev.isalnum() or prev in ")]_%."):
                     sign = "-" if before in "-−" else "+"
             token = m.group(0).replace("−", "-")
-            out.append(Number(token, sign, after.lstrip()[:1] == "%" or after[:1] == "%", row))
+            percent = after[:1] == "%" or re.match(r"\s*[-–]\s*\d+(?:\.\d+)?\s*%", after) is not None  # "5-9%"
+            out.append(Number(token, sign, percent, row))
     return out
 
 
 def prints_as(number: Number, value: float) -> bool:
-    """Whether ``value`` prints as ``number`` at its digits (or ``100 value``, a percentage)."""
-    candidates = [value, 100.0 * value]
+    """Whether ``value`` prints as ``number`` at its digits (or, for a percentage, ``100 value``)."""
+    candidates = [value, 100.0 * value] if number.percent else [value]
     for v in candidates:
         if not math.isfinite(v):
             continue
@@ -293,8 +298,12 @@ def source_values(block: Block, problems: list) -> tuple[list, dict]:
         data = list(leaves(load_json(file)))
         keys = [k.strip() for k in (parts[1] if len(parts) > 1 else ".").split(";") if k.strip()]
         for key in keys:
+            scale = 1.0
+            m = re.fullmatch(r"(.*?)\s*\*\s*([0-9.eE+-]+)", key)
+            if m:  # KEY*1000: the values times 1000 (seconds quoted as ms)
+                key, scale = m.group(1), float(m.group(2))
             pattern = key_pattern(key)
-            chosen = [(f"{parts[0]}:{p}", v) for p, v in data if pattern.fullmatch(p)]
+            chosen = [(f"{parts[0]}:{p}", v * scale) for p, v in data if pattern.fullmatch(p)]
             if not chosen:
                 problems.append((block.where, f"marker at line {line}: no number under key {key!r} in {parts[0]}"))
             values += chosen
@@ -495,7 +504,7 @@ def snippets(page: Page, problems: Optional[list] = None) -> list[Snippet]:
 
 
 RUNNER = r"""
-import json, sys, traceback, os
+import json, sys, traceback, os, resource
 os.environ.setdefault("XLA_FLAGS", "--xla_cpu_multi_thread_eigen=false")
 spec = json.load(open(sys.argv[1]))
 cache = spec.get("cache")
@@ -505,19 +514,25 @@ if cache:
 results, spaces = [], {}
 for s in spec["snippets"]:
     space = spaces.setdefault(s["page"], {"__name__": "__docs__"})
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    start = usage.ru_utime + usage.ru_stime
     try:
         exec(compile(s["code"], s["where"], "exec"), space)
         results.append({"where": s["where"], "ok": True})
     except BaseException:
         results.append({"where": s["where"], "ok": False, "error": traceback.format_exc(limit=-4)})
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    results[-1]["cpu_s"] = usage.ru_utime + usage.ru_stime - start
     sys.stdout.flush()
 json.dump(results, open(sys.argv[2], "w"))
 """
 
 
-def run_snippets(chosen: list[Snippet], timeout: float = 1800.0, cache: Optional[str] = None) -> dict:
+def run_snippets(chosen: list[Snippet], timeout: float = 1800.0, cache: Optional[str] = None,
+                 cpu: Optional[dict] = None) -> dict:
     """Run the snippets in one fresh Python process (a namespace per page, blocks in order), in a
-    temporary directory; returns ``{where: error or None}``."""
+    temporary directory; returns ``{where: error or None}`` (and fills ``cpu`` with each block's
+    CPU seconds, if given)."""
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.json"
         result = Path(tmp) / "result.json"
@@ -528,7 +543,10 @@ def run_snippets(chosen: list[Snippet], timeout: float = 1800.0, cache: Optional
                               capture_output=True, text=True, timeout=timeout)
         if not result.exists():
             return {s.where: f"the runner failed:\n{proc.stderr[-4000:]}" for s in chosen}
-        return {r["where"]: (None if r["ok"] else r["error"]) for r in json.loads(result.read_text())}
+        records = json.loads(result.read_text())
+        if cpu is not None:
+            cpu.update({r["where"]: r["cpu_s"] for r in records})
+        return {r["where"]: (None if r["ok"] else r["error"]) for r in records}
 
 
 # ---------------------------------------------------------------------------- command line

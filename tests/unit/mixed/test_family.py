@@ -76,7 +76,7 @@ def test_every_link_inverts_and_its_derivative_is_the_finite_difference(link):
     # bounded far out, as R bounds them: mu stays inside its range, d mu / d eta positive
     far = np.array([-1e4, -50.0, 50.0, 1e3])
     assert np.all(np.isfinite(L.inverse(far))) and np.all(L.mu_eta(far) > 0)
-    if link != "log":
+    if link not in ("log", "identity"):
         assert np.all((L.inverse(far) > 0) & (L.inverse(far) < 1))
 
 
@@ -101,7 +101,19 @@ def test_links_are_checked_and_families_compare_by_name_and_link():
         get_family("poisson", "logit")
     with pytest.raises(ValueError, match="unknown family"):
         get_family("gamma")
-    assert set(FAMILIES) == {"binomial", "bernoulli", "poisson"} and isinstance(get_family("bernoulli"), Bernoulli)
+    assert set(FAMILIES) == {"binomial", "bernoulli", "poisson", "gaussian"}
+    assert isinstance(get_family("bernoulli"), Bernoulli)
+
+
+def test_gaussian_rows_are_scipys_normal_with_the_weights_dividing_the_variance(rng):
+    y, mu, w = rng.normal(size=20), rng.normal(size=20), rng.uniform(0.5, 2.0, 20)
+    fam = get_family("gaussian")
+    assert fam.link.name == "identity" and not fam.discrete and fam.has_scale
+    np.testing.assert_allclose(fam.log_likelihood(y, mu, w, scale=1.7), stats.norm.logpdf(y, mu, 1.7 / np.sqrt(w)))
+    np.testing.assert_allclose(fam.cdf(y, mu, w, scale=1.7), stats.norm.cdf(y, mu, 1.7 / np.sqrt(w)))
+    np.testing.assert_allclose(fam.deviance_residuals(y, mu, w), w * (y - mu) ** 2)
+    with pytest.raises(ValueError, match="residual sd"):
+        fam.log_likelihood(y, mu, w)
 
 
 def test_bad_responses_are_refused_naming_the_rows():

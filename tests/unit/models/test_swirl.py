@@ -1,6 +1,8 @@
 """The swirl domain (Experiment 2): likelihood against an independent NumPy implementation,
 the map's geometry, the generator, the closed-form MLE and the Bayes oracle."""
 
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
