@@ -16,7 +16,7 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from hiermeta.utils import format_table, save_figure, to_jsonable  # noqa: F401  (re-exported for the examples)
+from hiermeta.printing import format_table, save_figure, to_jsonable  # noqa: F401  (re-exported for the examples)
 
 __all__ = ["format_table", "write_json", "plot_loss_curves", "to_jsonable", "pyplot", "save_figure",
            "study_parser", "count", "count_list", "positive_float", "probability", "prng_seed", "MAX_COUNT",

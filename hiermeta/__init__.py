@@ -144,7 +144,7 @@ sys.modules[__name__].__class__ = _Namespace
 
 # Submodules that need no JAX (importing them leaves the compilation cache alone; the command line
 # fits mixed models on NumPy/SciPy, and hiermeta.mixed.numpyro_model turns the cache on when it imports JAX).
-_JAX_FREE = ("hiermeta.errors", "hiermeta.mixed", "hiermeta.cli", "hiermeta.__main__")
+_JAX_FREE = ("hiermeta.errors", "hiermeta.printing", "hiermeta.mixed", "hiermeta.cli", "hiermeta.__main__")
 
 
 class _CompilationCacheOnFirstUse(importlib.abc.MetaPathFinder):
