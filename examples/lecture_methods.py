@@ -243,6 +243,9 @@ def glyph_domain(args, steps):
         "M-sigma-iMAML": Method("shrinkage", lambda: hm.m_sigma_imaml(
             model, **lbfgs, init_sigma=init_sigma, outer_optimizer=both,
             hypergradient=hm.implicit.cg_solve(maxiter=5, tol=1e-6)), plain, 10),
+        "M-sigma-Reptile": Method("shrinkage", lambda: m_sigma_reptile(model, **lbfgs, init_sigma=init_sigma), plain, 10),
+        "M-Shrinkage MAP": Method("shrinkage", lambda: hm.m_shrinkage_map(model, **lbfgs, init_sigma=init_sigma,
+                                                                          outer_optimizer=both), plain, 10),
         "iMAML": Method("optimisation", lambda: hm.imaml(model, lam=2.0 * n_support, **lbfgs, outer_optimizer=adam(),
                                                          hypergradient=hm.implicit.cg_solve(maxiter=5, tol=1e-6)),
                         plain, 10),
@@ -257,6 +260,8 @@ def glyph_domain(args, steps):
                          plain, K),
         "FOMAML": Method("optimisation", lambda: hm.fomaml(model, inner_steps=K, init_lr=rate, outer_optimizer=adam()),
                          plain, K),
+        "FO-M-MAML": Method("optimisation", lambda: hm.fo_m_maml(model, inner_steps=K, init_lr=rate,
+                                                                 outer_optimizer=adam()), plain, K),
         "Reptile": Method("optimisation", lambda: hm.reptile(model, inner_optimizer=optax.sgd(rate), inner_steps=K,
                                                              outer_optimizer=optax.sgd(1.0)), plain, K),
         "LSTM-opt MAML": Method("learned optimiser", lambda: learned_optimizer(
