@@ -91,27 +91,29 @@ def lstm_outer(lr: float, steps: int):
 
 
 def step_based(model, phi0, steps, *, K, lr, reptile_lr, reptile_K, prior_solver, sigma0, lam, set_kwargs,
-               outer_lr, set_lr):
+               outer_lr, set_lr, lstm_kwargs, implicit_kwargs=None):
     """The methods every domain runs: shrinkage family, MAML family with four inner optimisers, Reptile,
     the learned optimiser, deep sets and set attention."""
     adam = lambda: cosine_adam(outer_lr, steps)
     plain = lambda learner, key, states: learner.init(key, phi0)
     prior = dict(prior_solver, init_sigma=sigma0)
+    implicit = dict(implicit_kwargs or {})
     set_init = lambda learner, key, states: learner.init(key, phi0, data=states["__support__"])
-    return {
+    methods = {
         "Shrinkage": Method("shrinkage", lambda: hm.shrinkage(model, **prior, outer_optimizer=adam()), plain, None),
         "M-Shrinkage": Method("shrinkage", lambda: hm.m_shrinkage(model, **prior, outer_optimizer=adam()), plain, None),
-        "sigma-iMAML": Method("shrinkage", lambda: hm.sigma_imaml(model, **prior, outer_optimizer=adam()), plain, None),
-        "M-sigma-iMAML": Method("shrinkage", lambda: hm.m_sigma_imaml(model, **prior, outer_optimizer=adam()), plain,
-                                None),
+        "sigma-iMAML": Method("shrinkage", lambda: hm.sigma_imaml(model, **prior, **implicit, outer_optimizer=adam()),
+                              plain, None),
+        "M-sigma-iMAML": Method("shrinkage", lambda: hm.m_sigma_imaml(model, **prior, **implicit,
+                                                                      outer_optimizer=adam()), plain, None),
         "sigma-Reptile": Method("shrinkage", lambda: sigma_reptile(model, **prior), plain, None),
         "M-sigma-Reptile": Method("shrinkage", lambda: m_sigma_reptile(model, **prior), plain, None),
         "Shrinkage MAP": Method("shrinkage", lambda: hm.shrinkage_map(model, **prior, outer_optimizer=adam()), plain,
                                 None),
         "M-Shrinkage MAP": Method("shrinkage", lambda: hm.m_shrinkage_map(model, **prior, outer_optimizer=adam()),
                                   plain, None),
-        "iMAML": Method("optimisation", lambda: hm.imaml(model, lam=lam, **prior_solver, outer_optimizer=adam()), plain,
-                        None),
+        "iMAML": Method("optimisation", lambda: hm.imaml(model, lam=lam, **prior_solver, **implicit,
+                                                         outer_optimizer=adam()), plain, None),
         "MAML (SGD, fixed rate)": Method("optimisation", lambda: hm.maml(model, inner_steps=K, init_lr=lr, learn_lr=False,
                                                                          outer_optimizer=adam()), plain, K),
         "MAML": Method("optimisation", lambda: hm.maml(model, inner_steps=K, init_lr=lr, outer_optimizer=adam()), plain, K),
@@ -129,14 +131,18 @@ def step_based(model, phi0, steps, *, K, lr, reptile_lr, reptile_K, prior_solver
                                                                  optax.cosine_decay_schedule(1.0, steps, 0.1))),
                           plain, reptile_K),
         "LSTM-opt MAML": Method("learned optimiser", lambda: learned_optimizer(
-            model, inner_steps=K, init_lr=lr, outer_optimizer=lstm_outer(outer_lr, steps)), plain, K),
+            model, inner_steps=K, init_lr=lr, **lstm_kwargs, outer_optimizer=lstm_outer(outer_lr, steps)), plain, K),
         f"LSTM-opt MAML (T={K // 2})": Method("learned optimiser", lambda: learned_optimizer(
-            model, inner_steps=K, truncation=K // 2, init_lr=lr, outer_optimizer=lstm_outer(outer_lr, steps)), plain, K),
+            model, inner_steps=K, truncation=K // 2, init_lr=lr, **lstm_kwargs,
+            outer_optimizer=lstm_outer(outer_lr, steps)), plain, K),
         "DeepSets": Method("black-box", lambda: set_encoder(model, **set_kwargs, outer_optimizer=cosine_adam(set_lr, steps)),
                            set_init, 0),
         "SetAttention": Method("black-box", lambda: set_encoder(model, **set_kwargs, pooling="attention",
                                                                 outer_optimizer=cosine_adam(set_lr, steps)), set_init, 0),
     }
+    if K % 2:
+        methods.pop(f"LSTM-opt MAML (T={K // 2})")  # truncation must divide K
+    return methods
 
 
 # ---------------------------------------------------------------------------- domains
@@ -160,7 +166,8 @@ def linear_domain(args, steps):
     test = linear.sample_tasks(domain, k_test, 200 if args.quick else 1000)[1]
     methods = step_based(model, jnp.zeros(8), steps, K=10, lr=0.05, reptile_lr=0.1, reptile_K=50,
                          prior_solver=dict(inner_solver=hm.solvers.newton()), sigma0=1.0, lam=1 / 16,
-                         set_kwargs=dict(width=32, depth=2, features=lambda tree, d: d.obs), outer_lr=0.03, set_lr=0.01)
+                         set_kwargs=dict(width=32, depth=2, features=lambda tree, d: d.obs), outer_lr=0.03, set_lr=0.01,
+                         lstm_kwargs=dict(hidden=16, output_scale=0.1))
     oracle, _ = linear.posterior(test.train, domain.phi, domain.sigma)
     mle, _ = linear.posterior(test.train, domain.phi, np.full(8, np.inf))
     loss = jax.jit(jax.vmap(model.generalisation_loss))
@@ -181,9 +188,11 @@ def sinusoid_domain(args, steps):
     test = sinusoid.sample_tasks(domain, jax.random.PRNGKey(args.seed + 1), 100 if args.quick else 500)[1]
     methods = step_based(model, params, steps, K=5, lr=sinusoid.MAML_INNER_LR, reptile_lr=sinusoid.MAML_INNER_LR,
                          reptile_K=5, prior_solver=dict(inner_optimizer=optax.sgd(sinusoid.MAML_INNER_LR), inner_steps=5),
-                         sigma0=1.0, lam=1.0, set_kwargs=dict(width=64, depth=2), outer_lr=0.01, set_lr=0.003)
-    for name in ("Shrinkage", "sigma-iMAML", "Shrinkage MAP", "sigma-Reptile", "FOMAML", "FO-M-MAML"):
-        methods.pop(name)  # the one-sigma / first-order twins: see the linear domain
+                         sigma0=1.0, lam=1.0, set_kwargs=dict(width=64, depth=2), outer_lr=0.01, set_lr=0.003,
+                         lstm_kwargs=dict(hidden=8, output_scale=0.01),
+                         # 5 SGD steps are far from stationary: the exact (CG to convergence) hypergradient runs
+                         # off; 5 CG iterations, as examples/fewshot.py, keep it finite
+                         implicit_kwargs=dict(hypergradient=hm.implicit.cg_solve(maxiter=5, tol=1e-6)))
     methods = {name: m._replace(test_steps=5) if m.test_steps is None else m for name, m in methods.items()}
     return Domain("sinusoid", model, methods, lambda key: sinusoid.sample_tasks(domain, key, 25)[1], test, None, {},
                   f"MAML's sine waves (10 support + 10 query points, MLP 1-40-40-1), "
@@ -234,6 +243,9 @@ def glyph_domain(args, steps):
         "M-sigma-iMAML": Method("shrinkage", lambda: hm.m_sigma_imaml(
             model, **lbfgs, init_sigma=init_sigma, outer_optimizer=both,
             hypergradient=hm.implicit.cg_solve(maxiter=5, tol=1e-6)), plain, 10),
+        "M-sigma-Reptile": Method("shrinkage", lambda: m_sigma_reptile(model, **lbfgs, init_sigma=init_sigma), plain, 10),
+        "M-Shrinkage MAP": Method("shrinkage", lambda: hm.m_shrinkage_map(model, **lbfgs, init_sigma=init_sigma,
+                                                                          outer_optimizer=both), plain, 10),
         "iMAML": Method("optimisation", lambda: hm.imaml(model, lam=2.0 * n_support, **lbfgs, outer_optimizer=adam(),
                                                          hypergradient=hm.implicit.cg_solve(maxiter=5, tol=1e-6)),
                         plain, 10),
@@ -248,10 +260,13 @@ def glyph_domain(args, steps):
                          plain, K),
         "FOMAML": Method("optimisation", lambda: hm.fomaml(model, inner_steps=K, init_lr=rate, outer_optimizer=adam()),
                          plain, K),
+        "FO-M-MAML": Method("optimisation", lambda: hm.fo_m_maml(model, inner_steps=K, init_lr=rate,
+                                                                 outer_optimizer=adam()), plain, K),
         "Reptile": Method("optimisation", lambda: hm.reptile(model, inner_optimizer=optax.sgd(rate), inner_steps=K,
                                                              outer_optimizer=optax.sgd(1.0)), plain, K),
         "LSTM-opt MAML": Method("learned optimiser", lambda: learned_optimizer(
-            model, inner_steps=K, init_lr=rate, outer_optimizer=lstm_outer(3e-3, steps)), plain, K),
+            model, inner_steps=K, init_lr=rate, hidden=8, output_scale=0.01, outer_optimizer=lstm_outer(3e-3, steps)),
+            plain, K),
         "ProtoNet": Method("metric", lambda: hm.protonet(model, embed=net.embed, outer_optimizer=adam()), plain, 0),
         "ClassWeightPredictor": Method("black-box", lambda: class_weight_predictor(
             model, embed=net.embed, outer_optimizer=cosine_adam(1e-3, steps)), warm_from_protonet, 0),
@@ -351,9 +366,9 @@ def run_domain(domain: Domain, args, steps) -> dict:
             learner, state = learners[m.base], states[m.base]
             wall = cpu = None
         else:
-            learner = m.build()
-            state = m.init(learner, jax.random.fold_in(key, 1), states)
             try:
+                learner = m.build()
+                state = m.init(learner, jax.random.fold_in(key, 1), states)
                 state, history, wall, cpu = train(learner, state, domain.sample, steps, jax.random.fold_in(key, 2))
             except Exception as err:  # noqa: BLE001  (a learner that fails is reported, not hidden)
                 print(f"  {name}: FAILED in meta-training: {err}")
