@@ -8,7 +8,13 @@ for GLMMs) and afterwards checks the gradient and Hessian by finite differences.
    standardised scale, :mod:`~hiermeta.mixed.scaling`).  On lme4's data sets it reached the
    optimum to 1e-10 in 50-64 evaluations where L-BFGS-B with forward differences took 60-160
    and stopped 1e-5 short on Pastes under ML, Powell 200-370 and Nelder-Mead 130-310
-   (``docs/mixed-models.md``).  Without COBYQA (older SciPy): L-BFGS-B.
+   (``docs/mixed-models.md``).  Without COBYQA (older SciPy): L-BFGS-B.  COBYQA's own work is
+   about 1 ms per evaluation (its trust-region subproblems, in Python), more than a GLMM's
+   criterion on data of a few thousand rows, so the GLMM fits (:mod:`~hiermeta.mixed.glmm`) use
+   ``method="l-bfgs-b"``: about twice the evaluations (a forward-difference gradient costs ``k + 1``,
+   each a PIRLS warm-started ``1e-8`` away: one Newton step), each with no overhead of its own
+   (on ohio's random-slope model and grouseticks' three factors about 0.6 of COBYQA's CPU time,
+   the same optima to 2e-9 in ``-2 log L``; ``benchmarks/mixed_fit.py`` times the whole fits).
 2. **Check** (lme4's ``checkConv``): central-difference gradient ``g`` and Hessian ``H`` at the
    end point (``1 + 2k + k(k - 1)`` evaluations for ``k`` parameters: an off-diagonal entry from
    ``f(x +- (h_i e_i + h_j e_j))`` and the gradient's ``f(x +- h_i e_i)``), over the free coordinates (a coordinate at its lower bound whose gradient pushes
@@ -154,12 +160,17 @@ def _check(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float = 1e-4,
 
 
 def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: int = 10000,
-                     ftol: float = 1e-12, gtol: float = 1e-7, newton_steps: int = 3, check: bool = True) -> Minimum:
+                     ftol: float = 1e-12, gtol: float = 1e-7, newton_steps: int = 3, check: bool = True,
+                     method: str = "cobyqa") -> Minimum:
     """Minimise ``fun`` over ``lower <= x <= upper`` (module docstring).
 
-    ``check=False``: COBYQA alone, for a point that only starts another fit (a GLMM's ``nAGQ = 0``
-    stage); the result is not checked (``converged`` is COBYQA's own success, ``gradient`` NaN).
+    ``method``: the first stage, ``"cobyqa"`` or ``"l-bfgs-b"`` (forward-difference gradients:
+    more evaluations, each with almost no work of its own; module docstring).  ``check=False``: that
+    stage alone, for a point that only starts another fit (a GLMM's ``nAGQ = 0`` stage); the result
+    is not checked (``converged`` is the method's own success, ``gradient`` NaN).
     """
+    if method not in ("cobyqa", "l-bfgs-b"):
+        raise ValueError(f"method must be 'cobyqa' or 'l-bfgs-b', got {method!r}")
     x0 = np.asarray(x0, dtype=float)
     lower = np.asarray(lower, dtype=float)
     upper = np.full_like(x0, np.inf) if upper is None else np.asarray(upper, dtype=float)
@@ -171,17 +182,22 @@ def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: i
         res = scipy.optimize.minimize(counted, start, method="L-BFGS-B", bounds=bounds,
                                       options=dict(maxfun=max_evaluations, ftol=ftol, gtol=gtol, maxls=50))
         messages.append(f"L-BFGS-B: {res.message}")
+        return res
 
     x0 = np.clip(x0, lower, upper)
     res = None
-    try:
-        res = scipy.optimize.minimize(counted, x0, method="COBYQA", bounds=bounds,
-                                      options=dict(maxfev=max_evaluations, initial_tr_radius=0.2, final_tr_radius=1e-5))
-        messages.append(f"COBYQA: {res.message}")
-    except ValueError as err:  # SciPy < 1.14: no COBYQA
-        if "cobyqa" not in str(err).lower():
-            raise
-        lbfgs(x0)
+    if method == "l-bfgs-b":
+        res = lbfgs(x0)
+    else:
+        try:
+            res = scipy.optimize.minimize(counted, x0, method="COBYQA", bounds=bounds,
+                                          options=dict(maxfev=max_evaluations, initial_tr_radius=0.2,
+                                                       final_tr_radius=1e-5))
+            messages.append(f"COBYQA: {res.message}")
+        except ValueError as err:  # SciPy < 1.14: no COBYQA
+            if "cobyqa" not in str(err).lower():
+                raise
+            res = lbfgs(x0)
     if counted.best_x is None:
         return Minimum(x0, np.inf, False, counted.count, np.full_like(x0, np.nan), np.full_like(x0, np.nan),
                        np.zeros(x0.size, dtype=bool), "the criterion is not finite at the start or anywhere tried")
