@@ -68,22 +68,26 @@ def current_rss_mb() -> float:
 
 
 def paper_data(groups: int, seed: int = 0):
-    """``groups`` tasks of the paper's linear domain (every task's support and query merged) as a
-    ``GaussianData`` whose shared design and noise are broadcast views (no copy per task)."""
+    """``groups`` tasks of the paper's linear domain (``models.linear.paper_domain``: design
+    ``[I_8; 1^T / sqrt 8]``, noise sd ``[8]*4 + [5]*4 + [1]``, phi 1, sigma ``[8]*4 + [2]*4``; every
+    task's 4 + 4 observations merged) and its model (one module per coordinate, known noise), as a
+    ``GaussianData`` whose shared design and noise are broadcast views (no copy per task).  Built from
+    hiermeta's oldest public names only, so that a --baseline checkout runs it too."""
+    import jax.numpy as jnp
     import numpy as np
 
     import hiermeta as hm
-    from models import linear
 
-    domain = linear.paper_domain()
-    A, xi = np.asarray(domain.design, float), np.asarray(domain.noise_sd, float)
-    n = domain.n_train + domain.n_val
+    A = np.vstack([np.eye(8), np.ones((1, 8)) / np.sqrt(8.0)])
+    xi = np.array([8.0] * 4 + [5.0] * 4 + [1.0])
+    phi, sigma, n = np.ones(8), np.array([8.0] * 4 + [2.0] * 4), 8
     rng = np.random.default_rng(seed)
-    theta = domain.phi + domain.sigma * rng.standard_normal((groups, A.shape[1]))
-    obs = (theta @ A.T)[:, None, :] + xi * rng.standard_normal((groups, n, A.shape[0]))
+    theta = phi + sigma * rng.standard_normal((groups, 8))
+    obs = (theta @ A.T)[:, None, :] + xi * rng.standard_normal((groups, n, 9))
     data = hm.GaussianData(obs=obs, noise_sd=np.broadcast_to(xi, obs.shape), mask=np.ones((groups, n), bool),
                            inputs=np.broadcast_to(A, (groups, n) + A.shape))
-    return linear.make_model(A.shape[1]), data
+    model = hm.HierarchicalModel(hm.LinearGaussianLikelihood(), hm.ModulePartition.per_coordinate(jnp.zeros(8)))
+    return model, data
 
 
 def child_hiermeta(groups: int, repeats: int, domain: str = "sleepstudy") -> dict:
@@ -241,11 +245,11 @@ def main_paper(args, format_table, note, write_results) -> None:
             continue
         wall = statistics.median(this["times_s"])
         row = [G, wall, statistics.median(this["cpu_s"]), this["first_s"], this["iterations"],
-               this["peak_rss_mb"] - this["rss_data_mb"], this["loglik"]]
+               this["peak_rss_mb"] - this["rss_data_mb"], f"{this['loglik']:.10g}"]
         if base and "failed" not in base:
             b = statistics.median(base["times_s"])
             diff = abs(this["loglik"] - base["loglik"])
-            row += [b, b / wall, diff, diff / G]
+            row += [b, b / wall, f"{diff:.2e}", f"{diff / G:.2e}"]
         else:
             row += ["-"] * 4
         rows.append(row)

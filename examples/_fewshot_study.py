@@ -16,7 +16,6 @@ import numpy as np
 from scipy import stats
 
 import hiermeta as hm
-from hiermeta.models import fewshot
 
 __all__ = ["seed_interval", "paired_difference", "train_with_validation", "layer_movement"]
 
@@ -72,8 +71,3 @@ def train_with_validation(learner, state, sample, num_steps, *, data_key, val_ev
     record = {"validation": curve, "best_step": int(best.step), "best_val_accuracy": best_acc,
               "seconds_per_meta_step": seconds / timed if timed else None}
     return best, history, record
-
-
-def score(learner, state, sampler, episodes, key, num_steps):
-    """Test accuracy and cross-entropy with 95% intervals over episodes (``fewshot.evaluate_episodes``)."""
-    return fewshot.evaluate_episodes(learner, state, sampler, episodes, key=key, num_steps=num_steps)

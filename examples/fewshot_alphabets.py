@@ -48,11 +48,12 @@ import optax  # noqa: E402
 import hiermeta as hm  # noqa: E402
 from hiermeta.implicit import cg_solve  # noqa: E402
 from hiermeta.learners import check_run_off, gaussian_prior_learner, minibatch_steps, phi_sigma_optimizer, proximal_sgd, sigma_of  # noqa: E402
-from hiermeta.models import fewshot, glyphs  # noqa: E402
+from hiermeta.models import fewshot  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import count, format_table, positive_float, study_parser, write_json  # noqa: E402
+from _common import count, format_table, positive_float, prng_seed, study_parser, write_json  # noqa: E402
 from _fewshot_study import layer_movement, paired_difference, seed_interval, train_with_validation  # noqa: E402
+from fewshot import load_data  # noqa: E402  (examples/fewshot.py: the glyph set, or Omniglot with --omniglot)
 
 LEARNERS = ("M-sigma-Reptile", "Reptile", "M-sigma-iMAML", "iMAML")
 PAIRS = (("M-sigma-Reptile", "Reptile"), ("M-sigma-iMAML", "iMAML"))
@@ -63,7 +64,7 @@ def build_parser():
     p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny network, few steps and episodes")
     p.add_argument("--out", default="results", help="output directory for fewshot_alphabets.json")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (initialisation and tasks)")
+    p.add_argument("--seeds", type=prng_seed, nargs="+", default=[0, 1, 2], help="seeds (initialisation and tasks)")
     p.add_argument("--learners", nargs="+", choices=LEARNERS, help="learners to run (default all)")
     p.add_argument("--ways", type=count(2), default=20, help="characters per alphabet task")
     p.add_argument("--train-shots", type=count(1), default=15, help="training images per character")
@@ -105,16 +106,6 @@ def parse_args(argv=None):
     args.val_episodes = args.val_episodes or (2 if q else 6)
     args.test_episodes = args.test_episodes or (4 if q else 30)
     return args
-
-
-def load_data(args):
-    if args.omniglot:
-        from hiermeta.models import omniglot
-
-        dataset = omniglot.load_omniglot(args.omniglot, image_size=args.image_size)
-        return dataset, omniglot.background_evaluation_split(dataset), "Omniglot"
-    dataset = glyphs.glyph_dataset(image_size=args.image_size)
-    return dataset, glyphs.default_splits(dataset), "rendered glyphs (stand-in, not Omniglot)"
 
 
 def make_learner(name, args, model):

@@ -46,8 +46,8 @@ from hiermeta.learners import check_run_off, gaussian_prior_learner, phi_sigma_o
 from hiermeta.models import fewshot, glyphs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import count, format_table, positive_float, study_parser, write_json  # noqa: E402
-from _fewshot_study import layer_movement, paired_difference, seed_interval  # noqa: E402
+from _common import count, format_table, positive_float, prng_seed, study_parser, write_json  # noqa: E402
+from _fewshot_study import paired_difference, seed_interval  # noqa: E402
 
 PHI_STEPS = ("map", "reptile", "pll")
 SIGMA_STEPS = ("eq4", "exact", "fixed")
@@ -58,12 +58,12 @@ def build_parser():
     p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny network, few steps and episodes")
     p.add_argument("--out", default="results", help="output directory for fewshot_factorial.json")
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds (initialisation and episodes)")
+    p.add_argument("--seeds", type=prng_seed, nargs="+", default=[0, 1, 2], help="seeds (initialisation and episodes)")
     p.add_argument("--phi-steps", nargs="+", choices=PHI_STEPS, default=["map", "pll"], help="phi steps to cross")
     p.add_argument("--sigma-steps", nargs="+", choices=SIGMA_STEPS, default=list(SIGMA_STEPS), help="sigma steps")
-    p.add_argument("--ways", type=count(2), default=5)
-    p.add_argument("--shots", type=count(1), default=1)
-    p.add_argument("--queries", type=count(1), default=5)
+    p.add_argument("--ways", type=count(2), default=5, help="classes per episode")
+    p.add_argument("--shots", type=count(1), default=1, help="support images per class")
+    p.add_argument("--queries", type=count(1), default=5, help="query images per class")
     p.add_argument("--image-size", type=count(8), help="image side (default 16, quick 12)")
     p.add_argument("--filters", type=count(1), help="conv filters per block (default 8, quick 4)")
     p.add_argument("--blocks", type=count(1), default=2, help="conv blocks")
@@ -104,6 +104,58 @@ def make_learner(phi_step, sigma_step, args, model):
         name=f"phi {phi_step} / sigma {sigma_step}")
 
 
+def payload(args, modules, runs, t_start) -> dict:
+    """The study's JSON: every run, and per cell the mean over the seeds run so far with its
+    t-interval, the learned sigma and the sigma step's residual; learned minus fixed, paired by seed."""
+    runs = {cell: entries for cell, entries in runs.items() if entries}
+    summary = {}
+    for cell, entries in runs.items():
+        acc = [e["scores"]["accuracy"] for e in entries]
+        mean, half = seed_interval(acc)
+        summary[cell] = {"accuracy": mean, "accuracy_ci95_over_seeds": half, "per_seed": acc,
+                         "per_seed_ci95_over_episodes": [e["scores"]["accuracy_ci95"] for e in entries]}
+        if "sigma" in entries[0]:
+            summary[cell]["sigma_mean_over_seeds"] = np.mean([e["sigma"] for e in entries], axis=0)
+            summary[cell]["sigma_residual_median"] = float(np.median([e["sigma_residual_last"] for e in entries]))
+            summary[cell]["seeds_run_off"] = int(sum(any(e["run_off"]["ran_off"]) for e in entries))
+    contrasts = {}
+    for phi_step in args.phi_steps:
+        fixed = runs.get(f"{phi_step} / fixed")
+        for sigma_step in ("eq4", "exact"):
+            learned = runs.get(f"{phi_step} / {sigma_step}")
+            if fixed and learned:
+                d, h = paired_difference([e["scores"]["accuracy"] for e in learned],
+                                         [e["scores"]["accuracy"] for e in fixed])
+                contrasts[f"{phi_step}: {sigma_step} - fixed"] = {"difference": d, "ci95_over_seeds": h}
+    return {"schema": "hiermeta/fewshot_factorial/v1", "data": "rendered glyphs (stand-in, not Omniglot)",
+            "config": vars(args), "modules": modules, "jax_version": jax.__version__, "runs": runs,
+            "summary": summary, "learned_minus_fixed": contrasts, "seconds": time.perf_counter() - t_start}
+
+
+def print_report(out, args) -> None:
+    """The tables: accuracy per cell, learned minus fixed, sigma per layer."""
+    modules = out["modules"]
+    summary, contrasts = out["summary"], out["learned_minus_fixed"]
+    rows = []
+    for cell, v in summary.items():
+        phi_step, sigma_step = cell.split(" / ")
+        rows.append([phi_step, sigma_step, NAMES.get((phi_step, sigma_step), ""),
+                     f"{100 * v['accuracy']:.1f} +- {100 * v['accuracy_ci95_over_seeds']:.1f}",
+                     " ".join(f"{100 * a:.1f}" for a in v["per_seed"]),
+                     f"{v['sigma_residual_median']:.3g}" if "sigma_residual_median" in v else "-",
+                     f"{v['seeds_run_off']}/{len(args.seeds)}" if "seeds_run_off" in v else "-"])
+    print(f"\n{args.ways}-way {args.shots}-shot test accuracy %, mean over {len(args.seeds)} seeds (95% t-interval over "
+          f"seeds; {args.test_episodes} test episodes per seed)")
+    print(format_table(["phi step", "sigma step", "preset", "accuracy %", "per seed", "sigma residual", "run off"], rows))
+    print("\nLearned minus fixed sigma, paired by seed (accuracy points, 95% t-interval)")
+    print(format_table(["contrast", "difference"],
+                       [[k, f"{100 * v['difference']:+.1f} +- {100 * v['ci95_over_seeds']:.1f}"] for k, v in contrasts.items()]))
+    sig = [[c, *v["sigma_mean_over_seeds"]] for c, v in summary.items() if "sigma_mean_over_seeds" in v]
+    if sig:
+        print("\nLearned sigma per layer (mean over seeds)")
+        print(format_table(["cell", *modules], sig, digits=4))
+
+
 def main(argv=None):
     args = parse_args(argv)
     hm.enable_compilation_cache()
@@ -133,7 +185,6 @@ def main(argv=None):
             scores = fewshot.evaluate_episodes(learner, state, test, args.test_episodes, key=k_test,
                                                num_steps=args.solver_steps)
             entry = {"seed": seed, "scores": scores.to_dict(), "num_skipped": int(state.num_skipped),
-                     "movement": layer_movement(learner, state, test(k_test).train, args.solver_steps, model.partition),
                      "seconds": time.perf_counter() - t0}
             if history is not None and sigma_step != "fixed":
                 entry["sigma"] = np.asarray(sigma_of(state.params, model.partition.num_modules))
@@ -142,47 +193,11 @@ def main(argv=None):
             runs[f"{phi_step} / {sigma_step}"].append(entry)
             print(f"  seed {seed} phi {phi_step:9s} sigma {sigma_step:6s} accuracy {100 * scores.accuracy:5.1f} +- "
                   f"{100 * scores.accuracy_ci95:.1f}%  ({entry['seconds']:.0f} s)", flush=True)
-    summary = {}
-    for cell, entries in runs.items():
-        acc = [e["scores"]["accuracy"] for e in entries]
-        mean, half = seed_interval(acc)
-        summary[cell] = {"accuracy": mean, "accuracy_ci95_over_seeds": half, "per_seed": acc,
-                         "per_seed_ci95_over_episodes": [e["scores"]["accuracy_ci95"] for e in entries]}
-        if "sigma" in entries[0]:
-            summary[cell]["sigma_mean_over_seeds"] = np.mean([e["sigma"] for e in entries], axis=0)
-            summary[cell]["sigma_residual_median"] = float(np.median([e["sigma_residual_last"] for e in entries]))
-            summary[cell]["seeds_run_off"] = int(sum(any(e["run_off"]["ran_off"]) for e in entries))
-    contrasts = {}
-    for phi_step in args.phi_steps:
-        fixed = runs.get(f"{phi_step} / fixed")
-        for sigma_step in ("eq4", "exact"):
-            learned = runs.get(f"{phi_step} / {sigma_step}")
-            if fixed and learned:
-                d, h = paired_difference([e["scores"]["accuracy"] for e in learned],
-                                         [e["scores"]["accuracy"] for e in fixed])
-                contrasts[f"{phi_step}: {sigma_step} - fixed"] = {"difference": d, "ci95_over_seeds": h}
-    rows = []
-    for cell, v in summary.items():
-        phi_step, sigma_step = cell.split(" / ")
-        rows.append([phi_step, sigma_step, NAMES.get((phi_step, sigma_step), ""),
-                     f"{100 * v['accuracy']:.1f} +- {100 * v['accuracy_ci95_over_seeds']:.1f}",
-                     " ".join(f"{100 * a:.1f}" for a in v["per_seed"]),
-                     f"{v['sigma_residual_median']:.3g}" if "sigma_residual_median" in v else "-",
-                     f"{v['seeds_run_off']}/{len(args.seeds)}" if "seeds_run_off" in v else "-"])
-    print(f"\n{args.ways}-way {args.shots}-shot test accuracy %, mean over {len(args.seeds)} seeds (95% t-interval over "
-          f"seeds; {args.test_episodes} test episodes per seed)")
-    print(format_table(["phi step", "sigma step", "preset", "accuracy %", "per seed", "sigma residual", "run off"], rows))
-    print("\nLearned minus fixed sigma, paired by seed (accuracy points, 95% t-interval)")
-    print(format_table(["contrast", "difference"],
-                       [[k, f"{100 * v['difference']:+.1f} +- {100 * v['ci95_over_seeds']:.1f}"] for k, v in contrasts.items()]))
-    sig = [[c, *v["sigma_mean_over_seeds"]] for c, v in summary.items() if "sigma_mean_over_seeds" in v]
-    if sig:
-        print("\nLearned sigma per layer (mean over seeds)")
-        print(format_table(["cell", *modules], sig, digits=4))
-    path = write_json(Path(args.out) / "fewshot_factorial.json", {
-        "schema": "hiermeta/fewshot_factorial/v1", "data": "rendered glyphs (stand-in, not Omniglot)",
-        "config": vars(args), "modules": modules, "jax_version": jax.__version__, "runs": runs, "summary": summary,
-        "learned_minus_fixed": contrasts, "seconds": time.perf_counter() - t_start})
+        path = write_json(Path(args.out) / "fewshot_factorial.json", payload(args, modules, runs, t_start))
+        print(f"  (seed {seed} done: {path})", flush=True)
+    out = payload(args, modules, runs, t_start)
+    print_report(out, args)
+    path = write_json(Path(args.out) / "fewshot_factorial.json", out)
     print(f"\nwrote {path}")
 
 

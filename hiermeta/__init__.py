@@ -66,6 +66,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "fomaml": (".learners", "fomaml"),
     "fo_m_maml": (".learners", "fo_m_maml"),
     "reptile": (".learners", "reptile"),
+    "sigma_reptile": (".learners", "sigma_reptile"),
+    "m_sigma_reptile": (".learners", "m_sigma_reptile"),
     "protonet": (".learners", "protonet"),
     "MetaLearner": (".learners", "MetaLearner"),
     "MetaState": (".learners", "MetaState"),
@@ -142,7 +144,7 @@ sys.modules[__name__].__class__ = _Namespace
 
 # Submodules that need no JAX (importing them leaves the compilation cache alone; the command line
 # fits mixed models on NumPy/SciPy, and hiermeta.mixed.numpyro_model turns the cache on when it imports JAX).
-_JAX_FREE = ("hiermeta.errors", "hiermeta.mixed", "hiermeta.cli", "hiermeta.__main__")
+_JAX_FREE = ("hiermeta.errors", "hiermeta.printing", "hiermeta.mixed", "hiermeta.cli", "hiermeta.__main__")
 
 
 class _CompilationCacheOnFirstUse(importlib.abc.MetaPathFinder):
@@ -202,8 +204,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly
     from .evaluate import LossCurve, adapt, evaluate  # noqa: F401
     from .hierarchy import HierarchicalModel  # noqa: F401
     from .learners import (MetaLearner, MetaState, fo_m_maml, fomaml, imaml, m_maml, m_shrinkage,  # noqa: F401
-                           m_shrinkage_map, m_sigma_imaml, maml, protonet, reptile, shrinkage, shrinkage_map,
-                           sigma_imaml, sigma_of)
+                           m_shrinkage_map, m_sigma_imaml, m_sigma_reptile, maml, protonet, reptile, shrinkage,
+                           shrinkage_map, sigma_imaml, sigma_of, sigma_reptile)
     from .linear_gaussian import GaussianData, GaussianLikelihood, linear_gaussian  # noqa: F401
     from .regression import LinearDesign  # noqa: F401
     from . import mixed  # noqa: F401

@@ -21,6 +21,14 @@ Gauss-Hermite quadrature with ``num_nodes`` nodes, one scalar random effect), bo
 :mod:`hiermeta.laplace` (a Newton solve of each task's mode, differentiated implicitly);
 ``"auto"`` is exact where available, else Laplace (``"agq"`` when ``num_nodes > 1`` is given).
 
+For an exact linear-Gaussian likelihood the data are read once (:func:`task_statistics`): each
+task's sufficient statistics, the pooled cross-products that give the starting values
+(:meth:`~hiermeta.LinearGaussianLikelihood.start_from_moments`), and, where tasks share their design
+statistics (a balanced design), their sums over each group of such tasks
+(:func:`~hiermeta.linear_gaussian.group_statistics`): an evaluation of the objective then costs
+O(P^3) per distinct design, not per task, and the boundary check (every sigma set to 0 in turn)
+is one compiled call.  Starting values and their checks: :mod:`hiermeta.starts`.
+
 Optimised in the unconstrained space (log sigma, NumPyro's bijections for the other sites) by
 L-BFGS-B (SciPy, driving one jitted value-and-gradient per model, compiled once and reused across
 calls) until the largest gradient component of the mean objective per task is below ``tol``.
@@ -34,7 +42,6 @@ does not, and SciPy already ships with JAX.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -49,21 +56,11 @@ from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
 from .laplace import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .linear_gaussian import GroupedStatistics, group_statistics
-from .tasks import distinct
+from .mixed.optimize import blas_threads
+from .tasks import distinct, num_tasks
 from .sites import constrain, unconstrain
-from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
+from .starts import check_values, data_start, start_values, unconstrained
 from .utils import check_count, check_positive
-
-try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
-    from threadpoolctl import threadpool_limits as _threadpool_limits
-except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn / statsmodels installs
-    _threadpool_limits = None
-
-
-def _serial_blas():
-    """One BLAS thread while SciPy's L-BFGS-B runs (3x faster per call on a busy 2-core machine)."""
-    return _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
-
 
 __all__ = [
     "Type2MLResult",
@@ -276,7 +273,7 @@ def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = 
     tasks).  The result (per task or per group) is laid out in chunks of ``chunk_size`` (default:
     all in one up to 4096, else ``DEFAULT_CHUNK_SIZE``) for the objective's loop.
     """
-    T = count_tasks(data)
+    T = num_tasks(data)
     z = model.task_covariates(data)
     host = jax.tree_util.tree_map(np.asarray, (data, z))
     if chunk_size is None:
@@ -351,8 +348,7 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
         opt = {"log_sigma": jnp.log(jnp.asarray(start["sigma"], float))}
         if "phi" not in fixed_sites:
             opt["phi"] = jnp.asarray(start["phi"], float)
-        opt.update(unconstrain({n: sites[n] for n in sites if n not in fixed_sites},
-                               {n: start[n] for n in sites if n not in fixed_sites}))
+        opt.update(unconstrained(model, {n: start[n] for n in sites if n not in fixed_sites}))
         psi = ravel_pytree({n: jnp.asarray(start[n], float) for n in fixed_sites})[0]
         return ravel_pytree(opt)[0], psi
 
@@ -441,37 +437,6 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
     return _Objective(value_and_grad, pack, jax.jit(split), layout, fixed_effect_hessian, values)
 
 
-def _check_init(model: HierarchicalModel, init: Optional[Mapping[str, Any]]) -> dict:
-    init = dict(init or {})
-    sites = model.hyper_sites()
-    allowed = {"phi", "sigma", *sites}
-    unknown = sorted(set(init) - allowed)
-    if unknown:
-        raise ValueError(f"init names unknown sites {unknown}; the model's sites are {sorted(allowed)}")
-    part = model.partition
-    out = {}
-    if "phi" in init:
-        phi = np.asarray(init["phi"], dtype=float)
-        if phi.shape != (part.num_params,) or not np.all(np.isfinite(phi)):
-            raise ValueError(f"init phi must be finite with shape ({part.num_params},), got {phi.shape}")
-        out["phi"] = phi
-    if "sigma" in init:
-        sigma = part.check_per_module(init["sigma"], "init sigma")
-        if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
-            raise ValueError(f"init sigma must be finite and > 0, got {sigma}")
-        out["sigma"] = sigma
-    for name in sites:
-        if name in init:
-            out[name] = np.asarray(init[name], dtype=float)
-    return out
-
-
-def _default_start(model: HierarchicalModel, data) -> dict:
-    """A start on the data's own scale, from the likelihood's ``initial_values(data)`` if it has one."""
-    start = getattr(model.likelihood, "initial_values", None)
-    return dict(start(data, model)) if callable(start) else {}
-
-
 def type2_ml(
     model: HierarchicalModel,
     data,
@@ -526,20 +491,17 @@ def type2_ml(
             f"approximation={approximation!r} use method='ML' (as lme4's glmer does)"
         )
     T = int(jax.tree_util.tree_leaves(data)[0].shape[0])
-    part = model.partition
-    given = _check_init(model, init)
+    given = check_values(model, init, where="init")  # before anything is computed
     statistics = uses_statistics(model, data, approximation)
     if chunk_size is not None:
         check_count(chunk_size, "chunk_size", 1)
     inputs = task_statistics(model, data, chunk_size) if statistics else data
-    start = {"phi": np.zeros(part.num_params), "sigma": np.ones(part.num_modules),
-             **{n: s.init for n, s in model.hyper_sites().items()}}
     if statistics:  # the pooled fit from the statistics pass, not from the rows again
-        start.update(model.likelihood.start_from_moments(inputs.moments, model))
+        data_values = model.likelihood.start_from_moments(inputs.moments, model)
         inputs = inputs._replace(moments=None)
     else:
-        start.update(_default_start(model, data))
-    start.update(given)
+        data_values = data_start(model, data, check=False)
+    start = start_values(model, given=given, data_values=data_values)
     objective = _compiled_objective(model, method, approximation, num_nodes, statistics)
     value_and_grad, split, layout = objective.value_and_grad, objective.split, objective.layout
     x0, psi0 = objective.pack(start)
@@ -549,7 +511,7 @@ def type2_ml(
         value, grad, _ = value_and_grad(jnp.asarray(x), inputs, psi0, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    with _serial_blas():
+    with blas_threads(1):
         result = scipy.optimize.minimize(
             fun, np.asarray(x0), jac=True, method="L-BFGS-B",
             options={"maxiter": int(max_iter), "gtol": tol, "ftol": 0.0},
@@ -745,7 +707,7 @@ def type2_maximum_likelihood(
         value, grad = value_and_grad(jnp.asarray(x), data, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    with _serial_blas():
+    with blas_threads(1):
         result = scipy.optimize.minimize(
             fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0}
         )

@@ -53,7 +53,7 @@ import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from .batched_spd import quad_logdet, trace_solve_logdet
-from .regression import LinearDesign, min_norm_solve, module_mean, regression_prior_scales
+from .regression import LinearDesign, linear_predictor, min_norm_solve, module_mean, regression_prior_scales
 from .sites import GlobalParam
 from .tasks import TaskBatch, all_finite, boolean_mask, check_task_covariates, distinct, merge_splits, real_array
 
@@ -522,12 +522,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         design = _design(inputs)
         theta = ravel_pytree(theta)[0]  # the flat coordinates, in the partition's order
         _check_columns(design.random, theta.shape[-1])
-        mu = jnp.einsum("ndp,p->nd", design.random, theta)
-        if self.num_fixed:
-            mu = mu + jnp.einsum("ndk,k->nd", design.fixed, g["beta"])
-        if design.offset is not None:
-            mu = mu + design.offset
-        return mu
+        return linear_predictor(design, theta, g["beta"] if self.num_fixed else None)
 
     def check(self, data: GaussianData, where: str) -> None:
         super().check(data, where)
@@ -667,11 +662,8 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         design = _design(data.inputs)
         Z = design.random
         _check_columns(Z, jnp.shape(prior_mean)[-1])
-        mean = jnp.einsum("tndp,tp->tnd", Z, jnp.broadcast_to(prior_mean, (Z.shape[0], Z.shape[-1])))
-        if self.num_fixed:
-            mean = mean + jnp.einsum("tndk,k->tnd", design.fixed, g["beta"])
-        if design.offset is not None:
-            mean = mean + design.offset
+        m = jnp.broadcast_to(prior_mean, (Z.shape[0], Z.shape[-1]))[:, None, None, :]
+        mean = linear_predictor(design, m, g["beta"] if self.num_fixed else None)
         observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
         sd = self.sd(data, g)
         w = jnp.where(observed, sd**-2.0, 0.0)

@@ -58,7 +58,7 @@ from .linear_gaussian import LinearGaussianLikelihood
 from .posterior import task_log_likelihood
 from .predictive import coverage, score_draws, score_gaussian_mixture
 from .regression import LinearDesign
-from .utils import format_table, save_figure, to_jsonable
+from .printing import format_table, save_figure, to_jsonable
 
 __all__ = ["ShrinkageReport", "shrinkage_report"]
 

@@ -29,7 +29,7 @@ import numpyro.distributions as dist
 from jax.flatten_util import ravel_pytree
 from numpyro.distributions import constraints
 
-from ..regression import LinearDesign, module_mean, regression_prior_scales
+from ..regression import LinearDesign, linear_predictor, module_mean, regression_prior_scales
 from ..sites import GlobalParam
 from ..tasks import boolean_mask, check_task_covariates, real_array
 
@@ -136,13 +136,7 @@ class GLMLikelihood:
     def linear_predictor(self, theta, data: GLMData, g: Optional[Mapping[str, Any]] = None) -> jax.Array:
         """``eta`` ``(T, N)`` from task parameters with a leading task axis (a pytree or ``(T, P)``)."""
         th = theta if isinstance(theta, jax.Array) and theta.ndim == 2 else flat_theta(theta)
-        design = data.design
-        eta = jnp.einsum("tnp,tp->tn", design.random, th)
-        if self.num_fixed:
-            eta = eta + jnp.einsum("tnk,k->tn", design.fixed, g["beta"])
-        if design.offset is not None:
-            eta = eta + design.offset
-        return eta
+        return linear_predictor(data.design, th[:, None, :], g["beta"] if self.num_fixed else None)
 
     def __call__(self, theta, data: GLMData, g: Optional[Mapping[str, Any]] = None) -> None:
         fn = self.distribution(self.linear_predictor(theta, data, g), data, g)

@@ -197,7 +197,7 @@ def protonet(
 
         def with_head(w_t, b_t):  # phi with the prototype head written into its coordinates
             w_t = w_t.T if where.transposed else w_t
-            return phi.at[where.weight].set(w_t.ravel()).at[where.bias].set(b_t)
+            return phi.at[where.weight].set(w_t.ravel().astype(phi.dtype)).at[where.bias].set(b_t.astype(phi.dtype))
 
         theta = jax.vmap(with_head)(w, b)
         # no solve: the loss is the support's negative log-likelihood at the prototype head

@@ -19,7 +19,6 @@ IDS = [str(p.relative_to(dc.ROOT)) for p in PAGES]
 # numbers are expected failures (strict: remove the entry once they pass) and their Python blocks
 # are not run, so that the check stays strict for every other page
 NOT_YET = {
-    "docs/consistency.md": "its table's medians come from examples/consistency.py's rerun (docs helper, in progress)",
 }
 
 

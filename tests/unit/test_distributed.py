@@ -165,7 +165,7 @@ DISAGREE = PRELUDE + textwrap.dedent(
     import hiermeta.train as train
     from hiermeta.checkpoint import load_checkpoint, read_metadata
     from hiermeta.distributed import DistributedError, global_tasks
-    from hiermeta.errors import ProcessDisagreementError, ReplicaDivergenceError
+    from hiermeta.errors import MetaTrainingError, ProcessDisagreementError, ReplicaDivergenceError
     from hiermeta.sharding import task_mesh
 
     mesh = task_mesh()
@@ -238,6 +238,7 @@ DISAGREE = PRELUDE + textwrap.dedent(
         assert f"differ after meta-steps {CHUNK} to {2 * CHUNK - 1}" in str(err) and "process(es) [1]" in str(err), err
         assert f"agreed on, step {CHUNK}, saved to {ckpt}" in str(err), err
         assert int(err.state.step) == CHUNK and len(err.history["sigma"]) == CHUNK
+        assert isinstance(err, MetaTrainingError)  # caught wherever a stopped run is
         say("stopped:", err)
     else:
         raise AssertionError("the divergence was not noticed")
