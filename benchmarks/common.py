@@ -34,7 +34,7 @@ if str(ROOT) not in sys.path:
 import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
-from hiermeta.utils import format_table, to_jsonable  # noqa: E402
+from hiermeta.printing import format_table, to_jsonable  # noqa: E402
 
 __all__ = ["parser", "machine", "Timer", "round_robin", "compile_seconds", "format_table", "write_results",
            "block", "note", "ratio", "set_torch_threads", "settle"]

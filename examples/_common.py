@@ -16,10 +16,11 @@ from typing import Any, Mapping, Optional
 
 import numpy as np
 
-from hiermeta.utils import format_table, save_figure, to_jsonable  # noqa: F401  (re-exported for the examples)
+from hiermeta.printing import format_table, save_figure, to_jsonable  # noqa: F401  (re-exported for the examples)
 
 __all__ = ["format_table", "write_json", "plot_loss_curves", "to_jsonable", "pyplot", "save_figure",
-           "study_parser", "count", "count_list", "positive_float"]
+           "study_parser", "count", "count_list", "positive_float", "probability", "prng_seed", "MAX_COUNT",
+           "MAX_CHAINS"]
 
 
 class StudyHelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -40,20 +41,57 @@ def study_parser(description: str) -> argparse.ArgumentParser:
     return argparse.ArgumentParser(description=description, formatter_class=StudyHelpFormatter)
 
 
-def count(minimum: int = 1):
-    """An argparse ``type``: an integer >= ``minimum``; anything else is refused with a message."""
+MAX_COUNT = 10**7  # steps, tasks, draws, chains: past this a study would not fit in memory or finish
+MAX_SEED = 2**32 - 1  # seeds of JAX's and NumPy's generators (PRNGKey takes at most 64 bits)
+
+
+def _integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+
+
+def count(minimum: int = 1, maximum: int = MAX_COUNT):
+    """An argparse ``type``: an integer in ``[minimum, maximum]``; anything else is refused with a message.
+
+    The upper bound keeps a typo (``--meta-steps 100000000000000000000000``, ``--batch-size
+    100000000000``) from running for ever, hanging in an allocation, or being silently cut.
+    """
 
     def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        value = _integer(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"must be <= {maximum} (more would not fit in memory or finish), "
+                                             f"got {value}")
         return value
 
-    parse.__name__ = f"integer >= {minimum}"
+    parse.__name__ = f"integer in [{minimum}, {maximum}]"
     return parse
+
+
+MAX_CHAINS = 1024  # NumPyro chains: each holds its own state and draws
+
+
+def probability(text: str) -> float:
+    """An argparse ``type``: a number strictly between 0 and 1 (e.g. NUTS's target acceptance)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def prng_seed(text: str) -> int:
+    """An argparse ``type``: a seed, an integer in ``[0, 2**32 - 1]``."""
+    value = _integer(text)
+    if not 0 <= value <= MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be an integer in [0, {MAX_SEED}], got {value}")
+    return value
 
 
 def count_list(minimum: int = 1):

@@ -36,7 +36,7 @@ from hiermeta import marginal
 from hiermeta.families import GLMData
 from hiermeta.learners import sigma_of
 from hiermeta.predictive import score_draws
-from _common import count, format_table, pyplot, save_figure, study_parser, write_json
+from _common import MAX_CHAINS, count, format_table, prng_seed, pyplot, save_figure, study_parser, write_json
 
 LEVELS = (0.5, 0.9)
 
@@ -296,9 +296,9 @@ def build_parser(name: str, description: str) -> argparse.ArgumentParser:
     p = study_parser(description)
     p.add_argument("--quick", action="store_true", help="one fold, fewer draws and meta-steps (smoke run)")
     p.add_argument("--out", default="results", help=f"output directory for {name}.json and {name}.png")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed")
+    p.add_argument("--seed", type=prng_seed, default=0, help="PRNG seed")
     p.add_argument("--folds", type=count(1), help="held-out folds to run (default all; quick 1)")
-    p.add_argument("--chains", type=count(1), default=4, help="NUTS chains")
+    p.add_argument("--chains", type=count(1, MAX_CHAINS), default=4, help="NUTS chains")
     p.add_argument("--warmup", type=count(1), help="NUTS warm-up per chain (default 1000; quick 300)")
     p.add_argument("--samples", type=count(1), help="NUTS draws per chain (default 1000; quick 300)")
     p.add_argument("--meta-steps", type=count(1), help="meta-steps of the PLL learners (default 1500; quick 300)")

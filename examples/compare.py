@@ -39,7 +39,7 @@ from hiermeta.models import linear, swirl  # noqa: E402
 from hiermeta.learners import m_sigma_imaml, sigma_imaml  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, format_table, plot_loss_curves, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _common import count, format_table, plot_loss_curves, prng_seed, pyplot, save_figure, study_parser, write_json  # noqa: E402
 from _search import Candidate, curve_summary, search, try_evaluate  # noqa: E402
 
 # ------------------------------------------------------------------ search grids (documented in the JSON)
@@ -305,7 +305,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true", help="smoke run: one candidate per method, few steps and tasks")
     p.add_argument("--methods", help="comma-separated subset of methods (default: all)")
     p.add_argument("--out", default="results", help="output directory for compare.json and compare.png")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task streams, validation and held-out tasks")
+    p.add_argument("--seed", type=prng_seed, default=0, help="seed of the task streams, validation and held-out tasks")
     p.add_argument("--meta-steps", type=count(1), help="meta-steps per candidate (default linear 3000, swirl 2000; quick 60)")
     p.add_argument("--eval-steps", type=count(1), help="adaptation steps evaluated (default linear 200, swirl 1000; quick 50, 100)")
     p.add_argument("--test-tasks", type=count(2), help="held-out tasks (default 1000, quick 100)")

@@ -120,9 +120,7 @@ def make_objectives(model):
 
 def pooled_phi(train):
     """phi with sum_t (theta_hat_t - phi) = 0: the pooled least-squares fit of the support data."""
-    P = train.inputs.shape[-1]
-    F, g, _ = linear._natural_params(train, jnp.zeros(P))
-    return jnp.linalg.solve(jnp.sum(F, 0), jnp.sum(g, 0))
+    return jnp.asarray(linear.likelihood.initial_values(train)["phi"])
 
 
 def make_ascent(field, chunk=200):

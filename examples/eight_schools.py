@@ -37,18 +37,18 @@ from hiermeta import posterior as hp  # noqa: E402
 from hiermeta.models import eight_schools as es  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _common import MAX_CHAINS, count, format_table, prng_seed, probability, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 
 def build_parser():
     p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="fewer draws (smoke run)")
     p.add_argument("--out", default="results", help="output directory for eight_schools.json and eight_schools.png")
-    p.add_argument("--seed", type=int, default=0, help="seed of the NUTS chains")
-    p.add_argument("--chains", type=count(1), default=4, help="NUTS chains per parametrisation")
+    p.add_argument("--seed", type=prng_seed, default=0, help="seed of the NUTS chains")
+    p.add_argument("--chains", type=count(1, MAX_CHAINS), default=4, help="NUTS chains per parametrisation")
     p.add_argument("--warmup", type=count(0), help="warm-up iterations per chain (default 1000, quick 500)")
     p.add_argument("--samples", type=count(1), help="draws per chain (default 2500, quick 1000)")
-    p.add_argument("--target-accept", type=float, default=0.9, help="NUTS target acceptance probability, in (0, 1)")
+    p.add_argument("--target-accept", type=probability, default=0.9, help="NUTS target acceptance probability, in (0, 1)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.add_argument("--no-plot", action="store_true", help="write no figure")
     return p

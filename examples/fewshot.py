@@ -19,7 +19,7 @@ learners took 1.4-1.6 s per 5-way 1-shot meta-step and about 9 s per 5-shot one 
     python examples/fewshot.py                       # 5-way 1-shot and 5-shot
     python examples/fewshot.py --quick               # smoke run (< 2 minutes with a warm cache)
     python examples/fewshot.py --ways 20 --shots 1   # 20-way
-    python examples/fewshot.py --checkpoint-dir ckpt [--resume]   # checkpoints per learner and setting
+    python examples/fewshot.py --checkpoint-dir ckpt [--resume | --overwrite]   # checkpoints per learner and setting
     python examples/fewshot.py --out DIR             # fewshot.json and fewshot.png in DIR (default results/)
 """
 
@@ -43,7 +43,8 @@ from hiermeta.learners.bilevel import proximal_sgd  # noqa: E402
 from hiermeta.models import fewshot, glyphs  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _common import count, format_table, positive_float, prng_seed, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _fewshot_study import layer_movement  # noqa: E402
 
 LEARNERS = ("M-Shrinkage", "M-sigma-iMAML", "MAML", "FOMAML", "Reptile", "iMAML", "ProtoNet", "Untrained")
 SIGMA_LEARNERS = ("M-Shrinkage", "M-sigma-iMAML")
@@ -54,7 +55,7 @@ def build_parser():
     p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="smoke run: tiny network, few steps and episodes")
     p.add_argument("--out", default="results", help="output directory for fewshot.json and fewshot.png")
-    p.add_argument("--seed", type=int, default=0, help="seed of initialisation and episodes")
+    p.add_argument("--seed", type=prng_seed, default=0, help="seed of initialisation and episodes")
     p.add_argument("--ways", type=count(2), nargs="+", default=[5], help="classes per episode")
     p.add_argument("--shots", type=count(1), nargs="+", default=[1, 5], help="support images per class")
     p.add_argument("--queries", type=count(1), default=5, help="query images per class")
@@ -90,6 +91,8 @@ def build_parser():
     p.add_argument("--omniglot", help="Omniglot root (images_background/, images_evaluation/) instead of the glyph set")
     p.add_argument("--checkpoint-dir", help="directory for one checkpoint per learner and setting")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoints in --checkpoint-dir")
+    p.add_argument("--overwrite", action="store_true", help="replace the checkpoints in --checkpoint-dir (else an "
+                   "existing one is refused)")
     p.add_argument("--devices", type=count(1), help="split each batch of episodes over this many devices")
     p.add_argument("--no-plot", action="store_true", help="skip the figure")
     return p
@@ -98,8 +101,14 @@ def build_parser():
 def parse_args(argv=None):
     p = build_parser()
     args = p.parse_args(argv)
-    if args.resume and not args.checkpoint_dir:
-        p.error("--resume needs --checkpoint-dir")
+    if (args.resume or args.overwrite) and not args.checkpoint_dir:
+        p.error("--resume and --overwrite need --checkpoint-dir")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the checkpoints and --overwrite replaces them: give one of them")
+    held = sorted(Path(args.checkpoint_dir).glob("*.npz")) if args.checkpoint_dir else []
+    if held and not (args.resume or args.overwrite):
+        p.error(f"--checkpoint-dir {args.checkpoint_dir} already holds checkpoints ({', '.join(h.name for h in held[:3])}"
+                f"{', ...' if len(held) > 3 else ''}): add --resume to continue them or --overwrite to replace them")
     args.learners = args.learners or list(LEARNERS)
     args.image_size = args.image_size or (16 if args.quick else 20)
     args.filters = args.filters or (8 if args.quick else 32)
@@ -164,20 +173,10 @@ def train(learner, state, sample, args, key, checkpoint, mesh):
     t0 = time.perf_counter()
     state, history = hm.fit(learner, state, sample, args.meta_steps - 1, data_key=key, description=learner.name,
                             checkpoint=checkpoint, checkpoint_every=50 if checkpoint else None, resume=args.resume,
-                            mesh=mesh)
+                            overwrite=args.overwrite, mesh=mesh)
     seconds, ran = time.perf_counter() - t0, int(state.step) - resumed_at
     history = {k: np.concatenate([first[k], history[k]]) if k in history else first[k] for k in first}
     return state, history, seconds / ran if ran > 0 else None
-
-
-def layer_movement(learner, state, batch, num_steps, partition):
-    """How far adaptation moves each layer on a batch of test episodes: the RMS of
-    ``theta_hat - phi`` over its coordinates and the episodes, relative to the RMS of ``phi``."""
-    adapted = jax.jit(learner.adapt, static_argnums=2)(state, batch.train, num_steps)
-    phi = state.params["phi"]
-    sizes = partition.module_sizes
-    moved = np.asarray(partition.module_sum(jax.numpy.mean((adapted.theta - phi) ** 2, axis=0))) / sizes
-    return np.sqrt(moved / (np.asarray(partition.module_sum(phi**2)) / sizes))
 
 
 def run_setting(args, dataset, splits, ways, shots, mesh):
@@ -208,7 +207,7 @@ def run_setting(args, dataset, splits, ways, shots, mesh):
                  "num_skipped": int(state.num_skipped), "test_steps": steps,
                  "val_log_lik": history["val_log_lik"], "seconds": time.perf_counter() - t0}
         if name != "ProtoNet":
-            entry["movement"] = layer_movement(learner, state, sample_test(k_test), steps, model.partition)
+            entry["movement"] = layer_movement(learner, state, sample_test(k_test).train, steps, model.partition)
         if name in SIGMA_LEARNERS:
             entry["sigma"] = np.asarray(sigma_of(state.params, model.partition.num_modules))
             entry["sigma_history"] = history["sigma"]

@@ -38,7 +38,7 @@ from hiermeta.implicit import cg_solve, eq4_solve, implicit_hypergradient, impli
 from hiermeta.models import linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, format_table, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _common import count, format_table, prng_seed, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 CG_ITERATIONS = (1, 2, 5, 10)
 METHODS = ("Eq. 4", *[f"CG {n}" for n in CG_ITERATIONS], "unrolled")
@@ -49,7 +49,7 @@ def build_parser():
     p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="fewer sigmas and K, smoke run")
     p.add_argument("--out", default="results", help="output directory for hypergradient_accuracy.json and .png")
-    p.add_argument("--seed", type=int, default=0, help="seed of the tasks")
+    p.add_argument("--seed", type=prng_seed, default=0, help="seed of the tasks")
     p.add_argument("--tasks", type=count(1), default=100, help="tasks the hypergradient averages over")
     p.add_argument("--no-plot", action="store_true", help="write no figure")
     return p

@@ -50,7 +50,7 @@ from hiermeta.learners.param_predict import class_features  # noqa: E402
 from hiermeta.models import fewshot, glyphs, linear, sinusoid  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, format_table, study_parser, write_json  # noqa: E402
+from _common import count, format_table, prng_seed, study_parser, write_json  # noqa: E402
 
 DOMAINS = ("linear", "sinusoid", "glyphs")
 FAMILIES = {
@@ -469,7 +469,7 @@ def build_parser():
     p.add_argument("--meta-steps", type=count(2), help="meta-steps per learner (default: linear 1000, sinusoid 1000, "
                                                          "glyphs 200; quick 30, 30, 10)")
     p.add_argument("--methods", type=lambda s: [x.strip() for x in s.split(",")], help="comma-separated method names")
-    p.add_argument("--seed", type=int, default=0, help="seed of initial weights, task streams and test tasks")
+    p.add_argument("--seed", type=prng_seed, default=0, help="seed of initial weights, task streams and test tasks")
     p.add_argument("--out", default="results",
                    help="directory for lecture_methods.json (a domain run replaces that domain's entry, keeps the others)")
     return p

@@ -32,7 +32,7 @@ from hiermeta.learners import shrinkage_params, sigma_of  # noqa: E402
 from hiermeta.models import linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, format_table, plot_loss_curves, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _common import count, format_table, plot_loss_curves, positive_float, prng_seed, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 REPORT_STEPS = (0, 25, 50, 100, 200)
 PHASES: list = []  # (name, start, end) in time.perf_counter() seconds, one entry per phase of the last main()
@@ -53,7 +53,7 @@ def build_parser():
     p.add_argument("--quick", action="store_true",
                    help="smoke run: 300 meta-steps, 200 held-out tasks (the sigmas do not converge)")
     p.add_argument("--out", default="results", help="output directory for linear_toy.json and linear_toy.png")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task streams, the held-out tasks and the initial state")
+    p.add_argument("--seed", type=prng_seed, default=0, help="seed of the task streams, the held-out tasks and the initial state")
     p.add_argument("--meta-steps", type=count(1), help="meta-iterations per learner (default 3000, quick 300)")
     p.add_argument("--batch-size", type=count(1), default=25, help="tasks per meta-iteration")
     p.add_argument("--inner-steps", type=count(1), default=200, help="K, inner SGD steps while meta-training")

@@ -58,7 +58,7 @@ from hiermeta.tasks import num_tasks  # noqa: E402
 from hiermeta.models import linear  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, count_list, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _common import MAX_CHAINS, count, count_list, format_table, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 LEVELS = (0.5, 0.9)
 
@@ -72,7 +72,7 @@ def build_parser():
     p.add_argument("--seeds", type=count(1), help="repetitions (default 3, quick 1)")
     p.add_argument("--test-tasks", type=count(2), help="held-out tasks per repetition (default 500, quick 200)")
     p.add_argument("--meta-steps", type=count(1), help="M-Shrinkage meta-iterations (default 2000, quick 300)")
-    p.add_argument("--chains", type=count(1), default=4, help="NUTS chains")
+    p.add_argument("--chains", type=count(1, MAX_CHAINS), default=4, help="NUTS chains")
     p.add_argument("--warmup", type=count(0), help="NUTS warm-up per chain (default 1000, quick 400)")
     p.add_argument("--samples", type=count(1), help="NUTS draws per chain (default 1000, quick 400)")
     p.add_argument("--hyper-draws", type=count(1), default=1000, help="posterior draws of (phi, sigma) used for (c)")

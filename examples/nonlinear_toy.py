@@ -32,7 +32,7 @@ from hiermeta.learners import shrinkage_params, sigma_of  # noqa: E402
 from hiermeta.models import swirl  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, format_table, plot_loss_curves, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _common import count, format_table, plot_loss_curves, positive_float, prng_seed, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 REPORT_STEPS = (0, 10, 100, 300, 1000)
 REF_NAMES = {"oracle_map": "Bayes oracle (global MAP)", "local_map": "MAP from phi (true prior)",
@@ -43,7 +43,7 @@ def build_parser():
     p = study_parser(__doc__)
     p.add_argument("--quick", action="store_true", help="short smoke run")
     p.add_argument("--out", default="results", help="output directory for nonlinear_toy.json and nonlinear_toy.png")
-    p.add_argument("--seed", type=int, default=0, help="seed of the task streams, the held-out tasks and the initial state")
+    p.add_argument("--seed", type=prng_seed, default=0, help="seed of the task streams, the held-out tasks and the initial state")
     p.add_argument("--meta-steps", type=count(1), help="meta-iterations per learner (default 2000, quick 50)")
     p.add_argument("--batch-size", type=count(1), default=25, help="tasks per meta-iteration")
     p.add_argument("--inner-steps", type=count(1), help="K, inner SGD steps while meta-training (default 500, quick 50)")

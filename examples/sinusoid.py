@@ -6,7 +6,8 @@ learned sigma says how far each layer moves from the shared phi for a new task.
 
 Long runs survive interruption: ``--checkpoint`` writes the whole meta-state (and the history
 so far) every ``--checkpoint-every`` steps, and the same command with ``--resume`` continues
-from the last checkpoint to a result bit-identical to an uninterrupted run.  ``--devices N``
+from the last checkpoint to a result bit-identical to an uninterrupted run (an existing
+checkpoint is never replaced unless ``--overwrite`` says so).  ``--devices N``
 splits each batch of tasks over N devices (``hiermeta.sharding``).  JAX's persistent
 compilation cache makes a second run start fast.
 
@@ -34,7 +35,7 @@ from hiermeta.learners import sigma_of  # noqa: E402
 from hiermeta.models import sinusoid  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import count, format_table, plot_loss_curves, positive_float, pyplot, save_figure, study_parser, write_json  # noqa: E402
+from _common import count, format_table, plot_loss_curves, positive_float, prng_seed, pyplot, save_figure, study_parser, write_json  # noqa: E402
 
 REPORT_STEPS = (0, 1, 5, 10, 20)
 
@@ -50,17 +51,27 @@ def build_parser():
                    help="inner SGD rate on 1/2 sum of squares (MAML's 0.01 on the MSE)")
     p.add_argument("--outer-lr", type=positive_float, default=0.01, help="Adam learning rate")
     p.add_argument("--test-tasks", type=count(2), default=1000, help="held-out tasks")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial weights, the task stream and the held-out tasks")
+    p.add_argument("--seed", type=prng_seed, default=0, help="seed of the initial weights, the task stream and the held-out tasks")
     p.add_argument("--checkpoint", help="checkpoint file (.npz)")
     p.add_argument("--checkpoint-every", type=count(1), help="meta-steps between checkpoints (default: only at the end)")
     p.add_argument("--resume", action="store_true", help="continue from --checkpoint if it exists")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --checkpoint file (else refused)")
     p.add_argument("--devices", type=count(1), help="split each batch's tasks over this many devices")
     p.add_argument("--no-plot", action="store_true", help="write no figure")
     return p
 
 
 def parse_args(argv=None):
-    return build_parser().parse_args(argv)
+    p = build_parser()
+    args = p.parse_args(argv)
+    if (args.resume or args.overwrite or args.checkpoint_every) and not args.checkpoint:
+        p.error("--resume, --overwrite and --checkpoint-every need --checkpoint")
+    if args.resume and args.overwrite:
+        p.error("--resume continues the checkpoint and --overwrite replaces it: give one of them")
+    if args.checkpoint and Path(args.checkpoint).exists() and not (args.resume or args.overwrite):
+        p.error(f"--checkpoint {args.checkpoint} already exists: add --resume to continue it or --overwrite to "
+                "replace it")
+    return args
 
 
 def main(argv=None):
@@ -78,7 +89,8 @@ def main(argv=None):
     sample = lambda key: sinusoid.sample_tasks(domain, key, args.batch_size)[1]
     mesh = hm.sharding.task_mesh(num_devices=args.devices) if args.devices else None
     state, history = hm.fit(learner, state, sample, meta_steps, data_key=k_data, checkpoint=args.checkpoint,
-                            checkpoint_every=args.checkpoint_every, resume=args.resume, mesh=mesh)
+                            checkpoint_every=args.checkpoint_every, resume=args.resume, overwrite=args.overwrite,
+                            mesh=mesh)
     print(f"[{time.perf_counter() - t_start:6.1f}s] meta-trained {learner.name} for {meta_steps} steps "
           f"({int(state.num_skipped)} skipped)")
 

@@ -45,7 +45,7 @@ import numpy as np  # noqa: E402
 import hiermeta as hm  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # examples/_common.py, also when loaded from elsewhere
-from _common import format_table, write_json  # noqa: E402
+from _common import MAX_CHAINS, count, format_table, prng_seed, probability, study_parser, write_json  # noqa: E402
 
 STUDY = {
     "name": "sleepstudy",
@@ -61,17 +61,14 @@ STUDY = {
 def build_parser(study=STUDY) -> argparse.ArgumentParser:
     name = study["name"]
 
-    class Formatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
-        pass
-
-    p = argparse.ArgumentParser(description=study.get("doc") or __doc__, formatter_class=Formatter)
+    p = study_parser(study.get("doc") or __doc__)
     p.add_argument("--quick", action="store_true", help="fewer NUTS draws (a smoke run)")
     p.add_argument("--out", default="results", help=f"output directory: writes {name}.json and {name}.png there")
-    p.add_argument("--seed", type=int, default=0, help="PRNG seed of NUTS (and of a random split)")
-    p.add_argument("--chains", type=int, default=4, help="NUTS chains (2 with --quick)")
-    p.add_argument("--warmup", type=int, default=1000, help="NUTS warm-up iterations per chain (300 with --quick)")
-    p.add_argument("--samples", type=int, default=1000, help="NUTS draws per chain (300 with --quick)")
-    p.add_argument("--target-accept", type=float, default=study["target_accept"],
+    p.add_argument("--seed", type=prng_seed, default=0, help="PRNG seed of NUTS (and of a random split)")
+    p.add_argument("--chains", type=count(1, MAX_CHAINS), help="NUTS chains (default 4, quick 2)")
+    p.add_argument("--warmup", type=count(0), help="NUTS warm-up iterations per chain (default 1000, quick 300)")
+    p.add_argument("--samples", type=count(1), help="NUTS draws per chain (default 1000, quick 300)")
+    p.add_argument("--target-accept", type=probability, default=study["target_accept"],
                    help="NUTS target acceptance probability (higher: smaller steps, fewer divergences)")
     p.add_argument("--report-method", choices=["ML", "REML"], default="REML",
                    help="type-II criterion of the empirical-Bayes estimates in the shrinkage report")
@@ -82,13 +79,10 @@ def build_parser(study=STUDY) -> argparse.ArgumentParser:
 
 def parse_args(argv=None, study=STUDY):
     args = build_parser(study).parse_args(argv)
-    if not 0.0 < args.target_accept < 1.0:
-        build_parser(study).error(f"--target-accept: must be in (0, 1), got {args.target_accept}")
-    for name in ("chains", "warmup", "samples"):
-        if getattr(args, name) < (0 if name == "warmup" else 1):
-            build_parser(study).error(f"--{name}: must be >= {0 if name == 'warmup' else 1}, got {getattr(args, name)}")
-    if args.quick:
-        args.chains, args.warmup, args.samples = min(args.chains, 2), min(args.warmup, 300), min(args.samples, 300)
+    # --quick picks the defaults of what is not given; a value given is used as given
+    for name, full, quick in (("chains", 4, 2), ("warmup", 1000, 300), ("samples", 1000, 300)):
+        if getattr(args, name) is None:
+            setattr(args, name, quick if args.quick else full)
     return args
 
 

@@ -36,9 +36,9 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "ModulePartition": (".partition", "ModulePartition"),
     "GlobalParam": (".sites", "GlobalParam"),
     "TaskBatch": (".tasks", "TaskBatch"),
-    "GaussianData": (".tasks", "GaussianData"),
-    "GaussianLikelihood": (".tasks", "GaussianLikelihood"),
-    "LinearDesign": (".linear_gaussian", "LinearDesign"),
+    "GaussianData": (".linear_gaussian", "GaussianData"),
+    "GaussianLikelihood": (".linear_gaussian", "GaussianLikelihood"),
+    "LinearDesign": (".regression", "LinearDesign"),
     "linear_gaussian": (".linear_gaussian", "linear_gaussian"),
     "from_table": (".table", "from_table"),
     "GroupedTable": (".table", "GroupedTable"),
@@ -66,6 +66,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "fomaml": (".learners", "fomaml"),
     "fo_m_maml": (".learners", "fo_m_maml"),
     "reptile": (".learners", "reptile"),
+    "sigma_reptile": (".learners", "sigma_reptile"),
+    "m_sigma_reptile": (".learners", "m_sigma_reptile"),
     "protonet": (".learners", "protonet"),
     "MetaLearner": (".learners", "MetaLearner"),
     "MetaState": (".learners", "MetaState"),
@@ -82,6 +84,8 @@ _LAZY: dict[str, tuple[str, str | None]] = {
     "MixedModel": (".mixed", "MixedModel"),
     "MixedFit": (".mixed", "MixedFit"),
     "anova": (".mixed", "anova"),
+    "compare": (".mixed", "compare"),
+    "holdout_split": (".mixed", "holdout_split"),
     # ---- modules
     "errors": (".errors", None),
     "mixed": (".mixed", None),
@@ -138,8 +142,9 @@ class _Namespace(types.ModuleType):
 
 sys.modules[__name__].__class__ = _Namespace
 
-# Submodules that need no JAX (importing them leaves the compilation cache alone).
-_JAX_FREE = ("hiermeta.errors", "hiermeta.mixed")
+# Submodules that need no JAX (importing them leaves the compilation cache alone; the command line
+# fits mixed models on NumPy/SciPy, and hiermeta.mixed.numpyro_model turns the cache on when it imports JAX).
+_JAX_FREE = ("hiermeta.errors", "hiermeta.printing", "hiermeta.mixed", "hiermeta.cli", "hiermeta.__main__")
 
 
 class _CompilationCacheOnFirstUse(importlib.abc.MetaPathFinder):
@@ -199,17 +204,18 @@ if TYPE_CHECKING:  # static analysers and IDEs see every name eagerly
     from .evaluate import LossCurve, adapt, evaluate  # noqa: F401
     from .hierarchy import HierarchicalModel  # noqa: F401
     from .learners import (MetaLearner, MetaState, fo_m_maml, fomaml, imaml, m_maml, m_shrinkage,  # noqa: F401
-                           m_shrinkage_map, m_sigma_imaml, maml, protonet, reptile, shrinkage, shrinkage_map,
-                           sigma_imaml, sigma_of)
-    from .linear_gaussian import LinearDesign, linear_gaussian  # noqa: F401
+                           m_shrinkage_map, m_sigma_imaml, m_sigma_reptile, maml, protonet, reptile, shrinkage,
+                           shrinkage_map, sigma_imaml, sigma_of, sigma_reptile)
+    from .linear_gaussian import GaussianData, GaussianLikelihood, linear_gaussian  # noqa: F401
+    from .regression import LinearDesign  # noqa: F401
     from . import mixed  # noqa: F401
-    from .mixed import MixedFit, MixedModel, anova, mixed_model  # noqa: F401
+    from .mixed import MixedFit, MixedModel, anova, compare, holdout_split, mixed_model  # noqa: F401
     from .partition import ModulePartition  # noqa: F401
     from .posterior import NUTSResult, run_nuts  # noqa: F401
     from .priors import prior_summary, with_priors  # noqa: F401
     from .shrinkage_report import ShrinkageReport, shrinkage_report  # noqa: F401
     from .sites import GlobalParam  # noqa: F401
     from .table import GroupedTable, from_table  # noqa: F401
-    from .tasks import GaussianData, GaussianLikelihood, TaskBatch  # noqa: F401
+    from .tasks import TaskBatch  # noqa: F401
     from .train import fit, sample_from  # noqa: F401
     from .utils import enable_compilation_cache  # noqa: F401

@@ -76,7 +76,9 @@ def _add_fit(sub) -> None:
     p.add_argument("data", help="the data: a .csv/.tsv file ('-' for standard input) or a .parquet file")
     p.add_argument("formula", help="lme4 formula, e.g. 'y ~ x + (x | g)', '(1 | a/b)', '(1 | g1) + (1 | g2)', '(x || g)'")
     p.add_argument("--family", choices=["gaussian", "binomial", "poisson"], default="gaussian",
-                   help="the response's family (canonical link)")
+                   help="the response's family")
+    p.add_argument("--link", choices=["logit", "probit", "cloglog", "log", "identity"], default=None,
+                   help="the family's link (default: its canonical one)")
     p.add_argument("--method", choices=["REML", "ML"], default=None,
                    help="Gaussian: REML or ML (default REML, as lme4); other families: ML")
     p.add_argument("--approximation", choices=["laplace", "agq"], default=None,
@@ -104,7 +106,7 @@ def run_fit(args) -> int:
     data = read_table(args.data)
     read_seconds = time.perf_counter() - started
     name = "stdin" if args.data == "-" else Path(args.data).name
-    model = mixed_model(args.formula, data, family=args.family, weights=args.weights,
+    model = mixed_model(args.formula, data, family=args.family, weights=args.weights, link=args.link,
                         rank_deficient=args.rank_deficient, data_name=name)
     fit = model.fit(method=args.method, approximation=args.approximation, nodes=args.nodes)
     if not args.quiet:
@@ -114,7 +116,7 @@ def run_fit(args) -> int:
         out["timings"]["read_seconds"] = read_seconds
         out["timings"]["total_seconds"] = time.perf_counter() - started
         out["command"] = ["hiermeta", "fit", args.data, args.formula] + \
-            [f"--{k}={v}" for k, v in (("family", args.family), ("method", args.method)) if v]
+            [f"--{k}={v}" for k, v in (("family", args.family), ("link", args.link), ("method", args.method)) if v]
         path = Path(args.json_path)
         mode = "w" if args.force else "x"
         try:

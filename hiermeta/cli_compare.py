@@ -10,7 +10,7 @@ Splits the rows (``--holdout last:K`` with ``--order COLUMN``: the last ``K`` ro
 by that column, each group keeping one training row at least; ``--holdout fraction:F``: a random
 fraction, ``--seed``), fits the model on the training rows (:func:`hiermeta.mixed_model`), runs
 NUTS on the same model started from the fit (:func:`hiermeta.mixed.numpyro_model.mixed_nuts`;
-``--no-nuts`` skips it), and prints the comparison (:func:`hiermeta.mixed.compare.compare`): the
+``--no-nuts`` skips it), and prints the comparison (:func:`hiermeta.mixed.comparison.compare`): the
 held-out scores of the three methods with paired differences, hyperparameters, the approximation
 check and the groups that moved most.  ``--json`` and ``--figure`` write the report.  Groups:
 ``--group`` (default: the first random-effect term's grouping factor).
@@ -56,6 +56,8 @@ def add_parser(sub) -> None:
     p.add_argument("data", help="the data: a .csv/.tsv file ('-' for standard input) or a .parquet file")
     p.add_argument("formula", help="lme4 formula, e.g. 'y ~ x + (x | g)'")
     p.add_argument("--family", choices=["gaussian", "binomial", "poisson"], default="gaussian")
+    p.add_argument("--link", choices=["logit", "probit", "cloglog", "log", "identity"], default=None,
+                   help="the family's link (default: its canonical one)")
     p.add_argument("--holdout", required=True, help="last:K (with --order) or fraction:F")
     p.add_argument("--order", default=None, help="the column ordering the rows within a group (for last:K)")
     p.add_argument("--group", default=None,
@@ -83,7 +85,7 @@ def run_compare(args) -> int:
     """Read, split, fit, NUTS, compare, print, write."""
     from .cli import CommandError, read_table
     from .mixed import mixed_model
-    from .mixed.compare import compare, holdout_split
+    from .mixed.comparison import compare, holdout_split
 
     started = time.perf_counter()
     for path in (args.json_path, args.figure):
@@ -93,24 +95,21 @@ def run_compare(args) -> int:
     if "last" in split and not args.order:
         raise CommandError("--holdout last:K needs --order COLUMN (the order of the rows within a group)")
     data = read_table(args.data)
-    whole = mixed_model(args.formula, data, family=args.family)  # checks the formula and finds the groups
+    whole = mixed_model(args.formula, data, family=args.family, link=args.link)  # checks the formula and finds the groups
     group = args.group.split(",") if args.group else list(whole.frame.term_columns(0))
     missing = [g for g in group if g not in data.columns]
     if missing:
         raise CommandError(f"--group: no column(s) {missing} in {args.data}")
     train, heldout = holdout_split(data, group, order=args.order, seed=args.seed, **split)
     print(f"{len(train)} training rows, {len(heldout)} held out ({args.holdout} by {', '.join(group)})")
-    fit = mixed_model(args.formula, train, family=args.family,
+    fit = mixed_model(args.formula, train, family=args.family, link=args.link,
                       data_name=Path(args.data).name).fit(approximation=args.approximation)
     print(f"fit: {fit.method}, log-likelihood {fit.loglik:.3f} ({fit.fit_seconds:.1f}s)")
     nuts, nuts_seconds = None, None
     if not args.no_nuts:
-        from .mixed.numpyro_model import mixed_nuts
-
         t0 = time.perf_counter()
-        nuts = mixed_nuts(fit.design, args.family, fit.estimate, key=args.seed, num_warmup=args.warmup,
-                          num_samples=args.samples, num_chains=args.chains, target_accept=args.target_accept,
-                          progress_bar=not args.no_progress)
+        nuts = fit.nuts(key=args.seed, num_warmup=args.warmup, num_samples=args.samples, num_chains=args.chains,
+                        target_accept=args.target_accept, progress_bar=not args.no_progress)
         nuts_seconds = time.perf_counter() - t0
     unit_term = next((k for k in range(len(fit.design.terms)) if list(fit.model.frame.term_columns(k)) == group), None)
     report = compare(fit, heldout, nuts, eb=args.eb, unit_term=unit_term, num_draws=args.draws, seed=args.seed,

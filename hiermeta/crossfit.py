@@ -34,8 +34,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from .errors import SigmaRunOffWarning
-from .learners.base import starting_values
 from .learners.bilevel import sigma_of
+from .starts import data_start
 from .tasks import TaskBatch, num_tasks
 from .utils import check_count
 
@@ -194,7 +194,7 @@ def check_sigma(learner, state, *, data: Any = None, scale=None, history: Option
     M = model.partition.num_modules
     sigma = np.asarray(sigma_of(state.params, M), dtype=float)
     if scale is None:
-        start = starting_values(model, data)
+        start = data_start(model, data)
         if "sigma" not in start:
             raise ValueError("check_sigma needs scale=, or data= whose likelihood offers initial_values")
         scale = start["sigma"]

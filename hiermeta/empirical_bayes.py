@@ -18,8 +18,16 @@ only for that exact case.
 Each task's ``log p(D_t | ...)`` is, by ``approximation``: ``"exact"`` (the likelihood's closed-form
 ``log_marginal``, a linear-Gaussian likelihood), ``"laplace"`` or ``"agq"`` (adaptive
 Gauss-Hermite quadrature with ``num_nodes`` nodes, one scalar random effect), both from
-:mod:`hiermeta.marginal` (a Newton solve of each task's mode, differentiated implicitly);
+:mod:`hiermeta.laplace` (a Newton solve of each task's mode, differentiated implicitly);
 ``"auto"`` is exact where available, else Laplace (``"agq"`` when ``num_nodes > 1`` is given).
+
+For an exact linear-Gaussian likelihood the data are read once (:func:`task_statistics`): each
+task's sufficient statistics, the pooled cross-products that give the starting values
+(:meth:`~hiermeta.LinearGaussianLikelihood.start_from_moments`), and, where tasks share their design
+statistics (a balanced design), their sums over each group of such tasks
+(:func:`~hiermeta.linear_gaussian.group_statistics`): an evaluation of the objective then costs
+O(P^3) per distinct design, not per task, and the boundary check (every sigma set to 0 in turn)
+is one compiled call.  Starting values and their checks: :mod:`hiermeta.starts`.
 
 Optimised in the unconstrained space (log sigma, NumPyro's bijections for the other sites) by
 L-BFGS-B (SciPy, driving one jitted value-and-gradient per model, compiled once and reused across
@@ -34,7 +42,6 @@ does not, and SciPy already ships with JAX.
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import warnings
 from typing import Any, Callable, Mapping, NamedTuple, Optional
@@ -47,22 +54,13 @@ from jax.flatten_util import ravel_pytree
 
 from .errors import EmpiricalBayesWarning
 from .hierarchy import HierarchicalModel
-from .marginal import approximate_log_marginal, check_approximation, compiled_marginal_info
+from .laplace import approximate_log_marginal, check_approximation, compiled_marginal_info
 from .linear_gaussian import GroupedStatistics, group_statistics
+from .mixed.optimize import blas_threads
+from .tasks import distinct, num_tasks
 from .sites import constrain, unconstrain
-from .tasks import num_tasks as count_tasks  # num_tasks is a parameter name below
+from .starts import check_values, data_start, start_values, unconstrained
 from .utils import check_count, check_positive
-
-try:  # SciPy's L-BFGS-B calls BLAS on vectors of a few numbers: threads only contend for the cores
-    from threadpoolctl import threadpool_limits as _threadpool_limits
-except ImportError:  # pragma: no cover - threadpoolctl ships with scikit-learn / statsmodels installs
-    _threadpool_limits = None
-
-
-def _serial_blas():
-    """One BLAS thread while SciPy's L-BFGS-B runs (3x faster per call on a busy 2-core machine)."""
-    return _threadpool_limits(1, user_api="blas") if _threadpool_limits is not None else contextlib.nullcontext()
-
 
 __all__ = [
     "Type2MLResult",
@@ -154,7 +152,7 @@ def log_marginal_likelihood(model: HierarchicalModel, phi, sigma, data, extra=No
 
     ``approximation="exact"``: the closed form of a likelihood that provides ``log_marginal(data,
     prior_mean, prior_scale_tril, globals)`` (:class:`~hiermeta.linear_gaussian.LinearGaussianLikelihood`);
-    ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.marginal`, for any
+    ``"laplace"`` / ``"agq"`` (``num_nodes`` Gauss-Hermite nodes): :mod:`hiermeta.laplace`, for any
     likelihood; ``"auto"``: exact where available, else Laplace.  Jittable and differentiable.
     """
     approximation, num_nodes = resolve_approximation(model, approximation, num_nodes)
@@ -213,12 +211,32 @@ def uses_statistics(model: HierarchicalModel, data, approximation: str = "exact"
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_statistics(likelihood):
-    def statistics_and_moments(data, z):
+def _compiled_statistics(likelihood, shapes: tuple, treedef):
+    """The statistics and pooled moments of one chunk, jitted: ``fn(mask, leaves)`` with the leaves of
+    ``(data without its mask, z)``; ``shapes[i]`` is the full shape of leaf i when it arrives without
+    its broadcast axes, None when it arrives whole."""
+
+    def statistics_and_moments(mask, leaves):
+        leaves = [a if shape is None else jnp.broadcast_to(a, shape) for a, shape in zip(leaves, shapes)]
+        data, z = jax.tree_util.tree_unflatten(treedef, leaves)
+        data = data._replace(mask=mask)
         stats = likelihood.sufficient_statistics(data, z)
         return stats, likelihood.pooled_moments(data, z, stats)
 
     return jax.jit(statistics_and_moments)
+
+
+def _chunk_leaf(a: np.ndarray, lo: int, hi: int, size: int):
+    """Tasks ``lo:hi`` of ``a`` padded (edge) to ``size``, without the axes along which ``a`` is a
+    broadcast (stride 0, :func:`~hiermeta.tasks.distinct`): ``(piece, its full shape, or None when
+    the piece is whole)``."""
+    compact = distinct(a)
+    shared = compact.shape[0] == 1 and a.shape[0] > 1  # the same for every task
+    piece = compact if shared else compact[lo:hi]
+    if not shared and piece.shape[0] < size:
+        piece = np.pad(piece, [(0, size - piece.shape[0])] + [(0, 0)] * (a.ndim - 1), mode="edge")
+    full = (size,) + a.shape[1:]
+    return np.ascontiguousarray(piece), (None if piece.shape == full else full)
 
 
 def _chunk_layout(T: int, chunk_size: Optional[int]) -> tuple:
@@ -237,44 +255,54 @@ def _in_chunks(arrays, T: int, chunk_size: Optional[int]):
     return jax.tree_util.tree_map(split, arrays), (np.arange(n_chunks * C) < T).reshape(n_chunks, C)
 
 
+STATISTICS_CHUNK_BYTES = 1 << 23  # data per chunk of the statistics pass (8 MiB: its temporaries stay in cache)
+
+
 def task_statistics(model: HierarchicalModel, data, chunk_size: Optional[int] = None,
                     group: bool = True) -> TaskStatistics:
     """The sufficient statistics of ``data``, computed chunk by chunk, with the pooled moments.
 
-    One compiled program for every chunk of ``chunk_size`` tasks (default: all ``T`` tasks in one
-    chunk up to 4096, else ``DEFAULT_CHUNK_SIZE``; the last chunk is padded with masked-out copies
-    of its last task), so the memory of the computation is that of one chunk of observations; the
-    result holds O(P^2 + K^2) numbers per task whatever the number of observations.  With ``group``
-    the tasks that share their design statistics are summed into groups
-    (:func:`~hiermeta.linear_gaussian.group_statistics`) when that holds fewer numbers (a balanced
-    design: one group, and an objective whose cost does not grow with the number of tasks); the
-    groups are chunked in the same way.
+    The observations are read once, in chunks of ``chunk_size`` tasks (default: about 8 MiB of
+    data per chunk, whose temporaries then stay in cache; one compiled program for every chunk, the last one padded with masked-out
+    copies of its last task; the chunks are dispatched without waiting, so copying one overlaps
+    computing another), so the memory of the computation is the statistics' plus a few chunks'
+    of observations; the statistics hold O(P^2 + K^2) numbers per task whatever its number of
+    observations.  With ``group`` the tasks that share their design statistics are summed into
+    groups (:func:`~hiermeta.linear_gaussian.group_statistics`) when that holds fewer numbers (a
+    balanced design: one group, and an objective whose cost does not grow with the number of
+    tasks).  The result (per task or per group) is laid out in chunks of ``chunk_size`` (default:
+    all in one up to 4096, else ``DEFAULT_CHUNK_SIZE``) for the objective's loop.
     """
-    T = count_tasks(data)
-    C, n_chunks = _chunk_layout(T, chunk_size)
+    T = num_tasks(data)
     z = model.task_covariates(data)
     host = jax.tree_util.tree_map(np.asarray, (data, z))
-    fn = _compiled_statistics(model.likelihood)
-    per_task, moments = None, None
-    for i in range(n_chunks):
-        lo, hi = i * C, min((i + 1) * C, T)
-        pad = C - (hi - lo)
-        chunk_data, chunk_z = jax.tree_util.tree_map(
-            lambda a: np.pad(a[lo:hi], [(0, pad)] + [(0, 0)] * (a.ndim - 1), mode="edge") if pad else a[lo:hi], host)
-        if pad:
-            chunk_data = chunk_data._replace(mask=np.where((np.arange(C) < hi - lo)[:, None], chunk_data.mask, False))
-        stats, chunk_moments = fn(chunk_data, chunk_z)
-        moments = chunk_moments if moments is None else jax.tree_util.tree_map(jnp.add, moments, chunk_moments)
-        if per_task is None:
-            per_task = jax.tree_util.tree_map(lambda a: np.empty((T,) + a.shape[1:], a.dtype), stats)
-        jax.tree_util.tree_map(lambda dst, a: dst.__setitem__(slice(lo, hi), np.asarray(a)[:hi - lo]), per_task, stats)
+    if chunk_size is None:
+        per_task_bytes = sum(a[:1].nbytes for a in jax.tree_util.tree_leaves(host))
+        S = int(min(T, max(1, STATISTICS_CHUNK_BYTES // max(1, per_task_bytes))))
+    else:
+        S = min(check_count(chunk_size, "chunk_size", 1), T)
+    data_host, z_host = host
+    mask = np.asarray(data_host.mask)
+    leaves, treedef = jax.tree_util.tree_flatten((data_host._replace(mask=None), z_host))
+    parts = []
+    for lo in range(0, T, S):
+        hi = min(lo + S, T)
+        pieces = [_chunk_leaf(a, lo, hi, S) for a in leaves]
+        chunk_mask = np.zeros((S,) + mask.shape[1:], bool)
+        chunk_mask[:hi - lo] = mask[lo:hi]  # padding: masked-out tasks
+        fn = _compiled_statistics(model.likelihood, tuple(shape for _, shape in pieces), treedef)
+        parts.append((hi - lo, fn(chunk_mask, [piece for piece, _ in pieces])))  # dispatched, not waited for
+    moments = jax.tree_util.tree_map(lambda *m: np.sum([np.asarray(a) for a in m], axis=0), *[p[1][1] for p in parts])
+    per_task = jax.tree_util.tree_map(
+        lambda *leaves: np.concatenate([np.asarray(a)[:n] for (n, _), a in zip(parts, leaves)]),
+        *[p[1][0] for p in parts])
+    del parts
     grouped = group_statistics(per_task) if group else None
     if grouped is not None:
         stats, valid = _in_chunks(grouped, grouped.ZZ.shape[0], chunk_size)
     else:
         stats, valid = _in_chunks(per_task, T, chunk_size)
-    return TaskStatistics(jax.tree_util.tree_map(jnp.asarray, stats), jnp.asarray(valid),
-                          jax.tree_util.tree_map(np.asarray, moments))
+    return TaskStatistics(jax.tree_util.tree_map(jnp.asarray, stats), jnp.asarray(valid), moments)
 
 
 class _Objective(NamedTuple):
@@ -320,8 +348,7 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
         opt = {"log_sigma": jnp.log(jnp.asarray(start["sigma"], float))}
         if "phi" not in fixed_sites:
             opt["phi"] = jnp.asarray(start["phi"], float)
-        opt.update(unconstrain({n: sites[n] for n in sites if n not in fixed_sites},
-                               {n: start[n] for n in sites if n not in fixed_sites}))
+        opt.update(unconstrained(model, {n: start[n] for n in sites if n not in fixed_sites}))
         psi = ravel_pytree({n: jnp.asarray(start[n], float) for n in fixed_sites})[0]
         return ravel_pytree(opt)[0], psi
 
@@ -410,37 +437,6 @@ def _compiled_objective(model: HierarchicalModel, method: str, approximation: st
     return _Objective(value_and_grad, pack, jax.jit(split), layout, fixed_effect_hessian, values)
 
 
-def _check_init(model: HierarchicalModel, init: Optional[Mapping[str, Any]]) -> dict:
-    init = dict(init or {})
-    sites = model.hyper_sites()
-    allowed = {"phi", "sigma", *sites}
-    unknown = sorted(set(init) - allowed)
-    if unknown:
-        raise ValueError(f"init names unknown sites {unknown}; the model's sites are {sorted(allowed)}")
-    part = model.partition
-    out = {}
-    if "phi" in init:
-        phi = np.asarray(init["phi"], dtype=float)
-        if phi.shape != (part.num_params,) or not np.all(np.isfinite(phi)):
-            raise ValueError(f"init phi must be finite with shape ({part.num_params},), got {phi.shape}")
-        out["phi"] = phi
-    if "sigma" in init:
-        sigma = part.check_per_module(init["sigma"], "init sigma")
-        if not np.all(np.isfinite(sigma)) or np.any(sigma <= 0):
-            raise ValueError(f"init sigma must be finite and > 0, got {sigma}")
-        out["sigma"] = sigma
-    for name in sites:
-        if name in init:
-            out[name] = np.asarray(init[name], dtype=float)
-    return out
-
-
-def _default_start(model: HierarchicalModel, data) -> dict:
-    """A start on the data's own scale, from the likelihood's ``initial_values(data)`` if it has one."""
-    start = getattr(model.likelihood, "initial_values", None)
-    return dict(start(data, model)) if callable(start) else {}
-
-
 def type2_ml(
     model: HierarchicalModel,
     data,
@@ -464,7 +460,7 @@ def type2_ml(
       approximation: each task's marginal likelihood: ``"exact"`` (closed form), ``"laplace"``,
         ``"agq"`` (adaptive Gauss-Hermite quadrature, one scalar random effect, ``num_nodes``
         nodes as lme4's ``nAGQ``), or ``"auto"`` (exact where the likelihood has a closed form, else
-        Laplace, or AGQ when ``num_nodes > 1``); see :mod:`hiermeta.marginal`.
+        Laplace, or AGQ when ``num_nodes > 1``); see :mod:`hiermeta.laplace`.
       init: starting values (constrained): ``phi``, ``sigma`` and any site of
         :meth:`~hiermeta.HierarchicalModel.hyper_sites`; the rest start on the data's scale
         when the likelihood can say (its ``initial_values``), else at ``phi = 0``, ``sigma = 1``
@@ -495,20 +491,17 @@ def type2_ml(
             f"approximation={approximation!r} use method='ML' (as lme4's glmer does)"
         )
     T = int(jax.tree_util.tree_leaves(data)[0].shape[0])
-    part = model.partition
-    given = _check_init(model, init)
+    given = check_values(model, init, where="init")  # before anything is computed
     statistics = uses_statistics(model, data, approximation)
     if chunk_size is not None:
         check_count(chunk_size, "chunk_size", 1)
     inputs = task_statistics(model, data, chunk_size) if statistics else data
-    start = {"phi": np.zeros(part.num_params), "sigma": np.ones(part.num_modules),
-             **{n: s.init for n, s in model.hyper_sites().items()}}
     if statistics:  # the pooled fit from the statistics pass, not from the rows again
-        start.update(model.likelihood.start_from_moments(inputs.moments, model))
+        data_values = model.likelihood.start_from_moments(inputs.moments, model)
         inputs = inputs._replace(moments=None)
     else:
-        start.update(_default_start(model, data))
-    start.update(given)
+        data_values = data_start(model, data, check=False)
+    start = start_values(model, given=given, data_values=data_values)
     objective = _compiled_objective(model, method, approximation, num_nodes, statistics)
     value_and_grad, split, layout = objective.value_and_grad, objective.split, objective.layout
     x0, psi0 = objective.pack(start)
@@ -518,7 +511,7 @@ def type2_ml(
         value, grad, _ = value_and_grad(jnp.asarray(x), inputs, psi0, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    with _serial_blas():
+    with blas_threads(1):
         result = scipy.optimize.minimize(
             fun, np.asarray(x0), jac=True, method="L-BFGS-B",
             options={"maxiter": int(max_iter), "gtol": tol, "ftol": 0.0},
@@ -639,7 +632,7 @@ def _fixed_effect_errors(model, objective: _Objective, phi, sigma, extra, data, 
 
 @functools.lru_cache(maxsize=32)
 def _marginal_info(model: HierarchicalModel, approximation: str, num_nodes):
-    """:func:`~hiermeta.marginal.compiled_marginal_info`, built once per model and approximation."""
+    """:func:`~hiermeta.laplace.compiled_marginal_info`, built once per model and approximation."""
     return compiled_marginal_info(model, approximation, num_nodes)
 
 
@@ -714,7 +707,7 @@ def type2_maximum_likelihood(
         value, grad = value_and_grad(jnp.asarray(x), data, num)
         return float(value), np.asarray(grad, dtype=float)
 
-    with _serial_blas():
+    with blas_threads(1):
         result = scipy.optimize.minimize(
             fun, x0, jac=True, method="L-BFGS-B", options={"maxiter": max_iter, "gtol": tol, "ftol": 0.0}
         )

@@ -72,17 +72,12 @@ class ProcessDisagreementError(ValueError):
     initial state); raised in every process before the first meta-step, naming what differs."""
 
 
-class ReplicaDivergenceError(RuntimeError):
+class ReplicaDivergenceError(MetaTrainingError):
     """The replicated meta-state differs between processes after a chunk of meta-steps.
 
     ``state`` is the last state every process agreed on (also written to the run's checkpoint, if
-    it has one) and ``history`` the metrics up to it, as :class:`hiermeta.MetaTrainingError` carries.
+    it has one) and ``history`` the metrics up to it.
     """
-
-    def __init__(self, message: str, state: Any, history: dict):
-        super().__init__(message)
-        self.state = state
-        self.history = history
 
 
 class CheckpointExistsError(FileExistsError):

@@ -41,23 +41,289 @@ type-II ML over many tasks iterates on (:func:`hiermeta.type2_ml`).
 from __future__ import annotations
 
 import functools
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
 from jax.flatten_util import ravel_pytree
 import numpy as np
 import scipy.sparse
+import numpyro
 import numpyro.distributions as dist
 from numpyro.distributions import constraints
 
 from .batched_spd import quad_logdet, trace_solve_logdet
-from .regression import LinearDesign, min_norm_solve, module_mean, regression_prior_scales
+from .regression import LinearDesign, linear_predictor, min_norm_solve, module_mean, regression_prior_scales
 from .sites import GlobalParam
-from .tasks import GaussianData, GaussianLikelihood
+from .tasks import TaskBatch, all_finite, boolean_mask, check_task_covariates, distinct, merge_splits, real_array
 
-__all__ = ["LinearDesign", "LinearGaussianLikelihood", "LinearGaussianStatistics", "GroupedStatistics",
-           "group_statistics", "linear_gaussian"]
+__all__ = ["GaussianData", "GaussianLikelihood", "LinearDesign", "LinearGaussianLikelihood", "LinearGaussianStatistics",
+           "GroupedStatistics", "PooledMoments", "group_statistics", "linear_gaussian"]
+
+
+class GaussianData(NamedTuple):
+    """Observations of a batch of tasks with known Gaussian noise.
+
+    Attributes:
+      obs: ``(T, N, D)`` observations (zero where ``mask`` is False).
+      noise_sd: ``(T, N, D)`` known observation noise standard deviations (> 0).
+      mask: ``(T, N)`` booleans; False marks padding, so tasks may hold unequal numbers of
+        observations.
+      inputs: optional pytree with leaves of leading shape ``(T, N, ...)`` (covariates, design
+        rows) passed to the mean function.
+      task_covariates: optional ``(T, Q)`` covariates of each task (group-level predictors: the
+        prior mean of task t is ``phi + z_t @ gamma`` in a model with ``num_task_covariates=Q``).
+
+    With a likelihood of unknown noise (``GaussianLikelihood(..., noise="learned")``),
+    ``noise_sd`` holds known *relative* scales (1 by default) multiplying the learned noise sd.
+    """
+
+    obs: jax.Array
+    noise_sd: jax.Array
+    mask: jax.Array
+    inputs: Any = None
+    task_covariates: Any = None
+
+    @classmethod
+    def create(cls, obs, noise_sd=1.0, inputs=None, mask=None, task_covariates=None) -> "GaussianData":
+        """Validate and broadcast user data (NumPy in, checked before anything is compiled).
+
+        ``noise_sd`` broadcasts against ``obs`` ``(T, N, D)`` (e.g. ``(D,)`` shared, ``(T, 1, D)``
+        per task).  ``mask`` may be boolean or hold only 0 and 1 (any numeric dtype); padded
+        entries (``mask`` False) may hold anything, NaN included, and are replaced by finite values.
+        """
+        obs = real_array(obs, "obs")
+        if obs.ndim != 3:
+            raise ValueError(f"obs must have shape (tasks, observations, dims), got {obs.shape}")
+        mask = boolean_mask(mask, obs.shape[:2])
+        noise = real_array(noise_sd, "noise_sd")
+        try:
+            noise = np.broadcast_to(noise, obs.shape)
+        except ValueError:
+            raise ValueError(
+                f"noise_sd of shape {np.shape(noise_sd)} does not broadcast to obs {obs.shape}"
+            ) from None
+        # padding never reaches a density, but keep it finite so no NaN leaks into gradients
+        obs = np.where(mask[..., None], obs, 0.0)
+        noise = np.where(mask[..., None], noise, 1.0)
+        if task_covariates is not None:
+            task_covariates = np.asarray(task_covariates, dtype=float)
+        data = cls(obs=obs, noise_sd=noise, mask=mask, inputs=inputs, task_covariates=task_covariates)
+        _check_gaussian(data, "data")
+        return cls(
+            obs=jnp.asarray(obs),
+            noise_sd=jnp.asarray(noise),
+            mask=jnp.asarray(mask),
+            inputs=jax.tree_util.tree_map(jnp.asarray, inputs),
+            task_covariates=None if task_covariates is None else jnp.asarray(task_covariates),
+        )
+
+    @classmethod
+    def from_design(cls, obs, design, noise_sd, mask=None, task_covariates=None) -> "GaussianData":
+        """Data of a linear-Gaussian likelihood whose mean is ``design @ theta``, the design given
+        once for every task, per task or per observation: ``design`` ``(D, P)``, ``(T, 1, D, P)`` or
+        ``(T, N, D, P)`` is broadcast to the inputs ``(T, N, D, P)``; ``obs`` ``(T, N, D)``, known
+        ``noise_sd`` broadcasting to it (e.g. ``(D,)`` or ``(T, 1, D)``), ``mask`` ``(T, N)`` (False:
+        padding, for unequal numbers of observations), checked as :meth:`create` checks."""
+        for name, value in (("obs", obs), ("design", design), ("noise_sd", noise_sd)):
+            if np.iscomplexobj(value):
+                raise ValueError(f"{name} is complex; the linear-Gaussian likelihood takes real data")
+        obs = np.asarray(obs, dtype=float)
+        if obs.ndim != 3:
+            raise ValueError(f"obs must have shape (tasks, observations, dims), got {obs.shape}")
+        design = np.asarray(design, dtype=float)
+        if design.ndim < 2 or design.shape[-2] != obs.shape[2]:
+            raise ValueError(f"design must end in (D, P) with D = {obs.shape[2]} observation dims, got {design.shape}")
+        if not np.all(np.isfinite(design)):
+            raise ValueError("design holds NaN or infinite values")
+        try:
+            design = np.broadcast_to(design, obs.shape[:2] + design.shape[-2:])
+        except ValueError:
+            raise ValueError(
+                f"design of shape {design.shape} does not broadcast to tasks x observations {obs.shape[:2]}"
+            ) from None
+        return cls.create(obs, noise_sd, inputs=np.array(design), mask=mask, task_covariates=task_covariates)
+
+
+def _check_gaussian(data: GaussianData, where: str) -> None:
+    """Validate concrete Gaussian data over every task; raise ``ValueError`` naming the problem.
+
+    Checked: shapes; a boolean mask (a directly built ``GaussianData`` with a 0/1 mask of another
+    dtype is refused: :meth:`GaussianData.create` converts it); finite observed values (padded
+    ``obs`` may hold NaN: the likelihood never reads it); finite positive noise everywhere
+    (padding included: it reaches the gradients); every task observed; real, finite inputs; and
+    that the squared standardised residuals cannot overflow the floating type JAX will compute in.
+    """
+    if not isinstance(data, GaussianData):
+        raise ValueError(f"{where}: expected GaussianData, got {type(data).__name__}")
+    obs, noise, mask = np.asarray(data.obs), np.asarray(data.noise_sd), np.asarray(data.mask)
+    for name, arr in (("obs", obs), ("noise_sd", noise)):
+        if np.iscomplexobj(arr) or not np.issubdtype(arr.dtype, np.floating):
+            raise ValueError(f"{where}: {name} must hold real floating-point numbers, got dtype {arr.dtype}")
+    if obs.ndim != 3:
+        raise ValueError(f"{where}: obs must have shape (tasks, observations, dims), got {obs.shape}")
+    T, N, D = obs.shape
+    if T == 0:
+        raise ValueError(f"{where} is empty: it holds no tasks")
+    if N == 0 or D == 0:
+        raise ValueError(f"{where} is empty: obs has shape {obs.shape}")
+    if noise.shape != obs.shape:
+        raise ValueError(f"{where}: noise_sd has shape {noise.shape}, obs has {obs.shape}")
+    if mask.shape != (T, N):
+        raise ValueError(f"{where}: mask has shape {mask.shape}, expected {(T, N)}")
+    if mask.dtype != bool:
+        raise ValueError(
+            f"{where}: mask must be boolean (False marks padding), got dtype {mask.dtype}; "
+            "GaussianData.create converts a 0/1 mask"
+        )
+    observed = np.broadcast_to(mask[..., None], obs.shape)
+    bad = None if mask.all() and all_finite(obs) else ~np.isfinite(obs) & observed  # one pass when all is well
+    if bad is not None and np.any(bad):
+        tasks = np.flatnonzero(bad.any(axis=(1, 2)))
+        raise ValueError(
+            f"{where}: obs holds {int(bad.sum())} NaN or infinite observed value(s), in task(s) "
+            f"{tasks[:10].tolist()}"
+        )
+    compact = distinct(noise)  # a noise sd shared by the tasks is checked once
+    if not np.all(np.isfinite(compact) & (compact > 0)):
+        bad = ~(np.isfinite(noise) & (noise > 0))
+        tasks = np.flatnonzero(bad.any(axis=(1, 2)))
+        padding = " (in padding too: it reaches the gradients; GaussianData.create fills it)"
+        raise ValueError(
+            f"{where}: noise_sd must be finite and > 0 everywhere{padding if np.any(bad & ~observed) else ''}; "
+            f"{int(bad.sum())} value(s) are not, in task(s) {tasks[:10].tolist()}"
+        )
+    empty = np.flatnonzero(mask.sum(axis=1) == 0)
+    if empty.size:
+        raise ValueError(
+            f"{where}: task(s) {empty[:10].tolist()} hold no observations (every task needs one)"
+        )
+    for leaf in jax.tree_util.tree_leaves(data.inputs):
+        leaf = np.asarray(leaf)
+        if leaf.shape[:2] != (T, N):
+            raise ValueError(f"{where}: inputs leaves must have leading shape {(T, N)}, got {leaf.shape}")
+        if np.iscomplexobj(leaf):
+            raise ValueError(f"{where}: inputs are complex; hiermeta's Gaussian likelihood takes real data")
+        if np.issubdtype(leaf.dtype, np.floating) and not all_finite(leaf):
+            raise ValueError(f"{where}: inputs hold NaN or infinite values")
+    check_task_covariates(getattr(data, "task_covariates", None), T, where)
+    _check_overflow(obs, noise, observed, where)
+
+
+def _check_overflow(obs, noise, observed, where: str) -> None:
+    """Refuse data whose Gaussian log-likelihood overflows the floating type JAX computes in.
+
+    The loss of a task is ``1/2 sum ((x - mu) / xi)^2`` and its curvature ``1/xi^2``; with
+    ``mu`` near 0 (a fresh phi) the first is about ``1/2 sum (x / xi)^2``.  Both must stay well
+    inside the type's range (float32 unless x64 is enabled), else the loss is infinite and the
+    failure would look like a diverging inner loop.
+    """
+    dtype = jax.dtypes.canonicalize_dtype(obs.dtype)
+    finfo = np.finfo(dtype)
+    largest, ratio, smallest = 0.0, 0.0, np.inf
+    step = max(1, (1 << 16) // max(1, obs.shape[1] * obs.shape[2]))  # tasks per block: temporaries stay small
+    for lo in range(0, obs.shape[0], step):
+        keep = observed[lo:lo + step]
+        x = np.abs(np.where(keep, obs[lo:lo + step], 0.0)).astype(np.float64)
+        xi = np.where(keep, noise[lo:lo + step], np.inf).astype(np.float64)
+        largest, ratio, smallest = max(largest, x.max()), max(ratio, np.max(x / xi)), min(smallest, xi.min())
+    precision = "float32 (enable float64 with jax.config.update('jax_enable_x64', True), or rescale the data)"
+    if dtype != np.float32:
+        precision = f"{dtype} (rescale the data)"
+    if largest > finfo.max:
+        raise ValueError(f"{where}: obs values up to {largest:.3g} overflow {precision}")
+    limit = float(finfo.max) * 1e-3  # headroom for sums over observations and tasks
+    per_task = obs.shape[1] * obs.shape[2]
+    z = float(ratio)
+    if z * z * per_task > limit:
+        raise ValueError(
+            f"{where}: |obs| / noise_sd reaches {z:.3g}; the squared residuals of the "
+            f"log-likelihood overflow {precision}"
+        )
+    if float(smallest) ** -2 * per_task > limit:
+        raise ValueError(
+            f"{where}: noise_sd as small as {smallest:.3g} makes 1 / noise_sd^2 overflow {precision}"
+        )
+
+
+class GaussianLikelihood:
+    """``x_{t,n} ~ N(mean_fn(theta_t, inputs_t)_n, diag(sd_{t,n}^2))``, the noise known or learned.
+
+    ``mean_fn(theta_t, inputs_t)`` sees one task: ``theta_t`` the parameter pytree of that task
+    and ``inputs_t`` its inputs (leading axis ``N``, or None); it returns the mean ``(N, D)`` or a
+    mean ``(D,)`` shared by the task's observations.  It is vmapped over tasks here.  With
+    ``globals`` (name -> :class:`~hiermeta.GlobalParam`, e.g. unpooled coefficients) it is called
+    ``mean_fn(theta_t, inputs_t, g)`` with ``g`` the dict of their values.
+
+    Args:
+      noise: ``"known"``: ``sd = data.noise_sd``; ``"learned"``: ``sd = noise_sd * data.noise_sd``
+        with ``noise_sd`` a global parameter of shape ``noise_shape`` (``()`` one sd for every
+        observation dim, ``(D,)`` one per dim), ``data.noise_sd`` then being known relative scales.
+      noise_prior: the noise sd's prior under NUTS (default flat; see :func:`hiermeta.with_priors`).
+      noise_init: the noise sd's starting value for learners and type-II ML (default 1).
+    """
+
+    def __init__(
+        self,
+        mean_fn: Callable[..., jax.Array],
+        site: str = "obs",
+        *,
+        noise: str = "known",
+        noise_shape: tuple = (),
+        noise_prior=None,
+        noise_init=None,
+        globals: Optional[Mapping[str, GlobalParam]] = None,
+    ):
+        if noise not in ("known", "learned"):
+            raise ValueError(f"noise must be 'known' or 'learned', got {noise!r}")
+        self.mean_fn = mean_fn
+        self.site = site
+        self.noise = noise
+        declared = dict(globals or {})
+        if noise == "learned":
+            if "noise_sd" in declared:
+                raise ValueError("'noise_sd' is the learned noise's site; give other names to globals")
+            declared["noise_sd"] = GlobalParam(tuple(noise_shape), constraints.positive, noise_prior, noise_init)
+        self.global_params = declared
+        self._mean_globals = tuple(name for name in declared if name != "noise_sd")
+
+    def mean(self, theta, data: GaussianData, g: Optional[Mapping[str, Any]] = None) -> jax.Array:
+        if self._mean_globals:
+            shared = {name: g[name] for name in self._mean_globals}
+            mean_fn = lambda th, x: self.mean_fn(th, x, shared)
+        else:
+            mean_fn = self.mean_fn
+        if data.noise_sd.shape[0] == 1:  # one task (the per-task densities): no size-1 batch axis in XLA
+            one = lambda tree: jax.tree_util.tree_map(lambda a: a[0], tree)
+            mu = mean_fn(one(theta), one(data.inputs))[None]
+        else:
+            mu = jax.vmap(mean_fn)(theta, data.inputs)
+        if mu.ndim == 2:
+            mu = mu[:, None, :]
+        return jnp.broadcast_to(mu, data.noise_sd.shape)  # obs may be None (prior predictive)
+
+    def sd(self, data: GaussianData, g: Optional[Mapping[str, Any]] = None) -> jax.Array:
+        """Observation sd ``(T, N, D)``: the known one, or the learned one times the relative scales."""
+        if self.noise == "learned":
+            return data.noise_sd * g["noise_sd"]
+        return data.noise_sd
+
+    def __call__(self, theta, data: GaussianData, g: Optional[Mapping[str, Any]] = None) -> None:
+        mu = self.mean(theta, data, g)
+        fn = dist.Normal(mu, self.sd(data, g)).mask(data.mask[..., None]).to_event(2)
+        numpyro.sample(self.site, fn, obs=data.obs)
+
+    def num_observations(self, data: GaussianData) -> jax.Array:
+        return jnp.sum(data.mask, axis=-1)
+
+    def log_normaliser(self, data: GaussianData) -> jax.Array:
+        """``-sum_{n,d} (log xi + log(2 pi) / 2)`` with ``xi = data.noise_sd`` (the known sd, or the
+        known relative scale with learned noise): loss = 1/2 sum (x - mu)^2 / sd^2 (+ sum log noise_sd)."""
+        per_obs = jnp.log(data.noise_sd) + 0.5 * jnp.log(2 * jnp.pi)
+        return -jnp.sum(jnp.where(data.mask[..., None], per_obs, 0.0), axis=(-2, -1))
+
+    def check(self, data: GaussianData, where: str) -> None:
+        _check_gaussian(data, where)
 
 
 def _design(inputs) -> LinearDesign:
@@ -113,15 +379,18 @@ class GroupedStatistics(NamedTuple):
 def _design_groups(rows: np.ndarray):
     """``(first, inverse)``: one task of each distinct row of ``rows`` ``(T, k)`` and every task's group.
 
-    Rows are compared through two random projections (one sort of ``(T, 2)`` numbers), then checked
-    exactly against their group's first row; a collision (never seen) falls back to an exact sort."""
-    projections = rows @ np.random.default_rng(0).standard_normal((rows.shape[1], 2))
-    _, first, inverse = np.unique(projections, axis=0, return_index=True, return_inverse=True)
-    inverse = inverse.reshape(-1)
+    Every row equal to the first (a balanced design) is checked first; else rows are sorted by one
+    random projection and checked exactly against their group's first row; a collision (never
+    seen) falls back to an exact sort of the rows."""
+    T = rows.shape[0]
     step = max(1, (1 << 22) // max(1, rows.shape[1]))
-    for lo in range(0, rows.shape[0], step):
-        representative = rows[first[0]] if first.shape[0] == 1 else rows[first[inverse[lo:lo + step]]]
-        if not np.array_equal(rows[lo:lo + step], np.broadcast_to(representative, rows[lo:lo + step].shape)):
+    if all(np.array_equal(rows[lo:lo + step], np.broadcast_to(rows[0], rows[lo:lo + step].shape))
+           for lo in range(0, T, step)):
+        return np.zeros(1, int), np.zeros(T, int)
+    projection = rows @ np.random.default_rng(0).standard_normal(rows.shape[1])
+    _, first, inverse = np.unique(projection, return_index=True, return_inverse=True)
+    for lo in range(0, T, step):
+        if not np.array_equal(rows[lo:lo + step], rows[first[inverse[lo:lo + step]]]):
             _, first, inverse = np.unique(rows, axis=0, return_index=True, return_inverse=True)
             return first, inverse.reshape(-1)
     return first, inverse
@@ -175,6 +444,18 @@ class PooledMoments(NamedTuple):
     count: Any
 
 
+def _sum_log_squares(sd):
+    """``sum log sd^2`` over all but the leading axis of positive ``sd``, with one logarithm per 512
+    values instead of one each: ``sd = m 2^k`` (``frexp``, ``m`` in [0.5, 1)), so the sum is
+    ``2 (sum log prod m + log 2 sum k)``, products over blocks of 512 mantissas (>= 2^-512: no underflow)."""
+    mantissa, exponent = jnp.frexp(sd.reshape(sd.shape[0], -1))
+    n = mantissa.shape[1]
+    blocks = -(-n // 512)
+    mantissa = jnp.pad(mantissa, [(0, 0), (0, blocks * 512 - n)], constant_values=1.0)
+    log_mantissa = jnp.sum(jnp.log(jnp.prod(mantissa.reshape(-1, blocks, 512), axis=2)), axis=1)
+    return 2.0 * (log_mantissa + jnp.log(2.0) * jnp.sum(exponent, axis=1))
+
+
 def _num_random(k: int, K: int, Q: int) -> int:
     """P from the number of pooled columns ``k = P (1 + Q) + K``."""
     return (k - K) // (1 + Q)
@@ -219,7 +500,13 @@ class LinearGaussianLikelihood(GaussianLikelihood):
     ``num_fixed = K > 0`` adds the global parameter ``beta`` ``(K,)`` (unpooled fixed effects, a
     flat prior unless one is given); ``noise="learned"`` the global ``noise_sd``.  Task data is a
     :class:`~hiermeta.GaussianData` whose ``inputs`` is a :class:`LinearDesign` (or the ``Z`` array).
+    It is also the Gaussian family of :mod:`hiermeta.families` (``name``, ``discrete``, ``binary``).
     """
+
+    name = "gaussian"
+    discrete = False
+    binary = False
+    takes_trials = False
 
     def __init__(self, *, noise: str = "known", noise_shape: tuple = (), num_fixed: int = 0,
                  noise_prior=None, noise_init=None, beta_prior=None, site: str = "obs"):
@@ -235,12 +522,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         design = _design(inputs)
         theta = ravel_pytree(theta)[0]  # the flat coordinates, in the partition's order
         _check_columns(design.random, theta.shape[-1])
-        mu = jnp.einsum("ndp,p->nd", design.random, theta)
-        if self.num_fixed:
-            mu = mu + jnp.einsum("ndk,k->nd", design.fixed, g["beta"])
-        if design.offset is not None:
-            mu = mu + design.offset
-        return mu
+        return linear_predictor(design, theta, g["beta"] if self.num_fixed else None)
 
     def check(self, data: GaussianData, where: str) -> None:
         super().check(data, where)
@@ -285,22 +567,33 @@ class LinearGaussianLikelihood(GaussianLikelihood):
 
     def pooled_moments(self, data: GaussianData, task_covariates=None, statistics=None) -> PooledMoments:
         """The cross-products of the pooled design and the response over every observed scalar
-        (:class:`PooledMoments`; jittable), from which :meth:`start_from_moments` fits the pooled
-        model: sums over tasks of the per-task statistics, weighted (``statistics``, computed when not
-        given) and unweighted (computed only when some observed ``noise_sd`` is not 1).
+        (:class:`PooledMoments`; jittable), from which :meth:`start_from_moments` fits the pooled model.
 
-        A pooled row is ``[e_t (x) Z_n, X_n, y_n]`` with ``e_t = [1, z_t]``, so its cross-products are
-        ``sum_t (e_t e_t^T) (x) Z_t^T W Z_t`` and the like: O(((1 + Q) P + K)^2) per task."""
+        A pooled row is ``[e_t (x) Z_n, X_n, y_n]`` with ``e_t = [1, z_t]``.  Weighted: sums over tasks
+        of the per-task statistics (``statistics``, computed when not given),
+        ``sum_t (e_t e_t^T) (x) Z_t^T W Z_t`` and the like, O(((1 + Q) P + K)^2) per task.  Unweighted:
+        the same when every observed ``noise_sd`` is 1, else one matrix product over the rows."""
         weighted = self.sufficient_statistics(data, task_covariates) if statistics is None else statistics
-        observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
-        unit = jnp.all(jnp.where(observed, data.noise_sd == 1.0, True))
-        unweighted = jax.lax.cond(unit, lambda: weighted,
-                                  lambda: self.sufficient_statistics(data, task_covariates, weighted=False))
         e = jnp.ones((weighted.ZZ.shape[0], 1), weighted.ZZ.dtype)
         if task_covariates is not None:
             e = jnp.concatenate([e, jnp.asarray(task_covariates, e.dtype)], axis=1)
-        pooled = lambda st: _pooled_cross_products(st, e, self.num_fixed)
-        return PooledMoments(pooled(weighted), pooled(unweighted), jnp.sum(weighted.count))
+        pooled = _pooled_cross_products(weighted, e, self.num_fixed)
+        observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
+        unit = jnp.all(jnp.where(observed, data.noise_sd == 1.0, True))
+        unweighted = jax.lax.cond(unit, lambda: pooled, lambda: self._pooled_rows(data, e, observed))
+        return PooledMoments(pooled, unweighted, jnp.sum(weighted.count))
+
+    def _pooled_rows(self, data: GaussianData, e, observed):
+        """``A^T A`` over every observed row of ``A = [e_t (x) Z, X, y]`` (unweighted)."""
+        design = _design(data.inputs)
+        Z = design.random
+        columns = [(e[:, None, None, :, None] * Z[..., None, :]).reshape(Z.shape[:3] + (-1,))]
+        if self.num_fixed:
+            columns.append(design.fixed)
+        columns.append((data.obs - (0.0 if design.offset is None else design.offset))[..., None])
+        A = jnp.where(observed[..., None], jnp.concatenate(columns, axis=-1), 0.0).reshape(-1, sum(
+            c.shape[-1] for c in columns))
+        return A.T @ A
 
     def start_from_moments(self, moments: PooledMoments, model=None) -> dict:
         """Starting values on the data's own scale from :meth:`pooled_moments` (summed over any chunks).
@@ -369,11 +662,8 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         design = _design(data.inputs)
         Z = design.random
         _check_columns(Z, jnp.shape(prior_mean)[-1])
-        mean = jnp.einsum("tndp,tp->tnd", Z, jnp.broadcast_to(prior_mean, (Z.shape[0], Z.shape[-1])))
-        if self.num_fixed:
-            mean = mean + jnp.einsum("tndk,k->tnd", design.fixed, g["beta"])
-        if design.offset is not None:
-            mean = mean + design.offset
+        m = jnp.broadcast_to(prior_mean, (Z.shape[0], Z.shape[-1]))[:, None, None, :]
+        mean = linear_predictor(design, m, g["beta"] if self.num_fixed else None)
         observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
         sd = self.sd(data, g)
         w = jnp.where(observed, sd**-2.0, 0.0)
@@ -398,11 +688,9 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         except ValueError:
             return None
 
-    def sufficient_statistics(self, data: GaussianData, task_covariates=None, weighted: bool = True
-                              ) -> LinearGaussianStatistics:
+    def sufficient_statistics(self, data: GaussianData, task_covariates=None) -> LinearGaussianStatistics:
         """The per-task sums from which :meth:`log_marginal_from_statistics` gives the log marginal
-        (module docstring).  Jittable; padding (``mask`` False) counts nowhere.  ``weighted=False``:
-        the same sums with every weight 1 (for :meth:`pooled_moments`).
+        (module docstring).  Jittable; padding (``mask`` False) counts nowhere.
 
         Each sum is one batched matrix product per task of the rows scaled by ``sqrt(W0)``,
         ``(W0^1/2 Z)^T (W0^1/2 Z)``, over the scalars of each noise group (gathered by a static index)."""
@@ -415,7 +703,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
             )
         T = data.obs.shape[0]
         observed = jnp.broadcast_to(data.mask[..., None], data.obs.shape)
-        root_w = jnp.where(observed, 1.0 / jnp.where(observed, data.noise_sd, 1.0) if weighted else 1.0, 0.0)
+        root_w = jnp.where(observed, 1.0 / jnp.where(observed, data.noise_sd, 1.0), 0.0)
         y = data.obs - (0.0 if design.offset is None else design.offset)
         # rows (T, n, ...) over the task's scalars, then (T, G, n_g, ...) gathered by noise group; a
         # group with fewer scalars than the largest is padded with an appended zero row
@@ -441,8 +729,7 @@ class LinearGaussianLikelihood(GaussianLikelihood):
             Zy=jnp.einsum("tgnp,tgn->tgp", Zw, yw),
             yy=jnp.sum(yw * yw, axis=-1),
             count=jnp.sum(by_group(observed.astype(yw.dtype), scale=False), axis=-1),
-            log_det_known=jnp.sum(jnp.where(observed, 2.0 * jnp.log(jnp.where(observed, data.noise_sd, 1.0)), 0.0),
-                                  axis=(1, 2)),
+            log_det_known=_sum_log_squares(jnp.where(observed, data.noise_sd, 1.0)),
             task_covariates=task_covariates,
         )
         if self.num_fixed:
@@ -556,6 +843,34 @@ class LinearGaussianLikelihood(GaussianLikelihood):
         cov = jnp.einsum("pi,tij,qj->tpq", L, B_inv, L)
         mean = jnp.broadcast_to(prior_mean, b.shape) + jnp.einsum("tpq,tq->tp", cov, b)
         return mean, cov
+
+    def posterior_from_precision(self, data: GaussianData, prior_mean, prior_precision, g: Optional[Mapping] = None):
+        """:meth:`posterior` for a diagonal prior given by its precisions ``(P,)``, which may be 0 (a
+        flat prior on that coordinate; all 0 gives the MLE): ``theta_t | D_t ~ N(m_t + Lambda^-1 b_t,
+        Lambda^-1)``, ``Lambda = diag(prior_precision) + F_t`` (the precision form; :meth:`posterior`'s
+        Woodbury form takes a prior sd of 0 instead)."""
+        F, b, _, _, _ = self._sufficient(data, prior_mean, g)
+        cov = jnp.linalg.inv(F + jnp.diag(jnp.broadcast_to(jnp.asarray(prior_precision), b.shape[-1:])))
+        cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
+        return jnp.broadcast_to(prior_mean, b.shape) + jnp.einsum("tpq,tq->tp", cov, b), cov
+
+    def predictive(self, support: GaussianData, query: GaussianData, prior_mean, prior_scale_tril,
+                   g: Optional[Mapping] = None):
+        """The exact predictive of each task's query data given its support at fixed hyperparameters.
+
+        Returns ``(log_pred (T,), log_evidence (T,), mean (T, N, D), sd (T, N, D))``: the joint
+        ``log p(D^val_t | D^tr_t) = log p(D^tr_t, D^val_t) - log p(D^tr_t)`` (the support and query
+        observations of a task merged), the support's log marginal, and the marginal predictive mean
+        and sd of every query scalar, ``Z mu_t + X beta + offset`` and
+        ``sqrt(diag(Z V_t Z^T) + sd^2)`` with ``N(mu_t, V_t)`` the posterior given the support."""
+        both = merge_splits(TaskBatch(support, query))
+        log_evidence = self.log_marginal(support, prior_mean, prior_scale_tril, g)
+        log_pred = self.log_marginal(both, prior_mean, prior_scale_tril, g) - log_evidence
+        mu, V = self.posterior(support, prior_mean, prior_scale_tril, g)
+        Z = _design(query.inputs).random
+        mean = self.mean(mu, query, g)
+        var = jnp.einsum("tndp,tpq,tndq->tnd", Z, V, Z) + self.sd(query, g) ** 2
+        return log_pred, log_evidence, mean, jnp.sqrt(var)
 
 
 def linear_gaussian(**kwargs) -> LinearGaussianLikelihood:

@@ -106,7 +106,7 @@ class ModulePartition:
                 "give each module a distinct label"
             )
         flat, unravel = ravel_pytree(params)
-        index = np.concatenate(parts) if parts else np.zeros(0, np.int32)
+        index = np.concatenate(parts)  # one part per leaf, and there is at least one leaf
         if index.shape != flat.shape:  # pragma: no cover - ravel_pytree and leaves disagree
             raise ValueError("internal error: partition does not cover the flat parameters")
         return cls(index=index, names=tuple(names), unravel=unravel, template=params)

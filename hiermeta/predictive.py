@@ -35,8 +35,8 @@ from jax.scipy.special import logsumexp, ndtr
 
 from .hierarchy import HierarchicalModel
 from .laplace import laplace
+from .linear_gaussian import GaussianData, GaussianLikelihood
 from .posterior import task_log_likelihood
-from .tasks import GaussianData, GaussianLikelihood
 
 __all__ = [
     "PredictiveScores",

@@ -33,6 +33,7 @@ import numpyro.distributions as dist
 
 from .errors import PriorWarning
 from .hierarchy import HierarchicalModel
+from .starts import data_start
 
 __all__ = ["with_priors", "prior_summary", "prior_tail_check"]
 
@@ -202,9 +203,6 @@ def prior_tail_check(model: HierarchicalModel, samples: Mapping[str, np.ndarray]
     """
     medians = {name: np.median(np.reshape(draws, (-1,) + np.shape(draws)[2:]), axis=0)
                for name, draws in samples.items()}
-    start = getattr(model.likelihood, "initial_values", None)
-    estimate = {}
-    if data is not None and callable(start):
-        estimate = _quantiles(model, {k: v for k, v in dict(start(data, model)).items() if k != "sigma"})
+    estimate = _quantiles(model, {k: v for k, v in data_start(model, data, check=False).items() if k != "sigma"})
     messages = _tail_messages(_quantiles(model, medians), level, "the posterior median", estimate)
     return messages + _tail_messages(estimate, level, "the data's own (pooled least-squares) estimate")

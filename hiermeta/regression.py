@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 import numpyro.distributions as dist
 
-__all__ = ["LinearDesign", "column_spread", "module_mean", "min_norm_solve", "regression_prior_scales"]
+__all__ = ["LinearDesign", "linear_predictor", "column_spread", "module_mean", "min_norm_solve",
+           "regression_prior_scales"]
 
 
 class LinearDesign(NamedTuple):
@@ -32,6 +33,18 @@ class LinearDesign(NamedTuple):
     random: Any
     fixed: Any = None
     offset: Any = None
+
+
+def linear_predictor(design: LinearDesign, theta, beta=None):
+    """``Z theta + X beta + offset`` over the design's last axis (``theta`` broadcasting against ``Z``'s
+    leading axes, e.g. ``(P,)`` for one task, ``(T, 1, P)`` for ``Z`` ``(T, N, P)``; ``beta`` ``(K,)``
+    when the design has ``X``)."""
+    eta = jnp.einsum("...p,...p->...", design.random, theta)
+    if design.fixed is not None and beta is not None:
+        eta = eta + jnp.einsum("...k,k->...", design.fixed, beta)
+    if design.offset is not None:
+        eta = eta + design.offset
+    return eta
 
 
 def module_mean(model, per_coordinate) -> np.ndarray:

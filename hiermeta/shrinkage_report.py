@@ -45,21 +45,22 @@ Outputs: :meth:`ShrinkageReport.table` (pandas when installed, else a list of di
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
-from scipy.special import logsumexp, ndtr, ndtri
+from scipy.special import ndtri
 
 from .hierarchy import HierarchicalModel
 from .linear_gaussian import LinearGaussianLikelihood
-from .utils import format_table, save_figure, to_jsonable
+from .posterior import task_log_likelihood
+from .predictive import coverage, score_draws, score_gaussian_mixture
+from .regression import LinearDesign
+from .printing import format_table, save_figure, to_jsonable
 
 __all__ = ["ShrinkageReport", "shrinkage_report"]
-
-_LOG_2PI = math.log(2.0 * math.pi)
 
 
 @dataclass(frozen=True, eq=False)
@@ -239,33 +240,30 @@ def _draws(nuts, name: str):
     raise ValueError(f"the NUTS result has no draws of {name!r} (sampled sites: {sorted(nuts.samples)})")
 
 
-class _Design:
-    """One split's padded arrays with the relative noise scales, as float64 NumPy."""
+class _Split(NamedTuple):
+    """One split of linear-Gaussian data (one scalar per observation) as float64 host arrays, read
+    through the likelihood (:meth:`~hiermeta.GaussianLikelihood.mean`, ``sd``) at given globals:
+    ``y``, ``mask``, ``Z`` ``(T, N, P)``, ``X`` ``(T, N, K)``, ``fixed`` = ``X beta + offset`` and
+    ``sd`` ``(T, N)``."""
 
-    def __init__(self, arrays, known_noise: bool):
-        self.y = np.asarray(arrays.response, float)
-        self.mask = np.asarray(arrays.mask, bool)
-        self.Z = np.asarray(arrays.random, float)
-        T, N = self.y.shape
-        self.X = np.zeros((T, N, 0)) if arrays.fixed is None else np.asarray(arrays.fixed, float)
-        self.offset = np.zeros((T, N)) if arrays.offset is None else np.asarray(arrays.offset, float)
-        scale = arrays.extra.get("noise_scale")
-        self.scale = np.ones((T, N)) if scale is None else np.where(self.mask, np.asarray(scale, float), 1.0)
-        self.known_noise = known_noise
+    y: np.ndarray
+    mask: np.ndarray
+    Z: np.ndarray
+    X: np.ndarray
+    fixed: np.ndarray
+    sd: np.ndarray
 
-    def sd(self, noise_sd):
-        """Observation sd: ``(T, N)`` for one noise sd, ``(D, T, N)`` for draws ``(D,)``; the known
-        scales for known noise."""
-        if self.known_noise:
-            return self.scale
-        return np.asarray(noise_sd, float)[..., None, None] * self.scale
 
-    def fixed_part(self, beta):
-        """``X beta + offset``: beta ``(K,)`` -> ``(T, N)``; ``(D, K)`` -> ``(D, T, N)``."""
-        beta = np.asarray(beta, float)
-        if beta.ndim == 1:
-            return self.offset + (self.X @ beta if beta.size else 0.0)
-        return self.offset + (np.einsum("tnk,dk->dtn", self.X, beta) if beta.shape[-1] else 0.0)
+def _split(model: HierarchicalModel, data, values: Mapping) -> _Split:
+    lik = model.likelihood
+    g = model.globals_of({k: jnp.asarray(v) for k, v in values.items()}) if model.global_params else None
+    design = data.inputs if isinstance(data.inputs, LinearDesign) else LinearDesign(data.inputs)
+    T, N = np.shape(data.mask)
+    first = lambda a: np.asarray(a, float)[:, :, 0]
+    fixed = lik.mean(jnp.zeros((T, model.partition.num_params)), data, g)  # X beta + offset: theta at 0
+    return _Split(y=first(data.obs), mask=np.asarray(data.mask, bool), Z=first(design.random),
+                  X=np.zeros((T, N, 0)) if design.fixed is None else first(design.fixed), fixed=first(fixed),
+                  sd=first(lik.sd(data, g)))
 
 
 def _noise_value(lik, values: Mapping):
@@ -278,7 +276,7 @@ def _noise_value(lik, values: Mapping):
     return float(noise.ravel()[0])
 
 
-def _check_fit_data(design: _Design, type2, eb_mean, noise, beta, z, K, Q) -> Optional[float]:
+def _check_fit_data(design: _Split, type2, eb_mean, z, K, Q) -> Optional[float]:
     """Largest |score x SE| of the fixed effects at the type-II estimate on these data.
 
     At a type-II (ML or REML) optimum the fixed effects are the GLS estimates given the variance
@@ -289,8 +287,8 @@ def _check_fit_data(design: _Design, type2, eb_mean, noise, beta, z, K, Q) -> Op
     se = dict(getattr(type2, "fixed_effects_se", {}) or {})
     if "phi" not in se:
         return None
-    resid = np.where(design.mask, design.y - np.einsum("tnp,tp->tn", design.Z, eb_mean) - design.fixed_part(beta), 0.0)
-    w = resid / design.sd(noise) ** 2
+    resid = np.where(design.mask, design.y - np.einsum("tnp,tp->tn", design.Z, eb_mean) - design.fixed, 0.0)
+    w = resid / design.sd**2
     per_task = np.einsum("tnp,tn->tp", design.Z, w)
     scores = {"phi": per_task.sum(0)}
     if Q:
@@ -304,7 +302,7 @@ def _check_fit_data(design: _Design, type2, eb_mean, noise, beta, z, K, Q) -> Op
     return worst
 
 
-def _check_nuts_data(design: _Design, nuts, T, P, noise_of, beta_of) -> None:
+def _check_nuts_data(model: HierarchicalModel, support, nuts, T, P) -> None:
     theta = np.asarray(nuts.samples["theta"]) if "theta" in nuts.samples else None
     if theta is None or theta.ndim != 4 or theta.shape[2:] != (T, P):
         raise ValueError(f"the NUTS result's theta must have shape (chains, draws, {T}, {P}) for this table, got "
@@ -313,18 +311,12 @@ def _check_nuts_data(design: _Design, nuts, T, P, noise_of, beta_of) -> None:
     if ll.shape[2:] != (T,):
         raise ValueError(f"the NUTS result's log-likelihood has {ll.shape[2:]} tasks, the table {T} groups")
     # the first draw's log-likelihood on these data must be the one NUTS recorded
-    th = theta.reshape((-1, T, P))[0]
-    mean = np.einsum("tnp,tp->tn", design.Z, th) + design.fixed_part(beta_of(0))
-    sd = design.sd(noise_of(0))
-    here = np.sum(np.where(design.mask, _log_normal(design.y, mean, sd), 0.0), axis=1)
+    g = {name: jnp.asarray(_draws(nuts, name)[:1]) for name in model.global_params}
+    here = np.asarray(task_log_likelihood(model, jnp.asarray(theta.reshape((-1, T, P))[:1]), support, g or None))[0]
     recorded = ll.reshape((-1, T))[0]
     if not np.allclose(here, recorded, rtol=1e-6, atol=1e-6 * np.max(np.abs(recorded))):
         raise ValueError("the NUTS result was not run on table.support (its recorded log-likelihood differs from "
                          "the one on these data): run NUTS on the same data as the type-II fit")
-
-
-def _log_normal(x, mean, sd):
-    return -0.5 * ((x - mean) / sd) ** 2 - np.log(sd) - 0.5 * _LOG_2PI
 
 
 # ---------------------------------------------------------------------------- the report
@@ -378,7 +370,6 @@ def shrinkage_report(
     T, P = table.num_groups, len(table.coordinates)
     K, Q = len(table.fixed_names), len(table.covariate_names)
     part_names = "support" if "support" in table.arrays else "all"
-    design = _Design(table.arrays[part_names], lik.noise == "known")
     z = table.arrays["all"].task_covariates
 
     # ---------------------------------------------------------------- type-II values
@@ -391,15 +382,15 @@ def shrinkage_report(
     missing = sorted(set(model.hyper_sites()) - set(extra))
     if missing:
         raise ValueError(f"the type-II result lacks the model's sites {missing}: fit it with this model")
-    noise = _noise_value(lik, extra)
-    beta = extra.get("beta", np.zeros(0))
+    _noise_value(lik, extra)
+    design = _split(model, table.support, extra)
     prior_mean = np.broadcast_to(np.asarray(model.prior_mean(jnp.asarray(phi), extra, z), float), (T, P))
     L = np.asarray(model.prior_scale_tril(jnp.asarray(sigma), extra), float)
     prior_var = np.diag(L @ L.T)
     eb_mean, eb_cov = (np.asarray(a, float) for a in lik.posterior(table.support, prior_mean, L,
                                                                     model.globals_of(extra)))
     eb_sd = np.sqrt(np.clip(np.diagonal(eb_cov, axis1=1, axis2=2), 0.0, None))
-    worst = _check_fit_data(design, type2, eb_mean, noise, beta, z, K, Q)
+    worst = _check_fit_data(design, type2, eb_mean, z, K, Q)
     notes = [f"estimates on the {part_names} rows ({int(design.mask.sum())} rows, {T} groups); "
              f"type-II {getattr(type2, 'method', 'ML')}: converged={getattr(type2, 'converged', None)}, "
              f"singular={list(getattr(type2, 'singular', ()))}"]
@@ -412,7 +403,7 @@ def shrinkage_report(
 
     # ---------------------------------------------------------------- no pooling and pooling factors
     n_support = design.mask.sum(1)
-    no_pool, no_pool_se = _no_pooling(design, beta, noise)
+    no_pool, no_pool_se = _no_pooling(design)
     with np.errstate(divide="ignore", invalid="ignore"):
         pooling = np.where(prior_var > 0, eb_sd**2 / np.where(prior_var > 0, prior_var, 1.0), 1.0)
         pooling_distance = 1.0 - (eb_mean - prior_mean) / (no_pool - prior_mean)
@@ -431,11 +422,7 @@ def shrinkage_report(
     # ---------------------------------------------------------------- full posterior
     draws = None
     if nuts is not None:
-        noise_draws = _draws(nuts, "noise_sd").reshape(-1) if lik.noise == "learned" else None
-        beta_draws = _draws(nuts, "beta") if K else np.zeros((1, 0))
-        noise_of = lambda d: None if noise_draws is None else noise_draws[d]
-        beta_of = lambda d: beta_draws[min(d, beta_draws.shape[0] - 1)]
-        _check_nuts_data(design, nuts, T, P, noise_of, beta_of)
+        _check_nuts_data(model, table.support, nuts, T, P)
         theta = _draws(nuts, "theta")  # (D, T, P)
         lo, hi = np.quantile(theta, [0.5 - interval / 2, 0.5 + interval / 2], axis=0)
         phi_d = _draws(nuts, "phi")
@@ -446,7 +433,7 @@ def shrinkage_report(
         estimates.update(posterior_mean=post_mean, posterior_sd=theta.std(0, ddof=1) if theta.shape[0] > 1 else
                          np.zeros((T, P)), posterior_lower=lo, posterior_upper=hi,
                          pooling_posterior=np.where(np.isfinite(pp), pp, np.nan))
-        draws = (theta, noise_draws, np.broadcast_to(beta_draws, (theta.shape[0], K)))
+        draws = (theta, {name: _draws(nuts, name) for name in model.global_params})
         _posterior_hyperparameters(hyper, nuts)
         diag = dict(getattr(nuts, "diagnostics", {}) or {})
         notes.append(f"NUTS: {theta.shape[0]} draws, max r-hat {diag.get('max_r_hat', float('nan')):.3f}, "
@@ -454,7 +441,7 @@ def shrinkage_report(
                      f"divergences, converged={diag.get('converged')}")
 
     # ---------------------------------------------------------------- adapted values
-    plug_ins = {"MAP plug-in (EB)": (eb_mean, noise, beta)}
+    plug_ins = {"MAP plug-in (EB)": (eb_mean, extra)}
     for name, value in dict(adapted or {}).items():
         theta_a, values = (value if isinstance(value, tuple) else (value, {}))
         theta_a = np.asarray(theta_a, float)
@@ -468,21 +455,29 @@ def shrinkage_report(
                 raise ValueError(f"adapted[{name!r}] {what} holds {int(np.sum(~np.isfinite(arr)))} NaN or infinite "
                                  f"value(s){f' (groups {groups})' if groups else ''}: the adaptation failed or "
                                  "diverged, so its scores and coverage would mean nothing")
+        _noise_value(lik, values)
         estimates[f"adapted[{name}]"] = theta_a
-        plug_ins[f"plug-in ({name})"] = (theta_a, _noise_value(lik, values), values.get("beta", np.zeros(0)))
+        plug_ins[f"plug-in ({name})"] = (theta_a, values)
 
     # ---------------------------------------------------------------- held-out scores
     predictive = {}
     if "query" in table.arrays:
-        query = _Design(table.arrays["query"], lik.noise == "known")
-        for label, (th, s, b) in plug_ins.items():
-            predictive[label] = _plug_in_scores(query, th, s, b, levels)
+        scored = np.asarray(table.query.mask).any(axis=1)  # groups with query rows
+        take = lambda data: jax.tree_util.tree_map(lambda a: a[scored], data)
+        support, query = take(table.support), take(table.query)
+        for label, (th, values) in plug_ins.items():
+            predictive[label] = _summary(score_draws(model, th[scored][:, None, :], query,
+                                                     extra=_globals(model, values)), scored, levels)
             if label == "MAP plug-in (EB)":
-                predictive["EB posterior"] = _eb_scores(query, eb_mean, eb_cov, noise, beta, levels)
+                log_pred, _, mean, sd = lik.predictive(support, query, prior_mean[scored], L, model.globals_of(extra))
+                predictive["EB posterior"] = _summary(score_gaussian_mixture(
+                    log_pred[:, None], mean[:, None], sd[:, None], query), scored, levels)
                 if draws is not None:
-                    predictive["full posterior (NUTS)"] = _mixture_scores(query, *draws, levels)
-        notes.append(f"held-out: {int(query.mask.sum())} query rows in {int(query.mask.any(1).sum())} groups "
-                     f"(split: {table.split})")
+                    theta_d, globals_d = draws
+                    predictive["full posterior (NUTS)"] = _summary(score_draws(
+                        model, np.swapaxes(theta_d, 0, 1)[scored], query, extra=globals_d or None), scored, levels)
+        n_query = np.asarray(table.query.mask)
+        notes.append(f"held-out: {int(n_query.sum())} query rows in {int(scored.sum())} groups (split: {table.split})")
     for r in hyper:
         r.pop("_key")
     return ShrinkageReport(groups=tuple(table.groups), coordinates=tuple(table.coordinates), estimates=estimates,
@@ -490,12 +485,11 @@ def shrinkage_report(
                            notes=notes)
 
 
-def _no_pooling(design: _Design, beta, noise):
+def _no_pooling(design: _Split):
     """Per-group weighted least squares; NaN for coordinates a group cannot identify."""
     T, _, P = design.Z.shape
     est, se = np.full((T, P), np.nan), np.full((T, P), np.nan)
-    target = design.y - design.fixed_part(beta)
-    sd = design.sd(noise if noise is not None else 1.0)
+    target, sd = design.y - design.fixed, design.sd
     for t in range(T):
         rows = design.mask[t]
         A = design.Z[t][rows] / sd[t][rows, None]
@@ -558,58 +552,24 @@ def _posterior_hyperparameters(rows, nuts) -> None:
         r["posterior_sd"] = float(np.std(x, ddof=1)) if x.shape[0] > 1 else 0.0
 
 
-def _coverage(pit, mask, levels) -> dict:
-    values = pit[mask]
-    return {q: float(np.mean(np.abs(values - 0.5) <= q / 2)) if values.size else float("nan") for q in levels}
+def _globals(model: HierarchicalModel, values: Mapping) -> Optional[dict]:
+    """The likelihood's global parameters among ``values`` (None when it has none)."""
+    return {name: np.asarray(values[name], float) for name in model.global_params} or None
 
 
-def _summary(log_pred, query: _Design, pit, levels) -> dict:
-    n = query.mask.sum(1)
-    has = n > 0
-    per_group = np.where(has, log_pred / np.where(has, n, 1), np.nan)
-    scores = per_group[has]
+def _summary(scores, scored: np.ndarray, levels) -> dict:
+    """The report's entry of one method from the library's :class:`~hiermeta.predictive.PredictiveScores`
+    on the groups with query rows (``scored``): the log score per query observation, per group (NaN
+    for the groups left out), its mean over groups and standard error, and the coverage of the
+    central predictive intervals of each level (from the PIT of every query row)."""
+    per_scored = np.asarray(scores.per_obs(), float)
+    per_group = np.full(scored.shape, np.nan)
+    per_group[scored] = per_scored
     return {
-        "log_score": float(scores.mean()),
-        "log_score_sem": float(scores.std(ddof=1) / np.sqrt(scores.size)) if scores.size > 1 else float("nan"),
-        "coverage": _coverage(pit, query.mask, levels),
-        "num_groups": int(has.sum()),
-        "num_obs": int(n.sum()),
+        "log_score": float(per_scored.mean()),
+        "log_score_sem": float(per_scored.std(ddof=1) / np.sqrt(per_scored.size)) if per_scored.size > 1 else float("nan"),
+        "coverage": dict(zip(levels, coverage(scores.pit, levels))),
+        "num_groups": int(scored.sum()),
+        "num_obs": int(np.sum(scores.num_obs)),
         "per_group": per_group,
     }
-
-
-def _plug_in_scores(query: _Design, theta, noise, beta, levels) -> dict:
-    mean = np.einsum("tnp,tp->tn", query.Z, theta) + query.fixed_part(beta)
-    sd = query.sd(noise)
-    log_pred = np.sum(np.where(query.mask, _log_normal(query.y, mean, sd), 0.0), axis=1)
-    return _summary(log_pred, query, ndtr((query.y - mean) / sd), levels)
-
-
-def _eb_scores(query: _Design, eb_mean, eb_cov, noise, beta, levels) -> dict:
-    """Joint Gaussian predictive of each group's query rows under the EB posterior of theta."""
-    T = query.y.shape[0]
-    mean = np.einsum("tnp,tp->tn", query.Z, eb_mean) + query.fixed_part(beta)
-    sd = query.sd(noise)
-    log_pred, pit = np.zeros(T), np.full(query.y.shape, np.nan)
-    for t in range(T):
-        rows = query.mask[t]
-        if not rows.any():
-            continue
-        Zq = query.Z[t][rows]
-        cov = Zq @ eb_cov[t] @ Zq.T + np.diag(sd[t][rows] ** 2)
-        chol = np.linalg.cholesky(cov)
-        r = np.linalg.solve(chol, query.y[t][rows] - mean[t][rows])
-        log_pred[t] = -0.5 * r @ r - np.sum(np.log(np.diag(chol))) - 0.5 * rows.sum() * _LOG_2PI
-        pit[t, rows] = ndtr((query.y[t][rows] - mean[t][rows]) / np.sqrt(np.diag(cov)))
-    return _summary(log_pred, query, pit, levels)
-
-
-def _mixture_scores(query: _Design, theta, noise, beta, levels) -> dict:
-    """The mixture over posterior draws: joint log density per group, mixture CDF per row."""
-    D = theta.shape[0]
-    mean = np.einsum("tnp,dtp->dtn", query.Z, theta) + query.fixed_part(beta)
-    sd = np.broadcast_to(query.sd(noise), mean.shape)
-    per_draw = np.sum(np.where(query.mask, _log_normal(query.y, mean, sd), 0.0), axis=2)  # (D, T)
-    log_pred = logsumexp(per_draw, axis=0) - math.log(D)
-    pit = np.mean(ndtr((query.y - mean) / sd), axis=0)
-    return _summary(log_pred, query, pit, levels)

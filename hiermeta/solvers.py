@@ -76,6 +76,8 @@ __all__ = [
     "resolved_tol",
     "curvature_step_size",
     "levenberg_marquardt",
+    "damped_newton",
+    "DampedNewtonState",
     "warn_unconverged",
     "PriorScaled",
     "prior_scaled",
@@ -297,55 +299,100 @@ def gradient_steps(
 # ---------------------------------------------------------------------------- Newton
 
 
-def _lm_scan(loss, start, num_steps, *, damping, shrink, grow, strict, scaled, tol, observe, slack=0.0):
-    """The Levenberg-Marquardt loop behind :func:`levenberg_marquardt` and :func:`newton`.
+class DampedNewtonState(NamedTuple):
+    """The carry of :func:`damped_newton`: the iterate, its loss, the damping, whether it is frozen
+    (``||g|| <= threshold``) and how many steps were kept."""
 
-    Returns ``(theta, value, trace)``.  With ``tol`` (an absolute threshold on ``||g||`` here)
-    the iterate freezes once ``||g|| <= tol``.  ``slack`` tolerates a rise of the loss by
-    ``slack * |loss|`` (its rounding error), so that near the minimum, where a Newton step
-    changes the loss by less than rounding, steps are still taken.
+    theta: jax.Array
+    value: jax.Array
+    damping: jax.Array
+    frozen: jax.Array
+    steps: jax.Array
+
+
+def _damped_newton_step(loss, state: DampedNewtonState, threshold, *, scaled, shrink, grow, strict, slack):
+    """One Levenberg-Marquardt iteration (:func:`damped_newton`) of one problem."""
+    theta, value, lam = state.theta, state.value, state.damping
+    g, H = jax.grad(loss)(theta), jax.hessian(loss)(theta)
+    if scaled:  # Marquardt: damp each coordinate by its own curvature (scale-equivariant)
+        d = jnp.abs(jnp.diagonal(H))
+        top = jnp.max(d)
+        d = jnp.where(top > 0, jnp.maximum(d, 1e-12 * top), 1.0)
+        delta = -jnp.linalg.solve(H + lam * jnp.diag(d), g)
+    else:
+        delta = -jnp.linalg.solve(H + lam * jnp.eye(theta.shape[0], dtype=theta.dtype), g)
+    new_value = loss(theta + delta)
+    bound = value + slack * jnp.abs(value) if slack else value
+    lower = (new_value < bound) if strict else (new_value <= bound)
+    frozen = _norm(g) <= threshold
+    accept = jnp.isfinite(new_value) & lower & jnp.all(jnp.isfinite(delta)) & ~frozen
+    return DampedNewtonState(
+        theta=jnp.where(accept, theta + delta, theta),
+        value=jnp.where(accept, new_value, value),
+        damping=jnp.where(frozen, lam, jnp.clip(jnp.where(accept, lam * shrink, lam * grow), 1e-12, 1e12)),
+        frozen=frozen,
+        steps=state.steps + accept.astype(state.steps.dtype),
+    )
+
+
+def damped_newton(loss, start, num_steps: int, *, args=None, threshold=None, damping: float = 1e-3,
+                  scaled: bool = False, shrink: float = 0.1, grow: float = 10.0, strict: bool = False,
+                  slack: float = 0.0, observe=None):
+    """The damped-Newton (Levenberg-Marquardt) loop, the one behind :func:`newton`,
+    :func:`levenberg_marquardt`, the Laplace modes (:mod:`hiermeta.laplace`) and the swirl domain.
+
+    Each iteration takes ``delta = -(H + lam D)^{-1} g`` with the exact gradient and Hessian of
+    ``loss``, ``D = I`` or with ``scaled`` Marquardt's ``diag(|H_ii|)`` (invariant to the units of
+    each coordinate); the step is kept only if it is finite and lowers the loss (``strict``) or does
+    not raise it by more than ``slack * |loss|`` (its rounding error, so that steps near the minimum,
+    below rounding, are still taken); then ``lam *= shrink``, else ``lam *= grow`` (clipped to
+    [1e-12, 1e12]).  So it descends to a local minimum and cannot diverge, with Newton's quadratic
+    convergence near it.  An iterate freezes once ``||g|| <= threshold`` (absolute; None: never).
+    ``num_steps`` iterations of a fixed-length ``lax.scan``: jittable, compiled once per shape.
+
+    Two ways to call it:
+
+    * one problem: ``loss(theta)``, ``start`` ``(P,)``; returns ``(state, trace)`` with ``trace``
+      ``observe(theta_k)`` stacked for k = 0..num_steps (None without ``observe``); vmappable.
+    * a batch: ``loss(theta, arg)`` for each problem, ``start`` ``(T, P)``, ``args`` with a leading
+      axis ``T`` and ``threshold`` ``(T,)``; each iteration is vmapped over the problems, and once
+      every problem is frozen the remaining iterations are skipped (a ``lax.cond`` on the whole
+      batch: a vmapped loop cannot skip a frozen problem's work, a batch can stop early).
+      Returns the final :class:`DampedNewtonState` (leading axis ``T``).
     """
-    grad, hess = jax.grad(loss), jax.hessian(loss)
-    eye = jnp.eye(start.shape[0], dtype=start.dtype)
+    options = dict(scaled=scaled, shrink=shrink, grow=grow, strict=strict, slack=slack)
+    if args is None:
+        thr = jnp.asarray(-1.0 if threshold is None else threshold, start.dtype)
+        step = lambda st: _damped_newton_step(loss, st, thr, **options)
+        init = DampedNewtonState(start, loss(start), jnp.asarray(damping, start.dtype), jnp.asarray(False),
+                                 jnp.zeros((), jnp.int32))
 
-    def step(carry, _):
-        theta, value, lam = carry
-        g, H = grad(theta), hess(theta)
-        if scaled:  # Marquardt: damp each coordinate by its own curvature (scale-equivariant)
-            d = jnp.abs(jnp.diagonal(H))
-            top = jnp.max(d)
-            d = jnp.where(top > 0, jnp.maximum(d, 1e-12 * top), 1.0)
-            delta = -jnp.linalg.solve(H + lam * jnp.diag(d), g)
-        else:
-            delta = -jnp.linalg.solve(H + lam * eye, g)
-        new_value = loss(theta + delta)
-        bound = value + slack * jnp.abs(value) if slack else value
-        lower = (new_value < bound) if strict else (new_value <= bound)
-        accept = jnp.isfinite(new_value) & lower & jnp.all(jnp.isfinite(delta))
-        if tol is not None:
-            accept &= ~(_norm(g) <= tol)  # converged: frozen
-        theta = jnp.where(accept, theta + delta, theta)
-        value = jnp.where(accept, new_value, value)
-        lam = jnp.clip(jnp.where(accept, lam * shrink, lam * grow), 1e-12, 1e12)
-        return (theta, value, lam), (observe(theta) if observe is not None else None)
+        def body(st, _):
+            st = step(st)
+            return st, (observe(st.theta) if observe is not None else None)
 
-    init = (start, loss(start), jnp.asarray(damping, start.dtype))
-    (theta, value, _), records = jax.lax.scan(step, init, None, length=num_steps)
-    return theta, value, _stack_trace(observe, start, records)
+        state, records = jax.lax.scan(body, init, None, length=num_steps)
+        return state, _stack_trace(observe, start, records)
+    T = start.shape[0]
+    thr = jnp.broadcast_to(jnp.asarray(-1.0 if threshold is None else threshold, start.dtype), (T,))
+    step = jax.vmap(lambda st, arg, t: _damped_newton_step(lambda th: loss(th, arg), st, t, **options))
+    init = DampedNewtonState(start, jax.vmap(loss)(start, args), jnp.full((T,), damping, start.dtype),
+                             jnp.zeros((T,), bool), jnp.zeros((T,), jnp.int32))
+
+    def batch_body(st, _):
+        return jax.lax.cond(jnp.all(st.frozen), lambda s: s, lambda s: step(s, args, thr), st), None
+
+    state, _ = jax.lax.scan(batch_body, init, None, length=num_steps)
+    return state
 
 
 def levenberg_marquardt(loss, start, num_steps: int, *, damping: float = 1e-3, shrink: float = 0.1,
                         grow: float = 10.0, strict: bool = False, scaled: bool = False):
-    """Damped Newton steps ``delta = -(H + lam D)^{-1} g`` on ``loss(theta)`` from ``start``, under ``lax.scan``.
-
-    ``D = I``, or with ``scaled`` Marquardt's ``diag(|H_ii|)`` (invariant to the units of each
-    coordinate).  A step is kept only if it is finite and lowers the loss (``strict``) or does
-    not raise it; then ``lam *= shrink``, else ``lam *= grow`` (clipped to [1e-12, 1e12]), so it
-    descends to a local minimum.  Returns the last accepted ``theta`` and its loss.
-    """
-    theta, value, _ = _lm_scan(loss, start, num_steps, damping=damping, shrink=shrink, grow=grow,
-                               strict=strict, scaled=scaled, tol=None, observe=None)
-    return theta, value
+    """:func:`damped_newton` on ``loss(theta)`` from ``start`` for ``num_steps`` iterations, never
+    frozen; returns the last kept ``theta`` and its loss."""
+    state, _ = damped_newton(loss, start, num_steps, damping=damping, shrink=shrink, grow=grow, strict=strict,
+                             scaled=scaled)
+    return state.theta, state.value
 
 
 def newton(max_steps: int = 20, tol: Optional[float] = None, *, damping: float = 1e-3) -> InnerSolver:
@@ -375,9 +422,9 @@ def newton(max_steps: int = 20, tol: Optional[float] = None, *, damping: float =
         g0_norm = jax.lax.stop_gradient(_norm(jax.grad(loss)(theta0)))
         threshold = _freeze_threshold(tol, theta0, g0_norm)
         slack = 8.0 * float(jnp.finfo(theta0.dtype).eps)
-        theta, value, trace = _lm_scan(loss, theta0, n, damping=damping, shrink=0.1, grow=10.0, strict=False,
-                                       scaled=True, tol=threshold, observe=observe, slack=slack)
-        return _finish(loss, theta, loss(theta0), g0_norm, tol, trace, check_rise=False)
+        state, trace = damped_newton(loss, theta0, n, threshold=threshold, damping=damping, scaled=True,
+                                     slack=slack, observe=observe)
+        return _finish(loss, state.theta, loss(theta0), g0_norm, tol, trace, check_rise=False)
 
     return InnerSolver(f"Newton (at most {K} steps)", K, tol, solve)
 

@@ -372,7 +372,7 @@ def fit(
       CheckpointError: ``resume=True`` found a corrupt checkpoint or one of another run.
       CheckpointExistsError: ``checkpoint`` exists and neither ``resume`` nor ``overwrite`` is set.
       ProcessDisagreementError: (several processes) the processes were given different runs.
-      ReplicaDivergenceError: (several processes) their replicated states diverged during a chunk;
+      ReplicaDivergenceError: (a MetaTrainingError; several processes) the replicated states diverged;
         it carries the last agreed state (also saved to ``checkpoint``) and the history up to it.
     """
     num_steps = check_count(num_steps, "num_steps", 0)

@@ -1,20 +1,21 @@
-"""Small runtime helpers: counts checked, plain-text tables, JSON-able values, figures saved."""
+"""Small runtime helpers: the compilation cache, counts and tolerances checked, memory limits.
+
+(Plain-text tables, JSON-able values and saved figures: :mod:`hiermeta.printing`.)"""
 
 from __future__ import annotations
 
-import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Mapping, Optional, Sequence
+from typing import Optional
 
 import jax
 import numpy as np
 
 from .errors import HiermetaWarning
 
-__all__ = ["enable_compilation_cache", "default_compilation_cache", "CACHE_ENV", "check_count", "format_table",
-           "to_jsonable", "save_figure", "check_positive", "check_memory", "memory_limit"]
+__all__ = ["enable_compilation_cache", "default_compilation_cache", "CACHE_ENV", "check_count", "check_positive",
+           "check_memory", "memory_limit"]
 
 # Turns the default persistent compilation cache off ("0", "off", "false", "no") or moves it (a directory).
 CACHE_ENV = "HIERMETA_COMPILATION_CACHE"
@@ -82,62 +83,6 @@ def check_count(value, name: str, minimum: int = 0) -> int:
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
     return int(value)
-
-
-def save_figure(fig, path) -> Path:
-    """Lay ``fig`` out, write it to ``path`` at 120 dpi, close it, and return the path.
-
-    matplotlib is imported here, not at the top: it is needed only by those who draw figures.
-    """
-    import matplotlib.pyplot as plt
-
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
-def _cell(value: Any, digits: int) -> str:
-    if isinstance(value, str):
-        return value
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, (int, np.integer)):
-        return str(int(value))
-    return f"{float(value):.{digits}f}"
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], digits: int = 3) -> str:
-    """A right-aligned plain-text table (first column left-aligned)."""
-    cells = [[_cell(v, digits) for v in row] for row in rows]
-    widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]
-
-    def line(values):
-        first = values[0].ljust(widths[0])
-        return "  ".join([first] + [v.rjust(w) for v, w in zip(values[1:], widths[1:])])
-
-    rule = "-" * (sum(widths) + 2 * (len(widths) - 1))
-    return "\n".join([line(list(headers)), rule] + [line(r) for r in cells])
-
-
-def to_jsonable(obj: Any) -> Any:
-    """NumPy/JAX arrays and scalars to lists and floats, recursively (NaN and inf become None)."""
-    if hasattr(obj, "to_dict"):  # hiermeta.LossCurve, hiermeta.ShrinkageReport
-        return obj.to_dict()
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v) for v in obj]
-    if hasattr(obj, "shape") and hasattr(obj, "dtype"):
-        return to_jsonable(np.asarray(obj).tolist())
-    if isinstance(obj, (np.floating, float)):
-        value = float(obj)
-        return value if math.isfinite(value) else None
-    if isinstance(obj, (np.integer,)):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
 
 
 def check_positive(value, name: str) -> float:

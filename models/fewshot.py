@@ -42,6 +42,10 @@ __all__ = [
     "check_dataset",
     "split_classes",
     "episode_sampler",
+    "Augmentation",
+    "augment_images",
+    "affine_warp",
+    "alphabet_sampler",
     "ConvNet",
     "convnet",
     "layer_labels",
@@ -136,6 +140,7 @@ def episode_sampler(
     shots: int,
     queries: int,
     num_tasks: int,
+    augment: Optional["Augmentation"] = None,
     dtype=None,
 ) -> Callable[[jax.Array], TaskBatch]:
     """``sample(key) -> TaskBatch`` of ``num_tasks`` k-way n-shot episodes from ``classes``.
@@ -150,6 +155,7 @@ def episode_sampler(
     Args:
       images: ``(C, I, H, W)`` uint8 (a :class:`FewShotDataset`'s ``images``).
       classes: indices of the classes to draw from (one split of :func:`split_classes`).
+      augment: an :class:`Augmentation` (every image under its own random affine map), or None.
       dtype: float dtype of the inputs (default: JAX's default float).
     """
     images = np.asarray(images)
@@ -170,25 +176,165 @@ def episode_sampler(
     instances = images.shape[1]
     if shots + queries > instances:
         raise ValueError(f"shots + queries = {shots + queries} but each class has only {instances} instances")
+    augment = _check_augmentation(augment)
     pool = jnp.asarray(images[classes])  # only this split's images enter the program
     dtype = dtype or jnp.zeros(()).dtype
-    H, W = images.shape[2:]
     ways, shots, queries = int(ways), int(shots), int(queries)
 
     def one(key):
         k_class, k_inst = jax.random.split(key)
+        k_aug = jax.random.fold_in(key, 1)
         # the ranks of uniform draws are a uniformly random permutation (argsort compiles faster
         # than jax.random.permutation under vmap)
         chosen = jnp.argsort(jax.random.uniform(k_class, (pool.shape[0],)))[:ways]  # label j <-> chosen[j]
         inst = jnp.argsort(jax.random.uniform(k_inst, (ways, instances)), axis=-1)[:, : shots + queries]
         x = pool[chosen[:, None], inst].astype(dtype) / 255.0  # (ways, shots + queries, H, W)
-        labels = jnp.arange(ways, dtype=jnp.int32)
+        return _labelled_task(x, shots, k_aug, augment)
 
-        def split(x_part, n):
-            y = jnp.repeat(labels, n)
-            return CategoricalData(labels=y, mask=jnp.ones(y.shape, bool), inputs=x_part.reshape(ways * n, H, W))
+    def sample(key) -> TaskBatch:
+        return jax.vmap(one)(jax.random.split(key, int(num_tasks)))
 
-        return TaskBatch(train=split(x[:, :shots], shots), val=split(x[:, shots:], queries))
+    return sample
+
+
+class Augmentation(NamedTuple):
+    """Random affine augmentation of each image (the "augmented Omniglot" of Leap and WarpGrad).
+
+    Per image, independently: rotation uniform in ``+-rotation`` degrees, shear uniform in
+    ``+-shear``, isotropic scale uniform in ``scale``, translation uniform in ``+-translate`` of
+    the side per axis, about the image centre; bilinear interpolation, zero (background) outside.
+    """
+
+    rotation: float = 15.0
+    shear: float = 0.1
+    scale: tuple = (0.9, 1.1)
+    translate: float = 0.08
+
+
+def augment_images(key, images, augmentation: Augmentation):
+    """``images`` ``(N, H, W)`` floats, each under its own random affine map (:class:`Augmentation`); jittable."""
+    N, H, W = images.shape
+    k_rot, k_shear, k_scale, k_shift = jax.random.split(key, 4)
+    angle = jnp.deg2rad(jax.random.uniform(k_rot, (N,), minval=-augmentation.rotation, maxval=augmentation.rotation))
+    shear = jax.random.uniform(k_shear, (N,), minval=-augmentation.shear, maxval=augmentation.shear)
+    scale = jax.random.uniform(k_scale, (N,), minval=augmentation.scale[0], maxval=augmentation.scale[1])
+    shift = jax.random.uniform(k_shift, (N, 2), minval=-augmentation.translate, maxval=augmentation.translate)
+    shift = shift * jnp.asarray([H, W], images.dtype)
+    cos, sin = jnp.cos(angle), jnp.sin(angle)
+    # forward map A = R(angle) [[1, shear], [0, 1]] scale; output pixel o reads input A^-1 (o - c - shift) + c
+    a = jnp.stack([jnp.stack([cos, cos * shear - sin], -1), jnp.stack([sin, sin * shear + cos], -1)], -2)
+    return affine_warp(images, a * scale[:, None, None], shift)
+
+
+def affine_warp(images, forward, shift):
+    """Each image ``(N, H, W)`` under ``x -> forward_n (x - c) + c + shift_n`` (``c`` the centre,
+    coordinates (row, column)); bilinear, zero outside: output pixel ``o`` reads the input at
+    ``forward_n^-1 (o - c - shift_n) + c`` (``scipy.ndimage.affine_transform`` with ``order=1,
+    mode="grid-constant"``: zeros beyond the edge, interpolated into)."""
+    N, H, W = images.shape
+    inverse = jnp.linalg.inv(forward)  # (N, 2, 2)
+    centre = jnp.asarray([(H - 1) / 2.0, (W - 1) / 2.0], images.dtype)
+    grid = jnp.stack(jnp.meshgrid(jnp.arange(H, dtype=images.dtype), jnp.arange(W, dtype=images.dtype),
+                                  indexing="ij"), -1)  # (H, W, 2)
+
+    def one(image, inv, d):
+        source = jnp.einsum("ij,hwj->ihw", inv, grid - centre - d) + centre[:, None, None]
+        return jax.scipy.ndimage.map_coordinates(image, [source[0], source[1]], order=1, mode="constant", cval=0.0)
+
+    return jax.vmap(one)(images, inverse, jnp.asarray(shift, images.dtype))
+
+
+def _labelled_task(x, n_train: int, key, augment: Optional[Augmentation]) -> TaskBatch:
+    """A task from ``x`` ``(ways, n_train + n_val, H, W)`` floats: row ``j`` is class ``j``; its first
+    ``n_train`` images are ``train``, the rest ``val`` (labels grouped); augmented if asked."""
+    ways, n, H, W = x.shape
+    if augment is not None:
+        x = augment_images(key, x.reshape(-1, H, W), augment).reshape(x.shape)
+    labels = jnp.arange(ways, dtype=jnp.int32)
+
+    def split(x_part):
+        y = jnp.repeat(labels, x_part.shape[1])
+        return CategoricalData(labels=y, mask=jnp.ones(y.shape, bool), inputs=x_part.reshape(-1, H, W))
+
+    return TaskBatch(train=split(x[:, :n_train]), val=split(x[:, n_train:]))
+
+
+def _check_augmentation(augment) -> Optional[Augmentation]:
+    if augment is None:
+        return None
+    if not isinstance(augment, Augmentation):
+        raise ValueError(f"augment must be a fewshot.Augmentation or None, got {type(augment).__name__}")
+    lo, hi = augment.scale
+    if not (augment.rotation >= 0 and augment.shear >= 0 and augment.translate >= 0 and 0 < lo <= hi):
+        raise ValueError(f"augmentation ranges must be >= 0 and 0 < scale low <= high, got {augment}")
+    return augment
+
+
+def alphabet_sampler(
+    images,
+    classes,
+    class_alphabet,
+    *,
+    ways: int = 20,
+    train_shots: int = 15,
+    val_shots: int = 5,
+    num_tasks: int,
+    augment: Optional[Augmentation] = None,
+    dtype=None,
+) -> Callable[[jax.Array], TaskBatch]:
+    """``sample(key) -> TaskBatch`` of alphabet tasks (the protocol of Leap, WarpGrad and the NeurIPS
+    version of the shrinkage paper on Omniglot): each task is one alphabet.
+
+    Per task: an alphabet drawn uniformly from those of ``classes`` with at least ``ways``
+    characters (the others are never drawn), ``ways`` of its characters in a random order (label
+    ``j`` for the ``j``-th), and for each a random ``train_shots`` of its instances as the task's
+    training data (``train``) and ``val_shots`` others as its validation data (``val``); every image
+    under its own random affine map when ``augment`` is given.  Jittable, like
+    :func:`episode_sampler` (the split's images are a constant of the compiled program).
+
+    Args:
+      images: ``(C, I, H, W)`` uint8; ``class_alphabet``: ``(C,)`` alphabet index of each class.
+      classes: the split's class indices (e.g. ``split_classes(...)["train"]``).
+    """
+    images, classes = np.asarray(images), np.asarray(classes)
+    class_alphabet = np.asarray(class_alphabet)
+    if images.ndim != 4 or images.dtype != np.uint8:
+        raise ValueError(f"images must be uint8 of shape (classes, instances, H, W), got {images.dtype} {images.shape}")
+    if class_alphabet.shape != images.shape[:1]:
+        raise ValueError(f"class_alphabet must have shape ({images.shape[0]},), got {class_alphabet.shape}")
+    for name, value, low in (("ways", ways, 2), ("train_shots", train_shots, 1), ("val_shots", val_shots, 1),
+                             ("num_tasks", num_tasks, 1)):
+        if int(value) != value or value < low:
+            raise ValueError(f"{name} must be an integer >= {low}, got {value}")
+    if classes.ndim != 1 or np.unique(classes).size != classes.size or (classes.size and (
+            classes.min() < 0 or classes.max() >= images.shape[0])):
+        raise ValueError("classes must be distinct class indices")
+    instances = images.shape[1]
+    if train_shots + val_shots > instances:
+        raise ValueError(f"train_shots + val_shots = {train_shots + val_shots} but each class has only {instances} instances")
+    augment = _check_augmentation(augment)
+    groups = [classes[class_alphabet[classes] == a] for a in np.unique(class_alphabet[classes])]
+    groups = [g for g in groups if g.size >= ways]
+    if not groups:
+        raise ValueError(f"no alphabet of this split has {ways} characters (a {ways}-way alphabet task needs them)")
+    position = {int(c): i for i, c in enumerate(classes)}  # class index -> its row in the pool
+    table = np.zeros((len(groups), max(g.size for g in groups)), np.int32)  # each alphabet's rows, padded
+    for a, g in enumerate(groups):
+        table[a, : g.size] = [position[int(c)] for c in g]
+    counts = jnp.asarray([g.size for g in groups])
+    table = jnp.asarray(table)
+    pool = jnp.asarray(images[classes])
+    dtype = dtype or jnp.zeros(()).dtype
+    ways, n_tr, n_val = int(ways), int(train_shots), int(val_shots)
+
+    def one(key):
+        k_alpha, k_class, k_inst, k_aug = jax.random.split(key, 4)
+        a = jax.random.randint(k_alpha, (), 0, len(groups))
+        u = jnp.where(jnp.arange(table.shape[1]) < counts[a], jax.random.uniform(k_class, (table.shape[1],)), 2.0)
+        chosen = table[a, jnp.argsort(u)[:ways]]  # label j <-> chosen[j]
+        inst = jnp.argsort(jax.random.uniform(k_inst, (ways, instances)), axis=-1)[:, : n_tr + n_val]
+        x = pool[chosen[:, None], inst].astype(dtype) / 255.0  # (ways, n_tr + n_val, H, W)
+        return _labelled_task(x, n_tr, k_aug, augment)
 
     def sample(key) -> TaskBatch:
         return jax.vmap(one)(jax.random.split(key, int(num_tasks)))

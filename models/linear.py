@@ -15,8 +15,9 @@ Everything is Gaussian, so with F_t = sum_n A^T Xi^-1 A and b_t = sum_n A^T Xi^-
     marginal        log p(D_t | phi, S) by Woodbury / the determinant lemma (P x P work)
     predictive      x* | D_t ~ N(A* m_t, A* Lambda_t^-1 A*^T + Xi*)
 
-User data: :func:`make_data` takes any design (shared ``(D, P)``, per task or per observation),
-noise that may differ per task or observation, and a mask for unequal observation counts.
+User data: :func:`make_data` (:meth:`hiermeta.GaussianData.from_design`) takes any design (shared
+``(D, P)``, per task or per observation), noise that may differ per task or observation, and a
+mask for unequal observation counts.
 """
 
 from __future__ import annotations
@@ -30,12 +31,12 @@ import numpy as np
 from hiermeta import GaussianData, HierarchicalModel, ModulePartition, TaskBatch
 from hiermeta.linear_gaussian import LinearGaussianLikelihood
 from hiermeta.empirical_bayes import type2_ml
+from hiermeta.tasks import merge_splits as _merge_splits
 from hiermeta.utils import check_count
 
 __all__ = [
     "LinearDomain",
     "paper_domain",
-    "linear_mean",
     "likelihood",
     "make_model",
     "make_data",
@@ -52,16 +53,6 @@ __all__ = [
     "query_predictive",
     "expected_joint_map_gradient",
 ]
-
-
-def linear_mean(theta, design):
-    """Mean of one task's observations: ``A_n theta`` for each design ``A_n`` ``(N, D, P)``."""
-    if np.shape(design)[-1] != np.shape(theta)[-1]:  # at trace time, before XLA sees the shapes
-        raise ValueError(
-            f"the design has P = {np.shape(design)[-1]} columns but the model has P = "
-            f"{np.shape(theta)[-1]} parameters"
-        )
-    return jnp.einsum("ndp,p->nd", design, theta)
 
 
 likelihood = LinearGaussianLikelihood()  # known noise; mean A theta (the design as inputs)
@@ -109,41 +100,10 @@ def make_model(num_params: int, partition: ModulePartition | None = None, **prio
     return HierarchicalModel(likelihood, partition, **priors)
 
 
-def make_data(obs, design, noise_sd, mask=None) -> GaussianData:
-    """Validate user data and broadcast it to the likelihood's layout.
-
-    Args:
-      obs: ``(T, N, D)`` observations.
-      design: ``(D, P)`` shared, ``(T, 1, D, P)`` per task, or ``(T, N, D, P)`` per observation.
-      noise_sd: known noise sd broadcasting to ``(T, N, D)`` (e.g. ``(D,)`` or ``(T, 1, D)``).
-      mask: ``(T, N)`` booleans, False for padding (unequal numbers of observations per task).
-    """
-    for name, value in (("obs", obs), ("design", design), ("noise_sd", noise_sd)):
-        if np.iscomplexobj(value):
-            raise ValueError(f"{name} is complex; the linear-Gaussian domain takes real data")
-    obs = np.asarray(obs, dtype=float)
-    if obs.ndim != 3:
-        raise ValueError(f"obs must have shape (tasks, observations, dims), got {obs.shape}")
-    design = np.asarray(design, dtype=float)
-    if design.ndim < 2 or design.shape[-2] != obs.shape[2]:
-        raise ValueError(
-            f"design must end in (D, P) with D = {obs.shape[2]} observation dims, got {design.shape}"
-        )
-    if not np.all(np.isfinite(design)):
-        raise ValueError("design holds NaN or infinite values")
-    try:
-        design = np.broadcast_to(design, obs.shape[:2] + design.shape[-2:])
-    except ValueError:
-        raise ValueError(
-            f"design of shape {design.shape} does not broadcast to tasks x observations {obs.shape[:2]}"
-        ) from None
-    return GaussianData.create(obs, noise_sd, inputs=np.array(design), mask=mask)
+make_data = GaussianData.from_design  # user data: obs (T, N, D), design (D, P) or per task / observation, noise sd
 
 
-@jax.jit
-def merge_splits(batch: TaskBatch) -> GaussianData:
-    """All observations of each task (support and query together), for the marginal likelihood."""
-    return jax.tree_util.tree_map(lambda a, b: jnp.concatenate([a, b], axis=1), batch.train, batch.val)
+merge_splits = jax.jit(_merge_splits)  # all observations of each task, for the marginal likelihood
 
 
 def _gaussian_split(design, noise_sd, key, theta, n) -> GaussianData:
@@ -183,18 +143,6 @@ def sample_tasks(domain: LinearDomain, key, num_tasks: int) -> tuple[jax.Array, 
 # ---------------------------------------------------------------------------- closed forms
 
 
-def _natural_params(data: GaussianData, phi):
-    """``F_t = sum_n A^T Xi^-1 A``, ``b_t = sum_n A^T Xi^-1 (x_n - A phi)``, and the residual term."""
-    A = data.inputs  # (T, N, D, P)
-    w = jnp.where(data.mask[..., None], data.noise_sd**-2, 0.0)  # (T, N, D)
-    # padding (mask False) may hold NaN in a directly built GaussianData: keep it out of every sum
-    resid = jnp.where(data.mask[..., None], data.obs - jnp.einsum("tndp,p->tnd", A, phi), 0.0)
-    F = jnp.einsum("tndp,tnd,tndq->tpq", A, w, A)
-    b = jnp.einsum("tndp,tnd,tnd->tp", A, w, resid)
-    quad = jnp.sum(w * resid**2, axis=(1, 2))
-    return F, b, quad
-
-
 def posterior(data: GaussianData, phi, prior_sd):
     """Posterior of each task's theta: mean (= MAP) ``(T, P)`` and covariance ``(T, P, P)``.
 
@@ -203,16 +151,8 @@ def posterior(data: GaussianData, phi, prior_sd):
     precision form ``Lambda = S^-1 + F`` (the Woodbury form of the likelihood multiplies inf by 0).
     """
     if not isinstance(prior_sd, jax.core.Tracer) and np.any(np.isinf(np.asarray(prior_sd))):
-        return _precision_posterior(data, jnp.asarray(phi), jnp.asarray(prior_sd))
+        return likelihood.posterior_from_precision(data, jnp.asarray(phi), jnp.asarray(prior_sd) ** -2.0)
     return likelihood.posterior(data, jnp.asarray(phi), jnp.diag(jnp.asarray(prior_sd)))
-
-
-def _precision_posterior(data: GaussianData, phi, prior_sd):
-    """``theta_t | D_t ~ N(phi + Lambda^-1 b_t, Lambda^-1)``, ``Lambda = diag(prior_sd^-2) + F_t`` (sd > 0)."""
-    F, b, _ = _natural_params(data, phi)
-    cov = jnp.linalg.inv(F + jnp.diag(jnp.broadcast_to(prior_sd, phi.shape) ** -2.0))
-    cov = 0.5 * (cov + jnp.swapaxes(cov, -1, -2))
-    return phi + jnp.einsum("tpq,tq->tp", cov, b), cov
 
 
 def log_marginal_likelihood(data: GaussianData, phi, prior_sd) -> jax.Array:
@@ -299,7 +239,7 @@ def reference_losses(model: HierarchicalModel, tasks: TaskBatch, phi, sigma):
     (posterior mean under the true ``phi``, ``sigma``) and the MLE (``sigma = inf``, flat prior).
     One compiled program per model and task shape."""
     oracle_mean, _ = posterior(tasks.train, phi, sigma)
-    mle_mean, _ = _precision_posterior(tasks.train, phi, jnp.full(jnp.shape(sigma), jnp.inf))
+    mle_mean, _ = likelihood.posterior_from_precision(tasks.train, phi, jnp.zeros(jnp.shape(sigma)))
     task_loss = jax.vmap(model.generalisation_loss)
     return task_loss(oracle_mean, tasks.val), task_loss(mle_mean, tasks.val)
 
@@ -321,7 +261,7 @@ def posterior_given_sigma(data: GaussianData, prior_sd, phi_prior_mean=None, phi
     """
     s_inv = jnp.diag(jnp.asarray(prior_sd, dtype=float) ** -2.0)
     P = s_inv.shape[0]
-    F, g, _ = _natural_params(data, jnp.zeros(P))
+    F, g = likelihood._sufficient(data, jnp.zeros(P), None)[:2]
     lam_inv = jnp.linalg.inv(F + s_inv)
     K = s_inv - s_inv @ lam_inv @ s_inv  # (T, P, P)
     h = jnp.einsum("pq,tqr,tr->tp", s_inv, lam_inv, g)
@@ -347,14 +287,7 @@ def query_predictive(train: GaussianData, val: GaussianData, phi, prior_sd):
     ``log p(D^tr_t | phi, S)``, and the marginal predictive mean and sd of every query scalar
     (``A m_t`` and ``sqrt(diag(A Lambda_t^-1 A^T) + xi^2)``).
     """
-    both = merge_splits(TaskBatch(train, val))
-    log_evidence = log_marginal_likelihood(train, phi, prior_sd)
-    log_pred = log_marginal_likelihood(both, phi, prior_sd) - log_evidence
-    m, cov = posterior(train, phi, prior_sd)
-    A = val.inputs  # (T, N, D, P)
-    mean = jnp.einsum("tndp,tp->tnd", A, m)
-    var = jnp.einsum("tndp,tpq,tndq->tnd", A, cov, A) + val.noise_sd**2
-    return log_pred, log_evidence, mean, jnp.sqrt(var)
+    return likelihood.predictive(train, val, jnp.asarray(phi), jnp.diag(jnp.asarray(prior_sd)))
 
 
 def expected_joint_map_gradient(domain: LinearDomain, sigma_hat) -> np.ndarray:

@@ -3,9 +3,9 @@
 Each case is refused with a message that names its cause (or accepted, and then right): never a
 traceback from deep inside, a hang, a silently wrong answer or a misdiagnosis.  These are the
 holes issue 22's fuzzing found (241 inputs), kept as tests, with hypothesis searching around them.
-The multi-process and overwrite cases are in tests/test_multiprocess.py and tests/test_checkpoint.py,
-the examples' command lines in tests/test_examples_cli.py, NUTS on a rescaled response in
-tests/test_posterior.py.
+The multi-process and overwrite cases are in tests/unit/test_distributed.py and
+tests/unit/test_checkpoint.py, the examples' command lines in tests/examples/test_examples_cli.py,
+NUTS on a rescaled response in tests/unit/test_posterior.py.
 """
 
 import warnings
@@ -20,6 +20,7 @@ from hypothesis import strategies as st
 
 import hiermeta as hm
 from hiermeta.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from hiermeta.errors import EmpiricalBayesWarning
 from hiermeta.families import bernoulli, binomial, gaussian, poisson, student_t
 from hiermeta.priors import prior_tail_check
 from hiermeta.models import linear
@@ -134,7 +135,7 @@ def _make(name, response, mask=None, random=None):
     (np.array([[1.0, np.nan]]), "NaN|finite"),
     (np.array([1.0, 0.0]), r"shape \((tasks|groups), observations\)"),
     (np.array([["1", "0"]]), "real numbers"),
-    (np.array([[1 + 1j, 0]]), "real numbers"),
+    (np.array([[1 + 1j, 0]]), "real (numbers|data)"),
 ])
 def test_every_family_refuses_bad_responses_naming_them(name, response, match):
     with pytest.raises(ValueError, match=match):
@@ -230,7 +231,7 @@ def test_a_posterior_the_sampler_did_not_reach_is_not_blamed_on_the_prior(small)
 def test_shrinkage_report_refuses_an_adaptation_that_failed(small):
     table, model = small
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore", hm.EmpiricalBayesWarning)
+        warnings.simplefilter("ignore", EmpiricalBayesWarning)
         fit = hm.type2_ml(model, table.support)
     T, P = table.num_groups, 2
     with pytest.raises(ValueError, match=r"adapted\['diverged'\] theta holds 10 NaN or infinite value\(s\) \(groups "

@@ -35,11 +35,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-from numpyro.distributions import constraints
 
 from ..hierarchy import HierarchicalModel, task_covariates_of
 from ..inner import Adaptation, InnerProblem, InnerResult, run_inner
-from ..sites import HyperSite, constrain, unconstrain
+from ..sites import HyperSite, constrain
+from ..starts import check_values, data_start, unconstrained
 from ..solvers import InnerSolver
 
 __all__ = ["MetaState", "MetaLearner", "make_adapt", "inner_metrics", "outer_update", "all_finite",
@@ -85,32 +85,6 @@ def learned_sites(model: HierarchicalModel, kinds=("global", "correlation", "gro
     return {name: site for name, site in model.hyper_sites().items() if site.kind in kinds}
 
 
-def _correlation_factor(name: str, value) -> np.ndarray:
-    """A correlation site's start as its Cholesky factor: given the factor, or the correlation matrix."""
-    v = np.asarray(value, dtype=float)
-    if v.ndim != 2 or v.shape[0] != v.shape[1] or not np.all(np.isfinite(v)):
-        return v  # the shape check names it
-    if np.allclose(v, np.tril(v)) and not np.allclose(v, v.T):
-        factor = v
-    else:  # a symmetric matrix: the correlation matrix itself
-        if not np.allclose(v, v.T) or not np.allclose(np.diag(v), 1.0):
-            raise ValueError(f"{name}: a starting correlation matrix must be symmetric with unit diagonal, got {v.tolist()}")
-        try:
-            factor = np.linalg.cholesky(v)
-        except np.linalg.LinAlgError:
-            raise ValueError(f"{name}: the starting correlation matrix {v.tolist()} is not positive definite") from None
-        if np.min(np.abs(np.diag(factor))) < 1e-8:
-            raise ValueError(f"{name}: the starting correlation matrix {v.tolist()} is not positive definite")
-        return factor
-    rows = np.linalg.norm(factor, axis=1)
-    if not np.allclose(rows, 1.0, atol=1e-6) or np.any(np.diag(factor) <= 1e-8):
-        raise ValueError(
-            f"{name} = {factor.tolist()} is not the Cholesky factor of a positive-definite correlation "
-            "matrix (rows of unit norm, positive diagonal); give the factor or the correlation matrix"
-        )
-    return factor
-
-
 def flat_phi(model: HierarchicalModel, params) -> jax.Array:
     """phi as a flat ``(P,)`` array from a pytree like the model's template or a flat array."""
     P = model.partition.num_params
@@ -119,53 +93,22 @@ def flat_phi(model: HierarchicalModel, params) -> jax.Array:
     return model.partition.ravel(params)
 
 
-def starting_values(model: HierarchicalModel, data) -> dict:
-    """Constrained starts on the data's scale from the likelihood's ``initial_values(data, model)``
-    (``phi``, ``sigma``, globals, ``gamma``: a pooled fit), or ``{}`` when it has none."""
-    if data is None:
-        return {}
-    start = getattr(model.likelihood, "initial_values", None)
-    if not callable(start):
-        return {}
-    model.likelihood.check(data, "data")
-    return dict(start(data, model))
+starting_values = data_start  # the likelihood's data-scaled starts (hiermeta.starts)
 
 
 def extra_params(model: HierarchicalModel, sites: dict, extra=None, defaults=None, learner: str = "") -> dict:
-    """Unconstrained ``params["extra"]`` for ``sites`` from constrained values ``extra`` (checked), else
-    ``defaults`` (e.g. :func:`starting_values`), else each site's default start.
+    """Unconstrained ``params["extra"]`` for ``sites`` from constrained values ``extra`` (checked by
+    :func:`hiermeta.starts.check_values`), else ``defaults`` (e.g. :func:`starting_values`), else each
+    site's default start.
 
     Raises ``ValueError`` naming a site the model does not have (or the learner does not learn), a
     wrong shape, a value outside the site's support, a correlation start that is not positive definite.
     """
-    extra = dict(extra or {})
-    all_sites = model.hyper_sites()
-    unknown = sorted(set(extra) - set(all_sites))
-    if unknown:
-        raise ValueError(f"extra= names {unknown}, which are not sites of this model; its extra sites are "
-                         f"{sorted(all_sites)}")
-    fixed = sorted(set(extra) - set(sites))
-    if fixed:
-        raise ValueError(f"{learner or 'this learner'} does not learn {fixed} (they stay at their defaults); "
-                         f"extra= may set {sorted(sites)}")
-    defaults = dict(defaults or {})
-    values = {}
-    for name, site in sites.items():
-        given = name in extra
-        value = extra[name] if given else defaults.get(name, site.init)
-        value = np.asarray(value, dtype=float)
-        if given and value.shape != tuple(site.shape):
-            raise ValueError(f"extra[{name!r}] must have shape {tuple(site.shape)}, got {value.shape}")
-        if not np.all(np.isfinite(value)):
-            raise ValueError(f"extra[{name!r}] must be finite, got {value}")
-        if site.constraint is constraints.corr_cholesky:
-            value = _correlation_factor(f"extra[{name!r}]", value)
-        values[name] = value
-    try:
-        out = unconstrain(sites, values)
-    except ValueError as err:
-        raise ValueError(f"extra: {err}") from None
-    return {name: jnp.asarray(u, dtype=jnp.zeros(()).dtype) for name, u in out.items()}
+    given = check_values(model, extra, allowed=sites, where="extra", learner=learner or "this learner")
+    defaults = check_values(model, {n: v for n, v in dict(defaults or {}).items() if n in sites}, allowed=sites,
+                            where="the data's start")
+    values = {name: given.get(name, defaults.get(name, site.init)) for name, site in sites.items()}
+    return {name: jnp.asarray(u, dtype=jnp.zeros(()).dtype) for name, u in unconstrained(model, values).items()}
 
 
 def extra_values(model: HierarchicalModel, params) -> Optional[dict]:

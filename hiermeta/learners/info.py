@@ -13,7 +13,7 @@ as before.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Union
+from typing import Mapping, NamedTuple, Union
 
 import jax
 
@@ -118,9 +118,12 @@ class ProtoNetInfo(NamedTuple):
 StepInfo = Union[BilevelInfo, ShrinkageMAPInfo, MAMLInfo, ReptileInfo, ProtoNetInfo]
 
 
-def step_metrics(info: StepInfo) -> dict:
+def step_metrics(info: Union[StepInfo, Mapping]) -> dict:
     """``info`` as a flat dict: each field by its name, the extra sites (``info.extra``) by theirs,
-    in field order; what :func:`hiermeta.fit` stacks into its history."""
+    in field order; what :func:`hiermeta.fit` stacks into its history.  A learner of one's own may
+    return a plain dict of arrays instead of a NamedTuple: it is taken as it is."""
+    if isinstance(info, Mapping):
+        return dict(info)
     out = {}
     for name, value in info._asdict().items():
         if name == "extra":

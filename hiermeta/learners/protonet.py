@@ -1,8 +1,8 @@
 """ProtoNet (Snell et al. 2017): metric-based few-shot classification on the MetaLearner interface.
 
-Meta-parameters: phi (flat ``(P,)``), the parameters of a network whose last layer is a linear
-head ``params[head] = {"w": (E, C), "b": (C,)}`` on an embedding ``f_phi(x) = embed(params, x)``
-in R^E (``C`` = the likelihood's ``num_classes``).  ProtoNet does not learn the head.  For a task
+Meta-parameters: phi (flat ``(P,)``), the parameters of a network (any pytree) whose last layer
+is a linear head ``x -> f w + b`` (its weight stored ``(E, C)`` or ``(C, E)``, :func:`locate_head`)
+on an embedding ``f_phi(x) = embed(params, x)`` in R^E (``C`` = the likelihood's ``num_classes``).  ProtoNet does not learn the head.  For a task
 whose support holds the examples S_k of class k:
 
     c_k = (1 / |S_k|) sum_{x in S_k} f_phi(x)                        (class prototypes)
@@ -28,7 +28,7 @@ meta-step whose query holds such a class is skipped (``num_missing`` in the metr
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -41,7 +41,7 @@ from ..inner import Adaptation
 from .base import MetaLearner, MetaState, new_state, outer_update
 from .info import ProtoNetInfo
 
-__all__ = ["protonet", "prototypes"]
+__all__ = ["protonet", "prototypes", "locate_head", "HeadLeaves"]
 
 
 def prototypes(features: jax.Array, labels: jax.Array, mask: jax.Array, num_classes: int):
@@ -54,6 +54,63 @@ def prototypes(features: jax.Array, labels: jax.Array, mask: jax.Array, num_clas
     onehot = onehot.astype(features.dtype)
     counts = jnp.sum(onehot, axis=0)
     return (onehot.T @ features) / jnp.maximum(counts, 1.0)[:, None], counts
+
+
+_WEIGHTS = {"w": False, "kernel": False, "weight": True}  # leaf name -> stored as (C, E) (Equinox, PyTorch)
+_BIASES = ("b", "bias")
+
+
+class HeadLeaves(NamedTuple):
+    """Where the linear head sits in the flat parameter vector (:func:`locate_head`)."""
+
+    weight: slice  # its (E, C) or (C, E) weight, raveled in C order
+    bias: slice  # its (C,) bias
+    transposed: bool  # the weight is stored (C, E)
+    embedding_size: int
+
+
+def _path_names(path) -> tuple:
+    """A leaf's key path as names: dict keys, attribute names, sequence indices (a Flax NNX
+    Variable's trailing ``value`` dropped)."""
+    names = []
+    for entry in path:
+        for attr in ("key", "name", "idx"):
+            if hasattr(entry, attr):
+                names.append(str(getattr(entry, attr)))
+                break
+    if len(names) > 1 and names[-1] in ("value", "raw_value"):
+        names = names[:-1]
+    return tuple(names)
+
+
+def locate_head(template, head, num_classes: int) -> HeadLeaves:
+    """Find the linear head ``head`` (a name, a ``"/"``-separated path such as ``"params/head"``, or
+    a tuple of names) in any parameter pytree: a weight leaf named ``w`` or ``kernel`` of shape
+    ``(E, C)`` (haiku, Flax) or ``weight`` of shape ``(C, E)`` (Equinox, PyTorch), and a bias ``b``
+    or ``bias`` of shape ``(C,)``.  Raises ``ValueError`` saying what it found instead."""
+    prefix = tuple(head.split("/")) if isinstance(head, str) else tuple(str(h) for h in head)
+    paths, _ = jax.tree_util.tree_flatten_with_path(template)
+    offset, found, under = 0, {}, []
+    for path, leaf in paths:
+        names, size = _path_names(path), int(np.size(leaf))
+        if names[: len(prefix)] == prefix:
+            under.append((names[len(prefix):], np.shape(leaf)))
+            if len(names) == len(prefix) + 1 and (names[-1] in _WEIGHTS or names[-1] in _BIASES):
+                found["weight" if names[-1] in _WEIGHTS else "bias"] = (names[-1], np.shape(leaf), slice(offset, offset + size))
+        offset += size
+    if set(found) != {"weight", "bias"}:
+        raise ValueError(f"ProtoNet needs a linear head at {'/'.join(prefix)!r}: a weight leaf (w or kernel (E, C), "
+                         f"or weight (C, E)) and a bias (b or bias (C,)); under that path the parameters hold "
+                         f"{under or 'nothing'}")
+    (w_name, w_shape, w_slice), (_, b_shape, b_slice) = found["weight"], found["bias"]
+    transposed = _WEIGHTS[w_name]
+    C = num_classes
+    E = w_shape[1] if transposed else w_shape[0] if len(w_shape) == 2 else -1
+    want = (C, E) if transposed else (E, C)
+    if len(w_shape) != 2 or tuple(w_shape) != want or tuple(b_shape) != (C,):
+        raise ValueError(f"head {w_name} must be {'(C, E)' if transposed else '(E, C)'} and its bias ({C},) for "
+                         f"{C} classes; got {tuple(w_shape)}, {tuple(b_shape)}")
+    return HeadLeaves(w_slice, b_slice, transposed, int(E))
 
 
 def protonet(
@@ -72,7 +129,10 @@ def protonet(
         ``embed(params, x) @ params[head]["w"] + params[head]["b"]``.  Only the likelihood and
         the partition are used (no prior).
       embed: ``(params, inputs) -> (N, E)`` features of ``N`` inputs, each on its own.
-      head: key of the linear head in the parameter dict: ``{"w": (E, C), "b": (C,)}``.
+      head: where the linear head sits in the parameter pytree (any pytree: dicts, Flax linen's
+        and NNX's states, Equinox modules): a name, a ``"/"``-separated path (``"params/head"``) or a
+        tuple of names, holding a weight ``w`` / ``kernel`` ``(E, C)`` or ``weight`` ``(C, E)`` and a
+        bias ``b`` / ``bias`` ``(C,)`` (:func:`locate_head`).
       outer_optimizer: optax optimiser on ``{"phi"}`` (default Adam, lr 1e-3).
 
     ``adapt(state, support, 0)`` returns each task's ``theta`` with the prototype head (an
@@ -85,15 +145,8 @@ def protonet(
                          "(hiermeta.families.CategoricalLikelihood)")
     if not callable(embed):
         raise ValueError("embed must be a function (params, inputs) -> (N, E) features")
-    template = model.partition.template
-    layer = template.get(head) if isinstance(template, Mapping) else None
-    if not isinstance(layer, Mapping) or set(layer) != {"w", "b"}:
-        raise ValueError(f"ProtoNet needs a linear head params[{head!r}] = {{'w': (E, C), 'b': (C,)}}; "
-                         f"the model's parameters have top-level keys {list(template) if isinstance(template, Mapping) else type(template).__name__}")
-    E = np.shape(layer["w"])[0]
-    if np.shape(layer["w"]) != (E, C) or np.shape(layer["b"]) != (C,):
-        raise ValueError(f"head w must be (E, {C}) and b ({C},) for {C} classes; got {np.shape(layer['w'])}, "
-                         f"{np.shape(layer['b'])}")
+    where = locate_head(model.partition.template, head, C)
+    E = where.embedding_size
     outer = outer_optimizer if outer_optimizer is not None else optax.adam(1e-3)
     part = model.partition
 
@@ -140,7 +193,13 @@ def protonet(
             raise ValueError(f"ProtoNet adapts in closed form (the prototypes); num_steps must be 0, got {num_steps}")
         tree = part.unravel(state.params["phi"])
         w, b, _ = jax.vmap(head_from)(features_of(tree, support.inputs), support)
-        theta = jax.vmap(lambda w_t, b_t: part.ravel({**tree, head: {"w": w_t, "b": b_t}}))(w, b)
+        phi = state.params["phi"]
+
+        def with_head(w_t, b_t):  # phi with the prototype head written into its coordinates
+            w_t = w_t.T if where.transposed else w_t
+            return phi.at[where.weight].set(w_t.ravel().astype(phi.dtype)).at[where.bias].set(b_t.astype(phi.dtype))
+
+        theta = jax.vmap(with_head)(w, b)
         # no solve: the loss is the support's negative log-likelihood at the prototype head
         loss = jax.vmap(lambda th, d: -model.log_likelihood(th, d))(theta, support)
         finite = jnp.all(jnp.isfinite(theta), axis=-1) & jnp.isfinite(loss)

@@ -95,9 +95,10 @@ def check_run_off(history: dict, *, names: Optional[Sequence[str]] = None, who: 
                  f"({100 * agree[m]:.0f}% of the steps the same way)" for m in np.flatnonzero(ran_off)]
         cause = ""
         if np.isfinite(residual) and residual > 1:
-            cause = (f" The sigma step's linear solve had a median relative residual of {residual:.3g} over those "
-                     "steps: with Eq. 4 the prior is far from the inner Hessian and its direction is not the "
-                     "PLL's (sigma_step='exact' solves it by CG).")
+            cause = (f" The sigma step's linear solve H v = g had a median relative residual of {residual:.3g} over "
+                     "those steps, so its direction need not be the PLL gradient's (with Eq. 4: the prior is far from "
+                     "the inner Hessian, sigma_step='exact' solves it by CG; with CG: too few iterations, or an "
+                     "inner solve far from stationary).")
         warnings.warn(
             f"{who + ': ' if who else ''}the learned sigma is running off (or has not settled) over the last "
             f"{window} meta-steps: {'; '.join(parts)}.{cause} Check the accuracy against a fixed-sigma run before "

@@ -10,9 +10,12 @@ parameters), :mod:`~hiermeta.mixed.linalg` the penalised least-squares system ev
 that cannot identify the model, :mod:`~hiermeta.mixed.lmm` fits Gaussian models exactly (ML,
 REML), :mod:`~hiermeta.mixed.model` and :mod:`~hiermeta.mixed.result` are the user's objects,
 :mod:`~hiermeta.mixed.family` the GLM families and :mod:`~hiermeta.mixed.glmm` the GLMM fits
-(PIRLS, Laplace, adaptive quadrature).  Importing this package imports nothing else: each name
-below loads its module on first use (PEP 562), so the Gaussian path never pays for the GLMM
-families or SciPy's statistics, and nothing here imports JAX, NumPyro, ArviZ or matplotlib.
+(PIRLS, Laplace, adaptive quadrature), :mod:`~hiermeta.mixed.numpyro_model` the same model for
+NUTS, :mod:`~hiermeta.mixed.heldout` and :mod:`~hiermeta.mixed.comparison` the MAP-vs-posterior
+report.  Importing this package imports nothing else: each name below loads its module on first
+use (PEP 562), so the Gaussian path never pays for the GLMM families or SciPy's statistics, and
+nothing here imports JAX, NumPyro, ArviZ or matplotlib.  No name here is also a submodule's name
+(importing a submodule binds its name on the package, which would shadow a function of that name).
 """
 
 import importlib
@@ -28,6 +31,10 @@ _LAZY = {
     "Estimate": (".estimate", "Estimate"),
     "get_family": (".family", "get_family"),
     "fit_glmm": (".glmm", "fit_glmm"),
+    "compare": (".comparison", "compare"),
+    "holdout_split": (".comparison", "holdout_split"),
+    "Comparison": (".comparison", "Comparison"),
+    "mixed_nuts": (".numpyro_model", "mixed_nuts"),  # imports JAX and NumPyro when first used
 }
 
 __all__ = list(_LAZY)

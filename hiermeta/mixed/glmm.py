@@ -12,8 +12,12 @@ current ``eta``, working weights ``W_i = w_i (d mu / d eta)^2 / V(mu)`` and work
 ``z_i = eta_i - fixed_i + (y_i - mu_i) / (d mu / d eta)``; the PLS system of
 :mod:`hiermeta.mixed.linalg` with these weights gives the next ``u`` (and ``beta`` when it is
 updated jointly, ``nAGQ = 0``); a step that does not lower ``pdev`` is halved (up to 20 times).
-It stops when the accepted step is below ``1e-10`` (every coordinate) or ``pdev`` changes by less
-than ``1e-13`` relative; for a canonical link this is Newton's method (quadratic convergence).
+It stops when the accepted step is below ``STEP_TOL = 1e-7`` (every coordinate) or ``pdev``
+stops changing (``1e-15`` relative); for a canonical link this is Newton's method (quadratic
+convergence: after a step ``s`` the mode is about ``s^2`` away), and the weights are then
+recomputed at the point reached: ``log|A|`` is not stationary at the mode, so the criterion's
+error is linear in the distance to it, and the finite differences of the optimiser's check (steps
+of 1e-4) need it below about 1e-11.
 
 **Laplace** (``nAGQ = 1``): ``-2 log L ~ pdev(u*) + log|Lambda'Z'WZ Lambda + I|``, ``W`` at
 ``u*``; with every constant of the family's log-likelihood, so ``-1/2`` of it is lme4's
@@ -29,8 +33,10 @@ Laplace approximation.
 **The fit** (lme4's two stages): ``nAGQ = 0`` optimises ``theta`` with ``beta`` inside PIRLS
 (the ``pdev + log|A|`` criterion); from there ``nAGQ >= 1`` optimises ``(theta, beta)`` jointly.
 Both on the standardised scale of :mod:`~hiermeta.mixed.scaling` (a covariate in metres and one
-in kilometres give the same path) by :func:`~hiermeta.mixed.optimize.minimize_bounded` (COBYQA,
-then a central-difference check of the gradient and Hessian, Newton polish, restarts).
+in kilometres give the same path) by :func:`~hiermeta.mixed.optimize.minimize_bounded` (L-BFGS-B
+with forward-difference gradients, whose evaluations cost no optimiser work of their own; then
+for the last stage a central-difference check of the gradient and Hessian, Newton polish,
+restarts).
 
 **Fixed-effect covariance**: as lme4 for ``nAGQ > 0``: ``2 H^-1`` restricted to ``beta``, ``H``
 the Hessian of ``-2 log L`` over ``(theta, beta)`` (the optimiser's central-difference check,
@@ -55,7 +61,7 @@ import warnings
 from typing import NamedTuple, Optional, Sequence, Union
 
 import numpy as np
-from scipy import optimize, stats
+from scipy import optimize
 
 from ..errors import DataDefectError, EmpiricalBayesWarning, SeparationWarning
 from .estimate import Estimate
@@ -70,6 +76,8 @@ from .terms import MixedDesign, relative_factors, theta_lower_bounds, theta_star
 __all__ = ["GLMM", "PIRLSResult", "fit_glmm", "log_joint", "separation_direction", "MAX_AGQ", "APPROXIMATIONS"]
 
 MAX_AGQ = 25  # as lme4 allows
+LIFT = 0.1  # stage 2 starts the standard deviations (relative, standardised scale) at least here
+STEP_TOL = 1e-7  # PIRLS stops after a Newton step below this (every coordinate): the mode is then ~1e-14 away
 
 
 class PIRLSResult(NamedTuple):
@@ -124,19 +132,26 @@ class GLMM:
         self.lower = theta_lower_bounds(self.terms)
         self._no_fixed = np.zeros((n, 0))
         self._warm = {}
+        # -2 log p(y | mu) = sum of deviance residuals + -2 log p(y | mu = y) (the saturated model): the
+        # residuals are cheaper than the log-likelihood with its constants (log-gamma), PIRLS's inner loop
+        self._saturated = float(-2.0 * np.sum(self.family.log_likelihood(self.y, self.y, self.w)))
 
     # ------------------------------------------------------------------ pieces
     def random_predictor(self, factors, u) -> np.ndarray:
         """``Z Lambda u`` (standardised columns) for every row."""
-        return self.layout.random_predictor(self.layout.per_term(self.layout.lambda_times(factors, u)))
+        return self.layout.design_times(self.layout.lambda_times(factors, u))
 
     def penalised_deviance(self, eta, u) -> float:
-        mu = self.family.inverse_link(eta)
-        return float(-2.0 * np.sum(self.family.log_likelihood(self.y, mu, self.w)) + u @ u)
+        """``-2 sum_i log p(y_i | eta_i) + ||u||^2`` (with every constant of the log-likelihood)."""
+        return self._penalised_deviance(self.family.inverse_link(eta), u)
 
-    def _working(self, eta, fixed_part):
+    def _penalised_deviance(self, mu, u) -> float:
+        return float(np.sum(self.family.deviance_residuals(self.y, mu, self.w)) + self._saturated + u @ u)
+
+    def _working(self, eta, fixed_part, mu=None):
+        """PIRLS's working weights and response at ``eta`` (``mu``: the mean there, if known)."""
         fam = self.family
-        mu = fam.inverse_link(eta)
+        mu = fam.inverse_link(eta) if mu is None else mu
         d = fam.mu_eta(eta)
         weights = self.w * d**2 / np.maximum(fam.variance(mu), 1e-300)
         z = eta - fixed_part + (self.y - mu) / d
@@ -152,7 +167,6 @@ class GLMM:
         key = "joint" if joint else "fixed"
         factors = relative_factors(self.terms, theta_s)
         X = self.X if joint else self._no_fixed
-        Q = self.layout.size
         if start is None:
             start = self._warm.get(key)
         if joint:
@@ -165,27 +179,29 @@ class GLMM:
             # first step from the family's starting mean: the PLS solution at eta = g(mu_start)
             mu0 = self.family.start_mu(self.y, self.w)
             eta = self.family.link.link(mu0)
-            weights, z = self._working(eta, self.offset if joint else base)
+            weights, z = self._working(eta, self.offset if joint else base, mu0)
             f = factorize(self.layout, CrossProducts.build(self.layout, X, z, weights), theta_s)
             u, beta = f.u, (f.beta if joint else beta_s)
         else:
             u = np.asarray(start[0], dtype=float).copy()
             beta = (np.asarray(start[1], dtype=float).copy() if joint else beta_s)
         eta = fixed_of(beta) + self.random_predictor(factors, u)
-        pdev = self.penalised_deviance(eta, u)
+        mu = self.family.inverse_link(eta)
+        pdev = self._penalised_deviance(mu, u)
         converged, message, it, halving, size = False, "", 0, 0, np.inf
         for it in range(1, max_iter + 1):
-            fixed = fixed_of(beta)
-            weights, z = self._working(eta, self.offset if joint else fixed)
+            weights, z = self._working(eta, self.offset if joint else base, mu)
             f = factorize(self.layout, CrossProducts.build(self.layout, X, z, weights), theta_s)
             du = f.u - u
             db = (f.beta - beta) if joint else np.zeros(0)
+            d_eta = self.random_predictor(factors, du) + (self.X @ db if joint else 0.0)  # eta is linear in (u, beta)
             accepted = False
             for halving in range(21):
                 step = 0.5**halving
-                u_new, beta_new = u + step * du, (beta + step * db if joint else beta)
-                eta_new = fixed_of(beta_new) + self.random_predictor(factors, u_new)
-                pdev_new = self.penalised_deviance(eta_new, u_new)
+                eta_new = eta + step * d_eta
+                mu_new = self.family.inverse_link(eta_new)
+                u_new = u + step * du
+                pdev_new = self._penalised_deviance(mu_new, u_new)
                 if np.isfinite(pdev_new) and pdev_new <= pdev + 1e-11 * (1.0 + abs(pdev)):
                     accepted = True
                     break
@@ -195,22 +211,23 @@ class GLMM:
             size = max(float(np.max(np.abs(step * du))) if du.size else 0.0,
                        float(np.max(np.abs(step * db))) if db.size else 0.0)
             change = abs(pdev - pdev_new)
-            u, beta, eta, pdev = u_new, beta_new, eta_new, pdev_new
-            if size < 1e-10 or change < 1e-13 * (1.0 + abs(pdev)):
+            u, eta, mu, pdev = u_new, eta_new, mu_new, pdev_new
+            if joint:
+                beta = beta + step * db
+            if size < STEP_TOL or change <= 1e-15 * (1.0 + abs(pdev)):
                 converged, message = True, f"PIRLS converged in {it} iteration(s)"
                 break
         else:
             message = f"PIRLS: no convergence in {max_iter} iterations"
-        # the factorisation at the mode (weights at the mode): log|A| and the conditional covariances;
-        # after a full step below 1e-10 the last one's weights are those at the mode to that order
-        if not (converged and halving == 0 and size < 1e-10):
-            fixed = fixed_of(beta)
-            weights, z = self._working(eta, self.offset if joint else fixed)
+        # the factorisation at the mode (weights at the mode): log|A| and the conditional covariances.
+        # The last one's weights are those of the point before the last step; log|A| is not stationary at
+        # the mode (pdev is), so weights a step s away would shift it by O(s) (1e-8 here moved it 1e-6)
+        if size > 0.0:
+            weights, z = self._working(eta, self.offset if joint else base, mu)
             f = factorize(self.layout, CrossProducts.build(self.layout, X, z, weights), theta_s)
         factor = f
         if converged:
             self._warm[key] = (u, beta if joint else None)
-        mu = self.family.inverse_link(eta)
         return PIRLSResult(u, beta, eta, mu, pdev, pdev + factor.log_det_A, factor, weights, converged, it, message)
 
     # ------------------------------------------------------------------ criteria
@@ -274,6 +291,8 @@ def log_joint(design: MixedDesign, family: Union[str, Family], beta, b: Sequence
     offset = np.zeros(design.num_rows) if design.offset is None else np.asarray(design.offset, dtype=float)
     eta = np.asarray(design.X, dtype=float) @ np.asarray(beta, dtype=float) + offset + layout.random_predictor(b)
     total = float(np.sum(fam.log_likelihood(y, fam.inverse_link(eta), w, scale)))
+    from scipy import stats  # not on the fitting path: scipy.stats costs ~0.4 s to import
+
     for bk, S in zip(b, covariances):
         total += float(np.sum(stats.multivariate_normal(np.zeros(S.shape[0]), S, allow_singular=False).logpdf(
             np.asarray(bk, dtype=float))))
@@ -389,8 +408,8 @@ def fit_glmm(design: MixedDesign, family: Union[str, Family] = "binomial", link:
       threads: BLAS threads during the fit (:func:`~hiermeta.mixed.optimize.blas_threads`).
       warn: issue the warnings (they are recorded in ``notes`` in any case).
 
-    Both stages minimise with :func:`~hiermeta.mixed.optimize.minimize_bounded` (COBYQA, a
-    central-difference check, Newton polish) on the standardised scale; the last stage's check
+    Both stages minimise with :func:`~hiermeta.mixed.optimize.minimize_bounded` (L-BFGS-B; for the
+    last stage a central-difference check, Newton polish) on the standardised scale; the last stage's check
     Hessian gives the fixed effects' covariance (module docstring).  Returns an
     :class:`~hiermeta.mixed.estimate.Estimate` (``sigma`` None; ``objective`` is ``-2 log L``,
     lme4's ``deviance`` of a GLMM).  Non-convergence (optimiser or PIRLS), a Hessian that is not
@@ -426,7 +445,9 @@ def _fit(glmm: GLMM, nagq: int, start, separation: str, warn: bool, max_evaluati
         theta_s, beta_s = theta0, glmm.scaling.beta_s(np.asarray(start["beta"], dtype=float))
         messages = ["started from the given theta and beta"]
     else:  # stage 1 (nAGQ = 0): theta, with beta updated inside PIRLS
-        opt1 = minimize_bounded(lambda th: glmm.pirls(th).deviance, theta0, lower, max_evaluations=max_evaluations)
+        # only a start for nAGQ >= 1 (as lme4's nAGQ0initStep): checked only when it is the fit
+        opt1 = minimize_bounded(lambda th: glmm.pirls(th).deviance, theta0, lower, max_evaluations=max_evaluations,
+                                check=nagq == 0, method="l-bfgs-b")
         evaluations += opt1.evaluations
         theta_s = np.maximum(opt1.x, lower)
         mode = glmm.pirls(theta_s)
@@ -435,11 +456,16 @@ def _fit(glmm: GLMM, nagq: int, start, separation: str, warn: bool, max_evaluati
         if nagq == 0:
             return _estimate(glmm, "PIRLS (nAGQ=0)", theta_s, beta_s, mode, opt1, evaluations, messages, notes,
                              None, warn)
+        # a standard deviation this stage left at (or near) its bound 0 starts stage 2 at LIFT: from the bound
+        # L-BFGS-B's projected quasi-Newton steps wandered (ohio's (age | id): 570 evaluations, trial points
+        # 7e4 above the optimum, against about 200 from 0.1); a variance whose optimum is 0 goes back there
+        theta_s = np.where(np.isfinite(lower), np.maximum(theta_s, LIFT), theta_s)
 
     # stage 2: (theta, beta) jointly, beta fixed inside PIRLS
     crit = glmm.criterion(nagq)
     opt2 = minimize_bounded(lambda x: crit(x[:q], x[q:]), np.concatenate([theta_s, beta_s]),
-                            np.concatenate([lower, np.full(p, -np.inf)]), max_evaluations=max_evaluations)
+                            np.concatenate([lower, np.full(p, -np.inf)]), max_evaluations=max_evaluations,
+                            method="l-bfgs-b")
     evaluations += opt2.evaluations
     x = opt2.x
     messages.append(f"nAGQ={nagq}: {opt2.message}")

@@ -146,7 +146,7 @@ class PosteriorState(NamedTuple):
 def posterior_state(fit) -> PosteriorState:
     """The fit's conditional mode and PLS factor at its estimates (Gaussian: the LMM's PLS system)."""
     est, design = fit.estimate, fit.design
-    family = get_family(fit.model.family)
+    family = fit.model.family_spec
     if family.has_scale:
         from .lmm import ProfiledDeviance
 

@@ -34,9 +34,17 @@ FAMILIES = ("gaussian", "binomial", "poisson")
 
 def _family_name(family) -> str:
     name = getattr(family, "name", family)
-    if not isinstance(name, str) or name.lower() not in FAMILIES:
+    if not isinstance(name, str) or name.lower() not in FAMILIES + ("bernoulli",):
         raise ValueError(f"family must be one of {list(FAMILIES)}, got {family!r}")
-    return name.lower()
+    return "binomial" if name.lower() == "bernoulli" else name.lower()
+
+
+def _link_name(family, link: Optional[str]) -> Optional[str]:
+    """The link a family object carries, or ``link``; refused where they disagree."""
+    own = getattr(getattr(family, "link", None), "name", None)
+    if own is not None and link is not None and own != link:
+        raise ValueError(f"family {family!r} has the link {own!r}, but link={link!r} was given")
+    return own or link
 
 
 class MixedModel:
@@ -44,6 +52,8 @@ class MixedModel:
 
     Attributes:
       formula, data, family (a name), weights.
+      link: the link of a GLMM family (its canonical one unless asked: binomial ``"logit"``,
+        ``"probit"``, ``"cloglog"``; poisson ``"log"``); None for a Gaussian model.
       frame: the evaluated formula (:class:`~hiermeta.mixed.formula.ModelFrame`).
       design: the checked :class:`~hiermeta.mixed.terms.MixedDesign` (dependent fixed columns dropped).
       dropped_columns: names of the fixed columns dropped for rank deficiency.
@@ -51,10 +61,19 @@ class MixedModel:
       build_seconds: time to evaluate the formula and check the data.
     """
 
-    def __init__(self, formula: str, data, family="gaussian", weights=None, *, rank_deficient: str = "drop",
-                 data_name: Optional[str] = None):
+    def __init__(self, formula: str, data, family="gaussian", weights=None, *, link: Optional[str] = None,
+                 rank_deficient: str = "drop", data_name: Optional[str] = None):
         start = time.perf_counter()
         self.family = _family_name(family)
+        link = _link_name(family, link)
+        if self.family == "gaussian":
+            if link not in (None, "identity"):
+                raise ValueError(f"a Gaussian mixed model has the identity link, got link={link!r}")
+            self.link = None
+        else:
+            from .family import get_family
+
+            self.link = get_family(self.family, link).link.name  # checks the name for this family
         self.formula, self.weights = formula, weights
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -104,21 +123,23 @@ class MixedModel:
     def _fit_glmm(self, approximation: str, nodes: Optional[int], start, threads, warn):
         """The GLMM fit (:mod:`hiermeta.mixed.glmm`): ``fit_glmm(design, family, approximation=,
         num_nodes=, start=, threads=, warn=) -> Estimate``."""
-        try:
-            from .glmm import fit_glmm
-        except ImportError as err:
-            raise NotImplementedError(f"the {self.family} GLMM fit (hiermeta.mixed.glmm) is not available in this "
-                                      f"version: {err}") from None
-        return fit_glmm(self.design, self.family, approximation=approximation, num_nodes=nodes, start=start,
-                        threads=threads, warn=warn)
+        from .glmm import fit_glmm
+
+        return fit_glmm(self.design, self.family, self.link, approximation=approximation, num_nodes=nodes,
+                        start=start, threads=threads, warn=warn)
+
+    @property
+    def family_spec(self):
+        """The family as an object of :mod:`hiermeta.mixed.family` (its name and link; the Gaussian row too)."""
+        from .family import get_family
+
+        return get_family(self.family, self.link)
 
     def inverse_link(self, eta: np.ndarray) -> np.ndarray:
         """The mean from the linear predictor (identity for a Gaussian model)."""
         if self.is_gaussian:
             return eta
-        from .family import get_family
-
-        return get_family(self.family).inverse_link(eta)
+        return self.family_spec.inverse_link(eta)
 
     # ------------------------------------------------------------------ the meta-learning engine
 
@@ -173,8 +194,8 @@ class MixedModel:
                 f"fixed {list(self.design.fixed_names)}, terms [{terms}])")
 
 
-def mixed_model(formula: str, data, family="gaussian", weights=None, *, rank_deficient: str = "drop",
-                data_name: Optional[str] = None) -> MixedModel:
+def mixed_model(formula: str, data, family="gaussian", weights=None, *, link: Optional[str] = None,
+                rank_deficient: str = "drop", data_name: Optional[str] = None) -> MixedModel:
     """A mixed model from an lme4 formula and a data frame (module docstring).
 
     Args:
@@ -182,7 +203,9 @@ def mixed_model(formula: str, data, family="gaussian", weights=None, *, rank_def
         ``"diameter ~ 1 + (1 | plate) + (1 | sample)"``, ``"strength ~ 1 + (1 | batch/cask)"``,
         ``"cbind(incidence, size - incidence) ~ C(period) + (1 | herd)"`` (:mod:`~hiermeta.mixed.formula`).
       data: a pandas DataFrame (or a dict of columns).
-      family: ``"gaussian"``, ``"binomial"`` or ``"poisson"`` (canonical links).
+      family: ``"gaussian"``, ``"binomial"`` (``"bernoulli"``: the same, 0/1 or boolean rows) or
+        ``"poisson"``, or a family object of :mod:`hiermeta.mixed.family`.
+      link: a GLMM's link (default the canonical one; binomial also ``"probit"``, ``"cloglog"``).
       weights: prior weights (a column name or an array): Gaussian, a row's residual variance is
         ``s^2 / w``; binomial, the number of trials of a proportion response.
       rank_deficient: ``"drop"`` dependent fixed columns with a warning (lme4) or ``"error"``.
@@ -191,4 +214,4 @@ def mixed_model(formula: str, data, family="gaussian", weights=None, *, rank_def
     Raises :class:`~hiermeta.errors.FormulaError` or :class:`~hiermeta.errors.DataDefectError`
     (both ``ValueError``) before anything is fitted.
     """
-    return MixedModel(formula, data, family, weights, rank_deficient=rank_deficient, data_name=data_name)
+    return MixedModel(formula, data, family, weights, link=link, rank_deficient=rank_deficient, data_name=data_name)

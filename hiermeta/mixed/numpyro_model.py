@@ -44,6 +44,8 @@ from jax.scipy.special import ndtr
 from scipy import special, stats
 
 from ..errors import PriorWarning, SamplingWarning
+from ..utils import default_compilation_cache  # noqa: F401  (importing hiermeta.utils turns hiermeta's
+# default persistent compilation cache on, as for every other hiermeta module that needs JAX)
 from .estimate import Estimate
 from .family import _PROBIT_BOUND, Family, get_family
 from .scaling import standardize

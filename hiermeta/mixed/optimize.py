@@ -8,9 +8,16 @@ for GLMMs) and afterwards checks the gradient and Hessian by finite differences.
    standardised scale, :mod:`~hiermeta.mixed.scaling`).  On lme4's data sets it reached the
    optimum to 1e-10 in 50-64 evaluations where L-BFGS-B with forward differences took 60-160
    and stopped 1e-5 short on Pastes under ML, Powell 200-370 and Nelder-Mead 130-310
-   (``docs/mixed-models.md``).  Without COBYQA (older SciPy): L-BFGS-B.
+   (``docs/mixed-models.md``).  Without COBYQA (older SciPy): L-BFGS-B.  COBYQA's own work is
+   about 1 ms per evaluation (its trust-region subproblems, in Python), more than a GLMM's
+   criterion on data of a few thousand rows, so the GLMM fits (:mod:`~hiermeta.mixed.glmm`) use
+   ``method="l-bfgs-b"``: about twice the evaluations (a forward-difference gradient costs ``k + 1``,
+   each a PIRLS warm-started ``1e-8`` away: one Newton step), each with no overhead of its own
+   (on ohio's random-slope model and grouseticks' three factors about 0.6 of COBYQA's CPU time,
+   the same optima to 2e-9 in ``-2 log L``; ``benchmarks/mixed_fit.py`` times the whole fits).
 2. **Check** (lme4's ``checkConv``): central-difference gradient ``g`` and Hessian ``H`` at the
-   end point, over the free coordinates (a coordinate at its lower bound whose gradient pushes
+   end point (``1 + 2k + k(k - 1)`` evaluations for ``k`` parameters: an off-diagonal entry from
+   ``f(x +- (h_i e_i + h_j e_j))`` and the gradient's ``f(x +- h_i e_i)``), over the free coordinates (a coordinate at its lower bound whose gradient pushes
    it further out is on the boundary and is excluded).  Converged when the Newton step
    ``|H^-1 g|`` is below ``step_tol`` in every coordinate (the optimum is within that distance,
    in the standardised units), or, where ``H`` is not positive definite, when ``max |g|`` is
@@ -45,15 +52,14 @@ __all__ = ["Minimum", "minimize_bounded", "check_optimum", "blas_threads"]
 def blas_threads(limit: Optional[int] = 1):
     """A context limiting BLAS/LAPACK to ``limit`` threads (``None``: leave them as they are).
 
-    Needs ``threadpoolctl``; without it, a no-op (set ``OPENBLAS_NUM_THREADS=1`` before Python
-    starts for the same effect).
+    The fits of both engines run their small dense factorisations (and SciPy's optimisers their
+    vector operations) under one thread: on a shared or small machine a second thread only contends
+    for the cores (InstEval's 1128 x 1128 Cholesky: 0.036 s on one thread, 0.19 s on two here).
     """
     if limit is None:
         return contextlib.nullcontext()
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
+    from threadpoolctl import threadpool_limits  # a core dependency; imported on first use
+
     return threadpool_limits(limits=int(limit), user_api="blas")
 
 
@@ -108,15 +114,18 @@ def _check(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float = 1e-4,
     h = step * np.maximum(1.0, np.abs(x))
     near = x - h < lower
     grad, curvature = np.zeros(k), np.zeros(k)
+    plus, minus = np.zeros(k), np.zeros(k)  # f(x + h_i e_i), f(x - h_i e_i) (or f(x + 2 h_i e_i) near the bound)
     for i in range(k):
         e = np.zeros(k)
         e[i] = h[i]
         if near[i]:  # one-sided: f(x + h), f(x + 2h)
             f1, f2 = fun(x + e), fun(x + 2 * e)
+            plus[i], minus[i] = f1, f2
             grad[i] = (-3 * f0 + 4 * f1 - f2) / (2 * h[i])
             curvature[i] = (f2 - 2 * f1 + f0) / h[i] ** 2
         else:
             fp, fm = fun(x + e), fun(x - e)
+            plus[i], minus[i] = fp, fm
             grad[i] = (fp - fm) / (2 * h[i])
             curvature[i] = (fp - 2 * f0 + fm) / h[i] ** 2
     on_bound = near & (x - lower <= h) & (grad > 0)
@@ -133,9 +142,10 @@ def _check(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float = 1e-4,
             ei, ej = np.zeros(k), np.zeros(k)
             ei[i], ej[j] = h[i], h[j]
             if near[i] or near[j]:  # forward differences next to the bound
-                H[a, b] = (fun(x + ei + ej) - fun(x + ei) - fun(x + ej) + f0) / (h[i] * h[j])
-            else:
-                H[a, b] = (fun(x + ei + ej) - fun(x + ei - ej) - fun(x - ei + ej) + fun(x - ei - ej)) / (4 * h[i] * h[j])
+                H[a, b] = (fun(x + ei + ej) - plus[i] - plus[j] + f0) / (h[i] * h[j])
+            else:  # central: f(x +- (e_i + e_j)) with the f(x +- e_i), f(x +- e_j) above, O(h^2) as the 4-point rule
+                H[a, b] = (fun(x + ei + ej) + fun(x - ei - ej) - plus[i] - minus[i] - plus[j] - minus[j]
+                           + 2 * f0) / (2 * h[i] * h[j])
             H[b, a] = H[a, b]
     g = grad[idx]
     hessian[np.ix_(idx, idx)] = H
@@ -150,8 +160,17 @@ def _check(fun: Callable, x: np.ndarray, lower: np.ndarray, step: float = 1e-4,
 
 
 def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: int = 10000,
-                     ftol: float = 1e-12, gtol: float = 1e-7, newton_steps: int = 3) -> Minimum:
-    """Minimise ``fun`` over ``lower <= x <= upper`` (module docstring)."""
+                     ftol: float = 1e-12, gtol: float = 1e-7, newton_steps: int = 3, check: bool = True,
+                     method: str = "cobyqa") -> Minimum:
+    """Minimise ``fun`` over ``lower <= x <= upper`` (module docstring).
+
+    ``method``: the first stage, ``"cobyqa"`` or ``"l-bfgs-b"`` (forward-difference gradients:
+    more evaluations, each with almost no work of its own; module docstring).  ``check=False``: that
+    stage alone, for a point that only starts another fit (a GLMM's ``nAGQ = 0`` stage); the result
+    is not checked (``converged`` is the method's own success, ``gradient`` NaN).
+    """
+    if method not in ("cobyqa", "l-bfgs-b"):
+        raise ValueError(f"method must be 'cobyqa' or 'l-bfgs-b', got {method!r}")
     x0 = np.asarray(x0, dtype=float)
     lower = np.asarray(lower, dtype=float)
     upper = np.full_like(x0, np.inf) if upper is None else np.asarray(upper, dtype=float)
@@ -163,19 +182,29 @@ def minimize_bounded(fun: Callable, x0, lower, upper=None, *, max_evaluations: i
         res = scipy.optimize.minimize(counted, start, method="L-BFGS-B", bounds=bounds,
                                       options=dict(maxfun=max_evaluations, ftol=ftol, gtol=gtol, maxls=50))
         messages.append(f"L-BFGS-B: {res.message}")
+        return res
 
     x0 = np.clip(x0, lower, upper)
-    try:
-        res = scipy.optimize.minimize(counted, x0, method="COBYQA", bounds=bounds,
-                                      options=dict(maxfev=max_evaluations, initial_tr_radius=0.2, final_tr_radius=1e-5))
-        messages.append(f"COBYQA: {res.message}")
-    except ValueError as err:  # SciPy < 1.14: no COBYQA
-        if "cobyqa" not in str(err).lower():
-            raise
-        lbfgs(x0)
+    res = None
+    if method == "l-bfgs-b":
+        res = lbfgs(x0)
+    else:
+        try:
+            res = scipy.optimize.minimize(counted, x0, method="COBYQA", bounds=bounds,
+                                          options=dict(maxfev=max_evaluations, initial_tr_radius=0.2,
+                                                       final_tr_radius=1e-5))
+            messages.append(f"COBYQA: {res.message}")
+        except ValueError as err:  # SciPy < 1.14: no COBYQA
+            if "cobyqa" not in str(err).lower():
+                raise
+            res = lbfgs(x0)
     if counted.best_x is None:
         return Minimum(x0, np.inf, False, counted.count, np.full_like(x0, np.nan), np.full_like(x0, np.nan),
                        np.zeros(x0.size, dtype=bool), "the criterion is not finite at the start or anywhere tried")
+    if not check:
+        return Minimum(counted.best_x, counted.best, bool(getattr(res, "success", False)), counted.count,
+                       np.full_like(x0, np.nan), np.full_like(x0, np.nan), np.zeros(x0.size, dtype=bool),
+                       "; ".join(messages) + " (not checked: a starting point)")
     check = _check(counted, counted.best_x, lower)
     for _ in range(newton_steps):
         if check[0] or not np.all(np.isfinite(check[2])):

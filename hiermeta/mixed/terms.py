@@ -26,6 +26,7 @@ coefficients of level 0, then of level 1, ...).
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -127,10 +128,16 @@ class MixedDesign(NamedTuple):
 
 def _lower_indices(term: Term) -> tuple:
     """Row and column indices of the free entries of ``T_k``, column by column (lme4's order)."""
-    q = term.num_columns
-    if not term.correlated:
-        return np.arange(q), np.arange(q)
-    cols, rows = np.triu_indices(q)  # (col, row) pairs with row >= col, ordered by column
+    return _lower_indices_of(term.Z.shape[1], term.correlated)
+
+
+@functools.lru_cache(maxsize=None)
+def _lower_indices_of(q: int, correlated: bool) -> tuple:
+    if not correlated:
+        rows = cols = np.arange(q)
+    else:
+        cols, rows = np.triu_indices(q)  # (col, row) pairs with row >= col, ordered by column
+    rows.flags.writeable = cols.flags.writeable = False  # shared by every call
     return rows, cols
 
 

@@ -156,6 +156,7 @@ def test_shrinkage_with_fixed_features_is_multinomial_logistic_regression(tiny):
         assert np.linalg.norm(sol.x - np.r_[w0.ravel(), b0]) > 0.05  # the head did adapt
 
 
+@pytest.mark.slow  # a solver study on the convnet (66 s); the same solvers reach the closed-form MAP in tests/test_inner_solvers.py
 def test_prior_scaled_lbfgs_and_curvature_steps_reach_the_same_convnet_map(tiny, steps):
     """The example's inner solvers on the convnet: L-BFGS in the prior's scale and proximal steps at
     the likelihood's curvature rate stop at the MAP that K fixed-rate proximal steps reach."""
@@ -229,7 +230,7 @@ def test_protonet_refuses_what_it_cannot_do(tiny, steps):
         learner.adapt(before, batch.train, 3)
     with pytest.raises(ValueError, match="no inner optimisation"):
         learner.inner_problem(before.params)
-    with pytest.raises(ValueError, match="needs a linear head params\\['top'\\]"):
+    with pytest.raises(ValueError, match="needs a linear head at 'top'"):
         hm.protonet(model, embed=tiny["net"].embed, head="top")
     with pytest.raises(ValueError, match="classification likelihood"):
         hm.protonet(linear.make_model(8), embed=tiny["net"].embed)

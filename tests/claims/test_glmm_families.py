@@ -364,18 +364,28 @@ LEARNERS = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(LEARNERS))
-def test_every_learner_takes_finite_steps_on_binomial_and_poisson_tasks(name):
-    for family in ("binomial", "poisson"):
-        model = intercept_and_slope(family)
-        learner = LEARNERS[name](model)
-        state = learner.init(jax.random.PRNGKey(0), {"intercept": jnp.zeros(1), "slope": jnp.zeros(1)})
-        batch = glm_tasks(family, jax.random.PRNGKey(1))
-        new, metrics = jax.jit(learner.step)(state, batch)
-        assert not bool(metrics.skipped), (name, family)
-        before, after = jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new.params)
-        assert all(np.all(np.isfinite(a)) for a in after)
-        assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 0 for a, b in zip(after, before)), (name, family)
+def learner_family_pairs():
+    """Every learner on both families: in the default set each learner once and each family for
+    half of them (the learners' code does not depend on the family), the other half in the slow set."""
+    pairs = []
+    for i, name in enumerate(sorted(LEARNERS)):
+        for j, family in enumerate(("binomial", "poisson")):
+            marks = [pytest.mark.slow] if (i + j) % 2 else []
+            pairs.append(pytest.param(name, family, marks=marks, id=f"{name}-{family}"))
+    return pairs
+
+
+@pytest.mark.parametrize("name, family", learner_family_pairs())
+def test_every_learner_takes_finite_steps_on_binomial_and_poisson_tasks(name, family):
+    model = intercept_and_slope(family)
+    learner = LEARNERS[name](model)
+    state = learner.init(jax.random.PRNGKey(0), {"intercept": jnp.zeros(1), "slope": jnp.zeros(1)})
+    batch = glm_tasks(family, jax.random.PRNGKey(1))
+    new, metrics = jax.jit(learner.step)(state, batch)
+    assert not bool(metrics.skipped), (name, family)
+    before, after = jax.tree_util.tree_leaves(state.params), jax.tree_util.tree_leaves(new.params)
+    assert all(np.all(np.isfinite(a)) for a in after)
+    assert any(np.max(np.abs(np.asarray(a) - np.asarray(b))) > 0 for a, b in zip(after, before)), (name, family)
 
 
 def test_m_shrinkage_learns_the_smaller_sigma_of_a_binomial_slope():

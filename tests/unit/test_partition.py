@@ -1,3 +1,5 @@
+"""hiermeta/partition.py: which coordinates of a parameter pytree share a sigma."""
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -62,7 +64,7 @@ def test_partition_that_does_not_cover_the_parameters_is_rejected(labels, match)
 def test_ravel_checks_shapes():
     part = ModulePartition.per_leaf(PARAMS)
     bad = {"layer1": {"w": jnp.zeros((3, 2)), "b": jnp.zeros(3)}, "out": jnp.zeros(2)}
-    with pytest.raises(ValueError, match="shape"):
+    with pytest.raises(ValueError, match=r"has shape \(3, 2\), expected \(2, 3\)"):  # both shapes named
         part.ravel(bad)
     with pytest.raises(ValueError, match="structure"):
         part.ravel({"layer1": jnp.zeros(9), "out": jnp.zeros(2)})
@@ -87,3 +89,58 @@ def test_labels_that_compare_equal_across_types_stay_apart():
     assert part.names == ("1", "True") and part.index.tolist() == [0, 0, 1, 1, 1, 0]
     with pytest.raises(ValueError, match=r"print alike as \['1'\]"):
         ModulePartition.from_labels(params, {"a": 1, "b": "1", "c": 1})
+
+
+def test_shared_and_named_partitions_name_their_modules():
+    shared = ModulePartition.shared(PARAMS)
+    assert shared.names == ("all",) and shared.index.tolist() == [0] * 11
+    named = ModulePartition.named(["Intercept", "Days", "Age"])
+    assert named.names == ("Intercept", "Days", "Age") and named.index.tolist() == [0, 1, 2]
+    assert named.num_params == 3
+    np.testing.assert_array_equal(named.ravel((1.0, 2.0, 3.0)), [1.0, 2.0, 3.0])  # flat order = given order
+    assert repr(named) == "ModulePartition(num_params=3, modules=['Intercept', 'Days', 'Age'])"
+
+
+@pytest.mark.parametrize("names, match", [
+    ("ab", "must be a sequence of coordinate names, got the string 'ab'"),
+    ([], r"^named\(\) needs at least one coordinate name$"),
+    (["a", ""], r"non-empty strings, got \[''\]"),
+    (["a", 1], r"non-empty strings, got \[1\]"),
+    (["a", "b", "a"], r"distinct; repeated: \['a'\]"),
+])
+def test_named_refuses_bad_names(names, match):
+    with pytest.raises(ValueError, match=match):
+        ModulePartition.named(names)
+
+
+def test_from_labels_names_what_is_wrong():
+    import re
+
+    def refused(params, labels, message):
+        with pytest.raises(ValueError) as err:
+            ModulePartition.from_labels(params, labels)
+        assert re.fullmatch(message, str(err.value)), str(err.value)
+
+    refused({}, {}, r"params has no array leaves: nothing to partition")
+    refused({"a": jnp.zeros(2)}, {"b": "x"}, r"module labels must have the same structure as params \(params: .*\); "
+                                             r"every parameter leaf needs a module: .*")
+    refused({"a": jnp.zeros(2)}, {"a": [1, 2]}, r"label for \['a'\] is not hashable: \[1, 2\]")
+    refused({"a": jnp.zeros(2), "b": jnp.zeros(1)}, {"a": 1, "b": "1"},
+            r"different module labels print alike as \['1'\] \(e.g. 1 and '1'\); give each module a distinct label")
+
+
+def test_a_bare_array_is_one_leaf_named_params_and_the_index_is_int32():
+    part = ModulePartition.per_leaf(jnp.zeros(3))
+    assert part.names == ("params",) and part.index.tolist() == [0, 0, 0]
+    assert part.index.dtype == np.int32 and ModulePartition.per_coordinate(PARAMS).index.dtype == np.int32
+
+
+def test_check_per_module_broadcasts_a_scalar_and_refuses_another_length():
+    part = ModulePartition.per_leaf(PARAMS)  # 3 modules
+    got = part.check_per_module(2, "sigma")
+    assert got.dtype == float and got.tolist() == [2.0, 2.0, 2.0]
+    vector = part.check_per_module([1, 2, 3], "sigma")  # integers in, floats out
+    assert vector.dtype == float and vector.tolist() == [1.0, 2.0, 3.0]
+    with pytest.raises(ValueError, match=r"^sigma must be a scalar or have shape \(3,\) \(one per module\), "
+                                         r"got shape \(2,\)$"):
+        part.check_per_module([1.0, 2.0], "sigma")

@@ -262,7 +262,7 @@ def test_full_bayes_importance_draws_are_consistent_on_the_linear_domain(paper, 
     assert np.max(np.abs(mc.pit - exact.pit) / se_pit) < z_threshold(mc.pit.size)
 
 
-@pytest.mark.filterwarnings("ignore::hiermeta.SamplingWarning")
+@pytest.mark.filterwarnings("ignore::hiermeta.errors.SamplingWarning")
 def test_nuts_on_a_response_a_million_times_larger_gives_the_posterior_a_million_times_larger():
     """Dyestuff's Yield ~ 1 + (1 | Batch) under data-scaled priors, as recorded and times 1e6.
 

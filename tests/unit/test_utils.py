@@ -1,7 +1,6 @@
 """hiermeta/utils.py: the default compilation cache, counts, tables, JSON-able values."""
 
 import json
-import math
 import os
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from hiermeta.utils import CACHE_ENV, check_count, format_table, to_jsonable
+from hiermeta.utils import CACHE_ENV, check_count, default_compilation_cache
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -30,11 +29,10 @@ print(json.dumps({{"jax_at_import": jax_at_import, "jax_after_errors": jax_after
 """
 
 
-def probe(tmp_path, before="", **env):
+def probe(tmp_path, **env):
     environ = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", CACHE_ENV)}
     environ.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), **env)
-    code = PROBE.replace("import hiermeta as hm\n", before + "import hiermeta as hm\n", 1)
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=environ, timeout=600)
+    out = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, env=environ, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -50,23 +48,42 @@ def test_the_cache_is_on_by_default_from_the_first_jax_module_in_the_user_cache_
     assert cached_files(default) > 0  # the jitted program was written
 
 
-def test_the_environment_variable_moves_or_turns_off_the_cache(tmp_path):
+@pytest.fixture
+def no_cache_configured(monkeypatch):
+    """This process's cache settings cleared for default_compilation_cache to decide, then restored."""
+    import jax
+
+    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+             "jax_persistent_cache_min_entry_size_bytes")
+    saved = {name: getattr(jax.config, name) for name in names}
+    monkeypatch.delenv(CACHE_ENV, raising=False)
+    jax.config.update("jax_compilation_cache_dir", None)
+    yield jax.config
+    for name, value in saved.items():
+        jax.config.update(name, value)
+
+
+def test_the_environment_variable_moves_or_turns_off_the_cache(tmp_path, monkeypatch, no_cache_configured):
     moved = tmp_path / "elsewhere"
-    assert probe(tmp_path, **{CACHE_ENV: str(moved)})["dir"] == str(moved) and cached_files(moved) > 0
-    for off in ("off", "0", "False"):
-        got = probe(tmp_path, **{CACHE_ENV: off})
-        assert got["dir"] is None and got["min_time"] == 1.0  # JAX's own default left as it was
-    assert cached_files(tmp_path / "xdg") == 0
+    monkeypatch.setenv(CACHE_ENV, str(moved))
+    assert default_compilation_cache() == str(moved) and moved.is_dir()
+    assert no_cache_configured.jax_compilation_cache_dir == str(moved)
+    assert no_cache_configured.jax_persistent_cache_min_compile_time_secs == 0.0
+    for off in ("off", "0", "False", " no "):
+        no_cache_configured.update("jax_compilation_cache_dir", None)
+        monkeypatch.setenv(CACHE_ENV, off)
+        assert default_compilation_cache() is None and no_cache_configured.jax_compilation_cache_dir is None
 
 
-def test_a_cache_dir_the_user_configured_is_left_alone(tmp_path):
-    mine = tmp_path / "mine"
-    got = probe(tmp_path, JAX_COMPILATION_CACHE_DIR=str(mine))
-    assert got["dir"] == str(mine) and got["min_time"] == 1.0  # not ours: JAX's settings untouched
-    in_code = tmp_path / "in_code"
-    got = probe(tmp_path, before=f"import jax; jax.config.update('jax_compilation_cache_dir', {str(in_code)!r})\n")
-    assert got["dir"] == str(in_code)
-    assert cached_files(tmp_path / "xdg") == 0
+def test_a_cache_dir_the_user_configured_is_left_alone(tmp_path, monkeypatch, no_cache_configured):
+    mine = str(tmp_path / "mine")
+    no_cache_configured.update("jax_compilation_cache_dir", mine)  # in code, or by $JAX_COMPILATION_CACHE_DIR
+    no_cache_configured.update("jax_persistent_cache_min_compile_time_secs", 1.0)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert default_compilation_cache() is None
+    assert no_cache_configured.jax_compilation_cache_dir == mine
+    assert no_cache_configured.jax_persistent_cache_min_compile_time_secs == 1.0  # JAX's settings untouched
+    assert not (tmp_path / "xdg").exists()
 
 
 def test_an_unwritable_cache_dir_warns_and_leaves_the_cache_off(tmp_path):
@@ -91,9 +108,10 @@ def test_check_count_accepts_integers(value):
     assert check_count(value, "n", 3) == 3 and type(check_count(value, "n")) is int
 
 
-@pytest.mark.parametrize("value", [2.7, 3.0, "3", True, np.bool_(True), np.asarray([3])])
-def test_check_count_refuses_what_is_not_an_integer(value):
-    with pytest.raises(ValueError, match=r"n must be an integer >= 0"):
+@pytest.mark.parametrize("value, kind", [(2.7, "float"), (3.0, "float"), ("3", "str"), (True, "bool"),
+                                         (np.bool_(True), "bool"), (np.asarray([3]), "ndarray")])
+def test_check_count_refuses_what_is_not_an_integer(value, kind):
+    with pytest.raises(ValueError, match=rf"n must be an integer >= 0, got .* \({kind}\)"):
         check_count(value, "n")
 
 
@@ -101,27 +119,3 @@ def test_check_count_refuses_a_count_below_the_minimum():
     with pytest.raises(ValueError, match=r"n must be >= 2, got 1"):
         check_count(1, "n", 2)
     assert check_count(2, "n", 2) == 2
-
-
-def test_format_table_aligns_and_formats_each_kind_of_cell():
-    text = format_table(["name", "count", "value"], [["a", 3, 1.23456], ["longer", np.int64(12), float("nan")],
-                                                     ["b", None, np.float32(2.5)]], digits=2)
-    assert text.split("\n") == [
-        "name    count  value",
-        "--------------------",
-        "a           3   1.23",
-        "longer     12      -",
-        "b           -   2.50",
-    ]
-    assert format_table(["x", "y"], []) == "x  y\n----"
-
-
-def test_to_jsonable_converts_arrays_scalars_and_non_finite_values():
-    class Curve:
-        def to_dict(self):
-            return {"mean": [1.0]}
-
-    got = to_jsonable({1: np.array([1.0, np.inf]), "t": (np.int32(2), np.bool_(True)), "nan": math.nan,
-                       "c": Curve(), "s": "text", "f": np.float64(0.5)})
-    assert got == {"1": [1.0, None], "t": [2, True], "nan": None, "c": {"mean": [1.0]}, "s": "text", "f": 0.5}
-    assert json.dumps(got)

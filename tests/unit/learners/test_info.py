@@ -19,6 +19,7 @@ def test_step_metrics_flattens_the_extra_sites_in_field_order():
     assert got["noise_sd"] == 0.5 and got["num_unconverged"] == 1
     assert list(step_metrics(ProtoNetInfo(1.0, 0.5, 0, True))) == ["val_log_lik", "val_accuracy", "num_missing",
                                                                      "skipped"]
+    assert step_metrics({"skipped": False, "loss": 2.0}) == {"skipped": False, "loss": 2.0}  # a learner of one's own
 
 
 @pytest.mark.filterwarnings("ignore::hiermeta.errors.ConvergenceWarning")  # 5 inner steps, on purpose

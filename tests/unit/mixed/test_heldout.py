@@ -8,6 +8,7 @@ from scipy import integrate, stats
 from scipy.special import expit
 
 from hiermeta.mixed import heldout as H
+from hiermeta.mixed.family import get_family
 from hiermeta.mixed.glmm import fit_glmm
 from hiermeta.mixed.lmm import fit_lmm
 from hiermeta.mixed.terms import MixedDesign, make_term, relative_factors
@@ -47,7 +48,8 @@ def simulate(rng, family, spec, n=80, n_new=12, beta=(0.2, 0.4)):
 
 
 def fake_fit(design, family, estimate):
-    return SimpleNamespace(design=design, estimate=estimate, model=SimpleNamespace(family=family),
+    return SimpleNamespace(design=design, estimate=estimate,
+                           model=SimpleNamespace(family=family, family_spec=get_family(family)),
                            method=estimate.method)
 
 
@@ -207,7 +209,7 @@ def test_a_predictive_without_a_finite_draw_scores_nan_not_zero():
     bad = H.Predictive("broken", np.full((4, held.num_rows), np.nan), None, None)
     s = H.score("binomial", held, bad)
     assert np.all(np.isnan(s.log_pred)) and np.all(np.isnan(s.pit)) and np.all(np.isnan(s.cdf_at))
-    from hiermeta.mixed.compare import _summary
+    from hiermeta.mixed.comparison import _summary
 
     summary = _summary(s, (0.5, 0.9))
     assert np.isnan(summary["lpd_per_obs"]) and all(np.isnan(v) for v in summary["coverage"].values())

@@ -67,19 +67,21 @@ STRUCTURES = {
     "crossed scalar terms": [(15, 1, True), (6, 1, True)],
     "three terms, correlated and diagonal": [(14, 2, True), (5, 3, False), (4, 1, True)],
     "rest larger in q than the lead in levels": [(10, 1, True), (3, 3, True)],
+    "correlated lead beside a scalar crossed term": [(14, 2, True), (6, 1, True)],
 }
 
 
 @pytest.mark.parametrize("name", list(STRUCTURES))
-@pytest.mark.parametrize("dense_limit", [4000, 0], ids=["dense", "sparse"])
-def test_factorization_matches_the_dense_system(name, dense_limit):
+@pytest.mark.parametrize("dense_limit", [4000, 0], ids=["dense-S", "sparse-S"])
+@pytest.mark.parametrize("dense_cross", [True, False], ids=["dense-cross", "sparse-cross"])
+def test_factorization_matches_the_dense_system(name, dense_limit, dense_cross):
     rng = np.random.default_rng(len(name))
     n = 120
     terms = _terms(rng, n, STRUCTURES[name])
     X = np.column_stack([np.ones(n), rng.normal(size=n), rng.uniform(size=n)])
     y = rng.normal(size=n) * 3 + 1
     w = rng.uniform(0.5, 2.0, n)
-    layout = Layout(terms, n)
+    layout = Layout(terms, n, dense_cross=dense_cross)
     theta = _random_theta(rng, terms)
     fac = factorize(layout, CrossProducts.build(layout, X, y, w), theta, dense_limit=dense_limit)
     ref = _dense_reference(layout, X, y, w, theta)
@@ -122,3 +124,27 @@ def test_factorization_without_fixed_effects_and_the_per_term_maps():
     np.testing.assert_allclose(eta, by_hand)
     # the PLS solution minimises ||y - eta||^2 + ||u||^2: its gradient in u vanishes
     np.testing.assert_allclose(fac.pwrss, np.sum((y - eta) ** 2) + fac.u @ fac.u, rtol=1e-10)
+
+
+@pytest.mark.parametrize("dense_cross", [True, False], ids=["compact", "sparse"])
+def test_nested_factors_whose_leading_levels_meet_one_outer_level_each(dense_cross):
+    """Nested (Pastes-like: each inner level inside one outer level): one non-zero of the coupling per
+    leading level, so no pairs of non-zeros in a level (the compact path's sums over pairs are empty)."""
+    rng = np.random.default_rng(7)
+    n = 90
+    inner = np.repeat(np.arange(15), 6)
+    outer = inner // 3  # 5 outer levels, 3 inner levels in each
+    terms = [make_term("outer", outer, np.ones(n), ["(Intercept)"]),
+             make_term("outer:inner", inner, rng.uniform(0.5, 1.5, n), ["x"])]
+    X = np.column_stack([np.ones(n), rng.normal(size=n)])
+    y, w = rng.normal(size=n), rng.uniform(0.5, 2.0, n)
+    layout = Layout(terms, n, dense_cross=dense_cross)
+    assert layout.lead == 1 and layout.dense_cross == dense_cross
+    if dense_cross:
+        assert layout.pair_first.size == 0
+    theta = _random_theta(rng, terms)
+    fac = factorize(layout, CrossProducts.build(layout, X, y, w), theta)
+    ref = _dense_reference(layout, X, y, w, theta)
+    np.testing.assert_allclose(fac.log_det_A, ref["log_det_A"], rtol=1e-10)
+    np.testing.assert_allclose(fac.u, ref["u"], rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(fac.pwrss, ref["pwrss"], rtol=1e-9)

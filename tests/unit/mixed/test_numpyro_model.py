@@ -193,3 +193,24 @@ def test_priors_are_checked_against_the_posterior():
                for w in caught)
     with pytest.raises(ValueError, match="num_chains"):
         mixed_nuts(d, "bernoulli", None, num_chains=0)
+
+
+def test_the_numpyro_model_turns_on_hiermetas_default_compilation_cache(tmp_path):
+    """hiermeta.mixed needs no JAX, so importing it leaves the compilation cache alone; the module that
+    brings JAX in (NUTS over a mixed model) turns hiermeta's default cache on, as every JAX module of
+    hiermeta does (hiermeta.utils.default_compilation_cache)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[3]
+    code = ("import json, sys\nimport hiermeta.mixed, hiermeta.cli\nbefore = 'jax' in sys.modules\n"
+            "import hiermeta.mixed.numpyro_model, jax\n"
+            "print(json.dumps([before, jax.config.jax_compilation_cache_dir]))\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_COMPILATION_CACHE_DIR", "HIERMETA_COMPILATION_CACHE")}
+    env.update(XDG_CACHE_HOME=str(tmp_path / "xdg"), PYTHONPATH=str(root))
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.strip().splitlines()[-1]) == [False, str(tmp_path / "xdg" / "hiermeta" / "jax")]

@@ -366,3 +366,70 @@ def test_glyph_set_renders_distinct_characters_and_caches(tmp_path):
     assert len(list(tmp_path.glob("glyphs-*.npz"))) == 2  # keyed by the parameters
     with pytest.raises(ValueError, match="unknown alphabets \\['Klingon'\\]"):
         glyphs.glyph_dataset(alphabets=("Klingon",), cache_dir=tmp_path)
+
+
+# ---------------------------------------------------------------------------- alphabet tasks, augmentation
+
+
+def _coded_images(C, I, size=8):
+    """Images whose pixel (0, 0) is the class and (0, 1) the instance: what a sampler drew is readable."""
+    images = np.zeros((C, I, size, size), np.uint8)
+    images[:, :, 0, 0] = np.arange(C)[:, None]
+    images[:, :, 0, 1] = np.arange(I)[None, :]
+    return images
+
+
+def test_alphabet_sampler_draws_one_alphabet_per_task_with_disjoint_train_and_validation():
+    C, I = 60, 20
+    images = _coded_images(C, I)
+    class_alphabet = np.repeat(np.arange(6), 10)  # 6 alphabets of 10 characters ...
+    class_alphabet[35:40] = 4  # ... but alphabet 3 has 5 and alphabet 4 has 15
+    classes = np.arange(C)[np.isin(class_alphabet, [0, 3, 4, 5])]
+    sample = fewshot.alphabet_sampler(images, classes, class_alphabet, ways=8, train_shots=15, val_shots=5,
+                                      num_tasks=64)
+    batch = jax.jit(sample)(jax.random.PRNGKey(0))
+    seen = set()
+    for t in range(64):
+        tr = np.rint(np.asarray(batch.train.inputs[t]) * 255).astype(int)
+        va = np.rint(np.asarray(batch.val.inputs[t]) * 255).astype(int)
+        cls_tr, cls_va = tr[:, 0, 0].reshape(8, 15), va[:, 0, 0].reshape(8, 5)
+        assert np.all(cls_tr == cls_tr[:, :1]) and np.all(cls_va == cls_tr[:, :5])  # label j <-> one class
+        assert len(set(cls_tr[:, 0])) == 8
+        alphabets = set(class_alphabet[cls_tr[:, 0]])
+        assert len(alphabets) == 1 and alphabets <= {0, 4, 5}  # one alphabet with >= 8 characters of the split
+        seen |= alphabets
+        inst = np.concatenate([tr[:, 0, 1].reshape(8, 15), va[:, 0, 1].reshape(8, 5)], axis=1)
+        assert all(len(set(row)) == 20 for row in inst)  # 15 + 5 distinct instances per character
+        np.testing.assert_array_equal(np.asarray(batch.train.labels[t]), np.repeat(np.arange(8), 15))
+    assert seen == {0, 4, 5}
+    with pytest.raises(ValueError, match="no alphabet"):
+        fewshot.alphabet_sampler(images, classes, class_alphabet, ways=16, num_tasks=1)
+    with pytest.raises(ValueError, match="instances"):
+        fewshot.alphabet_sampler(images, classes, class_alphabet, ways=5, train_shots=16, val_shots=5, num_tasks=1)
+
+
+def test_affine_warp_equals_scipy_affine_transform():
+    from scipy.ndimage import affine_transform
+
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(3, 9, 9))
+    forward = np.stack([np.array([[np.cos(a), -np.sin(a)], [np.sin(a), np.cos(a)]]) @ np.array([[1.0, sh], [0, 1]]) * sc
+                        for a, sh, sc in [(0.3, 0.1, 1.1), (-0.2, 0.0, 0.9), (0.0, -0.15, 1.0)]])
+    shift = rng.uniform(-1.5, 1.5, size=(3, 2))
+    got = np.asarray(fewshot.affine_warp(jnp.asarray(images), jnp.asarray(forward), jnp.asarray(shift)))
+    c = np.full(2, 4.0)
+    for n in range(3):
+        inv = np.linalg.inv(forward[n])
+        want = affine_transform(images[n], inv, offset=c - inv @ (c + shift[n]), order=1, mode="grid-constant")
+        np.testing.assert_allclose(got[n], want, atol=1e-12)
+
+
+def test_augmentation_is_the_identity_at_zero_ranges_and_varies_otherwise():
+    images = jnp.asarray(np.random.default_rng(1).uniform(size=(4, 8, 8)))
+    still = fewshot.Augmentation(rotation=0.0, shear=0.0, scale=(1.0, 1.0), translate=0.0)
+    np.testing.assert_allclose(fewshot.augment_images(jax.random.PRNGKey(0), images, still), images, atol=1e-12)
+    moved = fewshot.augment_images(jax.random.PRNGKey(0), images, fewshot.Augmentation())
+    assert np.all(np.abs(np.asarray(moved) - np.asarray(images)).max(axis=(1, 2)) > 1e-3)
+    with pytest.raises(ValueError, match="augment"):
+        fewshot.episode_sampler(_coded_images(5, 4), np.arange(5), ways=2, shots=1, queries=1, num_tasks=1,
+                                augment="yes")

@@ -73,6 +73,7 @@ def test_likelihood_is_gaussian_with_the_known_noise(domain):
     np.testing.assert_allclose(nll_step, theta - 0.01 * jax.grad(mse)(theta), rtol=1e-12)
 
 
+@pytest.mark.slow  # a meta-learning study (40 s); the sinusoid example runs end to end in the default set
 def test_m_shrinkage_meta_learns_the_sinusoids(domain):
     learner = hm.m_shrinkage(sinusoid.make_model(), inner_optimizer=optax.sgd(sinusoid.MAML_INNER_LR),
                              inner_steps=5, outer_optimizer=optax.adam(1e-2))

@@ -1,4 +1,4 @@
-"""The MAP-vs-posterior report (hiermeta.mixed.compare) and its command line (hiermeta compare)."""
+"""The MAP-vs-posterior report (hiermeta.mixed.comparison) and its command line (hiermeta compare)."""
 
 import json
 from types import SimpleNamespace
@@ -10,7 +10,7 @@ from scipy.special import expit
 
 import hiermeta as hm
 from hiermeta.errors import ApproximationWarning
-from hiermeta.mixed.compare import _check_same_model, _no_pooling, compare, holdout_split
+from hiermeta.mixed.comparison import _check_same_model, _no_pooling, compare, holdout_split
 from hiermeta.mixed.numpyro_model import MixedNumPyroModel
 
 

@@ -45,7 +45,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ..errors import ApproximationWarning
-from .family import get_family
+from ..printing import format_cell, format_table, to_jsonable
 from .heldout import (Scores, eb_gaussian_exact, eb_importance, eb_laplace, eb_quadrature, heldout_rows,
                       importance_log_likelihood, nuts_predictive, plug_in, posterior_state, score,
                       score_gaussian_exact)
@@ -92,38 +92,6 @@ def holdout_split(data, group, *, last: Optional[int] = None, order: Optional[st
 # ---------------------------------------------------------------------------- the report
 
 
-def _nan_to_none(obj):
-    if isinstance(obj, dict):
-        return {str(k): _nan_to_none(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_nan_to_none(v) for v in obj]
-    if isinstance(obj, np.ndarray):
-        return _nan_to_none(obj.tolist())
-    if isinstance(obj, (np.floating, float)):
-        return None if not math.isfinite(float(obj)) else float(obj)
-    if isinstance(obj, np.integer):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    return obj
-
-
-def _fmt(v, digits=4) -> str:
-    if v is None or (isinstance(v, float) and not math.isfinite(v)):
-        return "NaN" if v is not None else ""
-    if isinstance(v, (float, np.floating)):
-        return f"{v:.{digits}f}"
-    return str(v)
-
-
-def _table(headers, rows, digits=4) -> str:
-    cells = [[_fmt(c, digits) for c in r] for r in rows]
-    widths = [max([len(h)] + [len(r[j]) for r in cells]) for j, h in enumerate(headers)]
-    lines = ["  ".join(h.ljust(w) if j == 0 else h.rjust(w) for j, (h, w) in enumerate(zip(headers, widths)))]
-    lines += ["  ".join(c.ljust(w) if j == 0 else c.rjust(w) for j, (c, w) in enumerate(zip(r, widths))) for r in cells]
-    return "\n".join(lines)
-
-
 @dataclass(frozen=True, eq=False)
 class Comparison:
     """The report of :func:`compare` (module docstring).
@@ -152,7 +120,7 @@ class Comparison:
 
     def to_dict(self) -> dict:
         """Everything, JSON-serialisable (NaN as null)."""
-        return _nan_to_none({"schema": "hiermeta/mixed-compare/v1", "provenance": self.provenance,
+        return to_jsonable({"schema": "hiermeta/mixed-compare/v1", "provenance": self.provenance,
                              "scores": self.scores, "paired": self.paired, "approximation": self.approximation,
                              "hyperparameters": self.hyperparameters, "groups": self.groups,
                              "per_unit": {"units": list(self.units), **self.per_unit}, "notes": self.notes})
@@ -173,24 +141,25 @@ class Comparison:
         if p.get("nuts"):
             n = p["nuts"]
             out.append(f"NUTS: {n['num_chains']} x {n['num_samples']} draws (warm-up {n['num_warmup']}), max r-hat "
-                       f"{_fmt(n['max_r_hat'], 3)}, min ESS {_fmt(n['min_ess'], 0)}, {n['num_divergences']} divergences")
+                       f"{format_cell(n['max_r_hat'], 3)}, min ESS {format_cell(n['min_ess'], 0)}, "
+                       f"{n['num_divergences']} divergences")
         out += ["", "held-out scores (log predictive density per observation, mean over units):",
-                _table(["method", "log score", "se", "cover 50%", "cover 90%", "Brier", "units", "rows"],
-                       self.score_rows())]
+                format_table(["method", "log score", "se", "cover 50%", "cover 90%", "Brier", "units", "rows"],
+                             self.score_rows(), digits=4)]
         if self.paired:
             out += ["", "paired differences (unit by unit; log score: higher is better, Brier: lower is better):",
-                    _table(["difference", "log score", "se", "Brier", "se"],
-                           [[r["pair"], r["difference"], r["se"], r.get("brier_difference", np.nan),
-                             r.get("brier_se", np.nan)] for r in self.paired])]
+                    format_table(["difference", "log score", "se", "Brier", "se"],
+                                 [[r["pair"], r["difference"], r["se"], r.get("brier_difference", np.nan),
+                                   r.get("brier_se", np.nan)] for r in self.paired], digits=4)]
         out += ["", "hyperparameters:",
-                _table(["parameter", "estimate", "se", "posterior mean", "posterior sd"],
-                       [[h["name"], h["estimate"], h.get("se", np.nan), h.get("posterior_mean", np.nan),
-                         h.get("posterior_sd", np.nan)] for h in self.hyperparameters])]
+                format_table(["parameter", "estimate", "se", "posterior mean", "posterior sd"],
+                             [[h["name"], h["estimate"], h.get("se", np.nan), h.get("posterior_mean", np.nan),
+                               h.get("posterior_sd", np.nan)] for h in self.hyperparameters], digits=4)]
         a = self.approximation
         if a.get("agq"):
             out += ["", f"approximation: Laplace vs AGQ({a['agq']['num_nodes']}):",
-                    _table(["parameter", "Laplace", "AGQ", "difference / SE"],
-                           [[r["name"], r["laplace"], r["agq"], r["shift"]] for r in a["agq"]["rows"]])]
+                    format_table(["parameter", "Laplace", "AGQ", "difference / SE"],
+                                 [[r["name"], r["laplace"], r["agq"], r["shift"]] for r in a["agq"]["rows"]], digits=4)]
         if a.get("importance"):
             i = a["importance"]
             out.append(f"log-likelihood at the estimate: Laplace {i['laplace']:.3f}, importance sampling "
@@ -201,11 +170,11 @@ class Comparison:
         shown = shown[:max_groups]
         if shown:
             out += ["", f"groups ({len(self.groups)} rows; {len(shown)} shown, largest |posterior mean - EB mode| first):",
-                    _table(["term", "level", "column", "n", "no pooling", "EB mode", "EB sd", "post. mean", "post. sd",
-                            "pooling"],
-                           [[g["term"], g["level"], g["column"], g["n_train"], g["no_pooling"], g["eb_mode"],
-                             g["eb_sd"], g.get("posterior_mean", np.nan), g.get("posterior_sd", np.nan), g["pooling"]]
-                            for g in shown], 3)]
+                    format_table(["term", "level", "column", "n", "no pooling", "EB mode", "EB sd", "post. mean", "post. sd",
+                                  "pooling"],
+                                 [[g["term"], g["level"], g["column"], g["n_train"], g["no_pooling"], g["eb_mode"],
+                                   g["eb_sd"], g.get("posterior_mean", np.nan), g.get("posterior_sd", np.nan), g["pooling"]]
+                                  for g in shown], digits=3)]
         out += [f"note: {n}" for n in self.notes]
         return "\n".join(out)
 
@@ -263,8 +232,8 @@ def _or0(v):
 def _check_same_model(fit, nuts) -> None:
     """Refuse a NUTS run on another model than the fit's (module docstring)."""
     a, b = fit.design, nuts.model.design
-    if get_family(fit.model.family).name != nuts.model.family.name:
-        raise ValueError(f"the NUTS run's family is {nuts.model.family.name}, the fit's {fit.model.family}")
+    if fit.model.family_spec != nuts.model.family:
+        raise ValueError(f"the NUTS run's family is {nuts.model.family!r}, the fit's {fit.model.family_spec!r}")
     if a.num_rows != b.num_rows or not np.allclose(a.response, b.response) or not np.allclose(a.weights, b.weights):
         raise ValueError("the NUTS run was on other data than the fit (responses or weights differ)")
     if tuple(a.fixed_names) != tuple(b.fixed_names) or not np.allclose(a.X, b.X):
@@ -287,7 +256,7 @@ def _no_pooling(fit, max_iter: int = 50) -> list:
     """Per term ``(estimates (L, q), standard errors (L, q))``: each level's own maximum-likelihood effect,
     the fixed effects and the other terms' modes held at the fit's values (Fisher scoring, batched)."""
     est, d = fit.estimate, fit.design
-    fam = get_family(fit.model.family)
+    fam = fit.model.family_spec
     y, w = fam.prepare(d.response, d.weights)
     base = d.X @ np.asarray(est.beta) + d.offset
     modes = [t.Z * np.asarray(b)[t.codes] for t, b in zip(d.terms, est.b)]
@@ -437,7 +406,7 @@ def _paired(per_unit: dict, brier: dict, held) -> list:
 def _approximation(fit, nuts, check: bool, num_draws: int, seed: int) -> dict:
     out = {"warnings": []}
     est = fit.estimate
-    family = get_family(fit.model.family)
+    family = fit.model.family_spec
     if family.has_scale or not check:
         return out
     if est.method == "Laplace":
@@ -534,7 +503,7 @@ def compare(fit, heldout, nuts=None, *, eb: str = "auto", unit_term: Optional[in
         raise ValueError(f"eb must be one of {EB_METHODS}, got {eb!r}")
     if nuts is not None:
         _check_same_model(fit, nuts)
-    family = get_family(fit.model.family)
+    family = fit.model.family_spec
     d = fit.design
     scalar = len(d.terms) == 1 and d.terms[0].num_columns == 1
     if eb == "auto":
