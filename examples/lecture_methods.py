@@ -350,7 +350,7 @@ def describe(values: dict) -> str:
 
 
 def run_domain(domain: Domain, args, steps) -> dict:
-    rows, results, states, learners = [], {}, {}, {}
+    results, states, learners = {}, {}, {}
     key = jax.random.PRNGKey(args.seed)
     states["__support__"] = domain.sample(key).train
     glyph = domain.name == "glyphs"
@@ -452,7 +452,7 @@ def print_tables(domain: Domain, results: dict):
     per_module = [[name, quantity, *np.ravel(v)] for name, e in results.items()
                   for quantity, v in e.get("learned", {}).items() if np.size(v) == len(modules)]
     if per_module:
-        print(f"\nwhat each learns, per module")
+        print("\nwhat each learns, per module")
         print(format_table(["method", "quantity", *modules], per_module, digits=3))
     other = [[name, quantity, " ".join(f"{x:.3g}" for x in np.ravel(v))] for name, e in results.items()
              for quantity, v in e.get("learned", {}).items() if np.size(v) != len(modules)]

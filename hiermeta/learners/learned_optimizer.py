@@ -37,7 +37,7 @@ gradient input treated as a constant, as Andrychowicz et al. do).
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp

@@ -96,10 +96,6 @@ def _finetune_solver(finetune_lr: float, num_steps: int):
     return gradient_steps(optax.sgd(check_positive(finetune_lr, "finetune_lr")), num_steps, tol=float("inf"))
 
 
-def _query_log_lik(model, theta, val_t):
-    return model.log_likelihood(theta, val_t)
-
-
 # ---------------------------------------------------------------------------- class weights
 
 
@@ -312,7 +308,7 @@ def set_encoder(
     def meta_objective(params, batch):
         phi = base(params)
         theta = jax.vmap(lambda d: predict(params, phi, d))(batch.train)
-        return -jnp.mean(jax.vmap(lambda th, d: _query_log_lik(model, th, d))(theta, batch.val))
+        return -jnp.mean(jax.vmap(model.log_likelihood)(theta, batch.val))
 
     def step(state: MetaState, batch):
         loss, grads = jax.value_and_grad(meta_objective)(state.params, batch)
