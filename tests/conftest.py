@@ -81,3 +81,23 @@ def one_step():
         return jax.tree_util.tree_map(lambda a, b: np.asarray(a - b), state.params, new.params)
 
     return step
+
+
+@pytest.hookimpl(tryfirst=True)  # before ``-m 'not slow'`` deselects
+def pytest_collection_modifyitems(config, items):
+    """Mark the tests of ``tests/slow_set.py`` slow.  In a run of the whole suite (no paths given),
+    refuse an entry that matches nothing (a renamed test would otherwise return to the default run
+    unnoticed)."""
+    from slow_set import SLOW_IN_DEFAULT_RUN
+
+    entries, used = set(SLOW_IN_DEFAULT_RUN), set()
+    for item in items:
+        for entry in (item.nodeid, item.nodeid.split("[")[0], item.nodeid.split("::")[0]):
+            if entry in entries:
+                item.add_marker(pytest.mark.slow)
+                used.add(entry)
+                break
+    whole_suite = not [a for a in config.invocation_params.args if not a.startswith("-")]
+    if whole_suite and entries - used:
+        raise pytest.UsageError("tests/slow_set.py names tests that were not collected: "
+                                + ", ".join(sorted(entries - used)))
