@@ -13,7 +13,8 @@ holds the same state after every chunk; the means over tasks become all-reduces.
 those of one process up to the order of the sums (rounding).  This module holds the few pieces
 that are about processes rather than devices:
 
-* :func:`check_mesh`: a mesh must give every process a device, or the program cannot run;
+* :func:`check_mesh`: a mesh must give every process a device, or the program cannot run (on CPU
+  it also turns the persistent compilation cache off: :func:`persistent_cache_off_for_cpu_collectives`);
 * :func:`collectively`: a host-side step (writing a checkpoint, reading one) whose failure in
   one process must stop every process, instead of leaving the others waiting in a collective;
 * :func:`barrier`, :func:`is_primary`: the checkpoint is written by process 0 only and read by
@@ -47,8 +48,8 @@ from jax.sharding import Mesh
 from .errors import DistributedError, HiermetaWarning
 from .sharding import shard_tasks, task_sharding
 
-__all__ = ["is_primary", "check_mesh", "persistent_cache_off_for_cpu_collectives", "barrier", "collectively", "global_tasks", "same_everywhere",
-           "disagreements", "require_agreement", "tree_digest", "DistributedError"]
+__all__ = ["is_primary", "check_mesh", "persistent_cache_off_for_cpu_collectives", "barrier", "collectively",
+           "global_tasks", "same_everywhere", "disagreements", "require_agreement", "tree_digest", "DistributedError"]
 
 T = TypeVar("T")
 
