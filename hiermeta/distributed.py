@@ -14,7 +14,8 @@ those of one process up to the order of the sums (rounding).  This module holds 
 that are about processes rather than devices:
 
 * :func:`check_mesh`: a mesh must give every process a device, or the program cannot run (on CPU
-  it also turns the persistent compilation cache off: :func:`persistent_cache_off_for_cpu_collectives`);
+  it also turns the persistent compilation cache off:
+  :func:`hiermeta.utils.persistent_cache_off_for_cpu_collectives`);
 * :func:`collectively`: a host-side step (writing a checkpoint, reading one) whose failure in
   one process must stop every process, instead of leaving the others waiting in a collective;
 * :func:`barrier`, :func:`is_primary`: the checkpoint is written by process 0 only and read by
@@ -36,20 +37,19 @@ All of them are no-ops (or plain calls) in a single process.  Launching (see
 from __future__ import annotations
 
 import hashlib
-import warnings
 from typing import Any, Callable, Mapping, Optional, TypeVar
 
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from jax.experimental.compilation_cache import compilation_cache
 from jax.sharding import Mesh
 
-from .errors import DistributedError, HiermetaWarning
+from .errors import DistributedError
 from .sharding import shard_tasks, task_sharding
+from .utils import persistent_cache_off_for_cpu_collectives
 
-__all__ = ["is_primary", "check_mesh", "persistent_cache_off_for_cpu_collectives", "barrier", "collectively",
-           "global_tasks", "same_everywhere", "disagreements", "require_agreement", "tree_digest", "DistributedError"]
+__all__ = ["is_primary", "check_mesh", "barrier", "collectively", "global_tasks", "same_everywhere",
+           "disagreements", "require_agreement", "tree_digest", "DistributedError"]
 
 T = TypeVar("T")
 
@@ -57,28 +57,6 @@ T = TypeVar("T")
 def is_primary() -> bool:
     """True in process 0 (the one that writes checkpoints and prints), and in a single process."""
     return jax.process_index() == 0
-
-
-def persistent_cache_off_for_cpu_collectives() -> bool:
-    """Turn JAX's persistent compilation cache off in a job of several CPU processes; True if it did.
-
-    On JAX's CPU runtime (gloo collectives) a program over several processes that each process
-    *loads* from the persistent cache, instead of compiling it in the run, can hang in its first
-    collective: with jax 0.12.1, 9 of 10 warm-cache runs of the divergence worker in
-    ``tests/unit/test_distributed.py`` hung, and both cold-cache runs finished in 11-13 s.
-    Compiling in each run costs seconds; a hang costs the job, so hiermeta compiles afresh there
-    (and says so once, with a :class:`~hiermeta.errors.HiermetaWarning`).  GPU and TPU jobs, and
-    single processes, keep the cache.  Called by :func:`check_mesh` and before the first
-    cross-process gather, i.e. before ``fit`` or ``evaluate`` compiles anything over the mesh.
-    """
-    if jax.process_count() == 1 or jax.default_backend() != "cpu" or not jax.config.jax_enable_compilation_cache:
-        return False
-    jax.config.update("jax_enable_compilation_cache", False)
-    compilation_cache.reset_cache()  # JAX decides once whether its cache is used: ask it again
-    warnings.warn("hiermeta: the persistent compilation cache is off in this job of several CPU processes "
-                  "(programs loaded from it can hang in gloo's collectives); every process compiles afresh",
-                  HiermetaWarning, stacklevel=3)
-    return True
 
 
 def check_mesh(mesh: Optional[Mesh]) -> None:

@@ -11,11 +11,12 @@ from typing import Optional
 
 import jax
 import numpy as np
+from jax.experimental.compilation_cache import compilation_cache
 
 from .errors import HiermetaWarning
 
-__all__ = ["enable_compilation_cache", "default_compilation_cache", "CACHE_ENV", "check_count", "check_positive",
-           "check_memory", "memory_limit"]
+__all__ = ["enable_compilation_cache", "default_compilation_cache", "persistent_cache_off_for_cpu_collectives",
+           "CACHE_ENV", "check_count", "check_positive", "check_memory", "memory_limit"]
 
 # Turns the default persistent compilation cache off ("0", "off", "false", "no") or moves it (a directory).
 CACHE_ENV = "HIERMETA_COMPILATION_CACHE"
@@ -69,6 +70,28 @@ def default_compilation_cache() -> Optional[str]:
         warnings.warn(f"hiermeta: no persistent compilation cache ({err}); set {CACHE_ENV}=DIR to move it or "
                       f"{CACHE_ENV}=off to silence this", HiermetaWarning, stacklevel=2)
         return None
+
+
+def persistent_cache_off_for_cpu_collectives() -> bool:
+    """Turn JAX's persistent compilation cache off in a job of several CPU processes; True if it did.
+
+    On JAX's CPU runtime (gloo collectives) a program over several processes that each process
+    *loads* from the persistent cache, instead of compiling it in the run, can hang in its first
+    collective: with jax 0.12.1, 9 of 10 warm-cache runs of the divergence worker in
+    ``tests/unit/test_distributed.py`` hung, and both cold-cache runs finished in 11-13 s.
+    Compiling in each run costs seconds; a hang costs the job, so hiermeta compiles afresh there
+    (and says so once, with a :class:`~hiermeta.errors.HiermetaWarning`).  GPU and TPU jobs, and
+    single processes, keep the cache.  Called by :func:`hiermeta.distributed.check_mesh` and before
+    the first cross-process gather, i.e. before ``fit`` or ``evaluate`` compiles anything over the mesh.
+    """
+    if jax.process_count() == 1 or jax.default_backend() != "cpu" or not jax.config.jax_enable_compilation_cache:
+        return False
+    jax.config.update("jax_enable_compilation_cache", False)
+    compilation_cache.reset_cache()  # JAX decides once whether its cache is used: ask it again
+    warnings.warn("hiermeta: the persistent compilation cache is off in this job of several CPU processes "
+                  "(programs loaded from it can hang in gloo's collectives); every process compiles afresh",
+                  HiermetaWarning, stacklevel=3)
+    return True
 
 
 def check_count(value, name: str, minimum: int = 0) -> int:
